@@ -1,0 +1,863 @@
+//! The agent's configuration: one TOML file, parsed strictly, validated fully.
+//!
+//! Invariants:
+//! - Unknown keys are errors (`deny_unknown_fields` everywhere), so a typo never silently falls
+//!   back to a default on a gateway nobody looks at.
+//! - Every error names the file and the key path (`FILE: key.path: what is wrong`); retail IT
+//!   scripts grep for that shape, and `storelink check-config` exits 2 with it.
+//! - Validation collects every problem it can find after parsing, not just the first.
+//! - Secrets never live in the file: `*_env` keys name environment variables, which are read
+//!   here once, and the values are redacted from `Debug`.
+//! - Nothing in this module binds a port or opens a store.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub registers: Vec<RegisterConfig>,
+    #[serde(default)]
+    pub presence: PresenceSection,
+    pub central: CentralSection,
+    #[serde(default)]
+    pub cashier: CashierSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Store id as central knows it; part of every event id and topic.
+    pub id: String,
+    /// Retailer (tenant) id; part of the default topic prefix.
+    pub tenant: String,
+    /// IANA time zone of the store; decides the business day.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// ISO 4217 currency used when a register does not say.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    #[serde(default = "default_storage_path")]
+    pub path: PathBuf,
+    /// Cap on the bytes held in the outbox (payloads and headers).
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: u64,
+    /// Memory sled may use for its page cache.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// Cap on the bytes kept in the local dead-letter store; the oldest go first.
+    #[serde(default = "default_max_deadletter_bytes")]
+    pub max_deadletter_bytes: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            path: default_storage_path(),
+            max_outbox_bytes: default_max_outbox_bytes(),
+            cache_bytes: default_cache_bytes(),
+            max_deadletter_bytes: default_max_deadletter_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// Register name; unique in the store, part of every transaction id.
+    pub name: String,
+    /// Lane the register serves, for prompts and presence.
+    #[serde(default)]
+    pub lane: Option<String>,
+    pub format: RegisterFormat,
+    pub transport: Transport,
+}
+
+/// What the bytes on a register connection mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegisterFormat {
+    /// One canonical transaction JSON per line.
+    Jsonl,
+}
+
+/// How the agent talks to a register.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Transport {
+    /// The register connects to the agent.
+    TcpListen { bind: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceSection {
+    #[serde(default)]
+    pub source: PresenceSource,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        Self {
+            source: PresenceSource::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PresenceSource {
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentralSection {
+    #[serde(default)]
+    pub mqtt: Option<MqttSection>,
+    #[serde(default)]
+    pub https: Option<HttpsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://host:port`.
+    pub url: String,
+    /// Defaults to `storelink-{tenant}-{store}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Defaults to `storelink/v1/{tenant}`.
+    #[serde(default)]
+    pub topic_prefix: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Name of the environment variable holding the MQTT password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Publishes sent before their PUBACK arrives.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsSection {
+    pub base_url: String,
+    /// Name of the environment variable holding central's bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CashierSection {
+    /// Where the local API (health, status, metrics; later lane displays) listens.
+    #[serde(default = "default_cashier_bind")]
+    pub bind: String,
+}
+
+impl Default for CashierSection {
+    fn default() -> Self {
+        Self {
+            bind: default_cashier_bind(),
+        }
+    }
+}
+
+/// A secret read from the environment. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+fn default_currency() -> String {
+    "EUR".into()
+}
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("/var/lib/storelink")
+}
+fn default_max_outbox_bytes() -> u64 {
+    2 * 1024 * 1024 * 1024
+}
+fn default_cache_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_max_deadletter_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_cashier_bind() -> String {
+    "0.0.0.0:8080".into()
+}
+
+/// One thing wrong with a config file, at one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `registers[0].transport.bind`. Empty for syntax errors.
+    pub key: String,
+    pub message: String,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the file: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render_problems(file: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| {
+            if p.key.is_empty() {
+                format!("{file}: {}", p.message)
+            } else {
+                format!("{file}: {}: {}", p.key, p.message)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads the environment; injectable so tests need not touch the process environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, taking secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&text, &file, &ProcessEnv)
+    }
+
+    /// Parses and validates `text`; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            file: file.to_string(),
+            problems,
+        };
+        let mut config = parse_toml(text).map_err(|p| invalid(vec![p]))?;
+        let problems = config.validate(env);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(problems))
+        }
+    }
+
+    /// The MQTT topic prefix in force.
+    pub fn topic_prefix(&self) -> String {
+        self.central
+            .mqtt
+            .as_ref()
+            .and_then(|m| m.topic_prefix.clone())
+            .unwrap_or_else(|| format!("storelink/v1/{}", self.store.tenant))
+    }
+
+    /// The MQTT client id in force.
+    pub fn mqtt_client_id(&self) -> String {
+        self.central
+            .mqtt
+            .as_ref()
+            .and_then(|m| m.client_id.clone())
+            .unwrap_or_else(|| format!("storelink-{}-{}", self.store.tenant, self.store.id))
+    }
+
+    /// The store's time zone. Validation guarantees it resolves.
+    pub fn time_zone(&self) -> jiff::tz::TimeZone {
+        jiff::tz::TimeZone::get(&self.store.timezone).unwrap_or(jiff::tz::TimeZone::UTC)
+    }
+
+    fn validate(&mut self, env: &dyn Env) -> Vec<Problem> {
+        let mut v = Validator::default();
+
+        v.name("store.id", &self.store.id, 64);
+        v.name("store.tenant", &self.store.tenant, 64);
+        if jiff::tz::TimeZone::get(&self.store.timezone).is_err() {
+            v.problem(
+                "store.timezone",
+                format!(
+                    "unknown time zone {:?} (use an IANA name such as \"Europe/Berlin\")",
+                    self.store.timezone
+                ),
+            );
+        }
+        v.currency("store.currency", &self.store.currency);
+
+        if self.storage.path.as_os_str().is_empty() {
+            v.problem("storage.path", "must not be empty");
+        }
+        if self.storage.max_outbox_bytes < 1024 * 1024 {
+            v.problem(
+                "storage.max_outbox_bytes",
+                format!(
+                    "{} is too small; use at least 1048576 (1 MiB)",
+                    self.storage.max_outbox_bytes
+                ),
+            );
+        }
+        if self.storage.cache_bytes < 1024 * 1024 {
+            v.problem(
+                "storage.cache_bytes",
+                "too small; use at least 1048576 (1 MiB)",
+            );
+        }
+        if self.storage.max_deadletter_bytes < 64 * 1024 {
+            v.problem(
+                "storage.max_deadletter_bytes",
+                "too small; use at least 65536 (64 KiB)",
+            );
+        }
+
+        let cashier_bind = v.bind("cashier.bind", &self.cashier.bind);
+        let mut binds: Vec<(SocketAddr, String)> = cashier_bind
+            .map(|a| vec![(a, "cashier.bind".to_string())])
+            .unwrap_or_default();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, register) in self.registers.iter().enumerate() {
+            let at = format!("registers[{i}]");
+            v.name(&format!("{at}.name"), &register.name, 64);
+            if let Some(previous) = names.insert(&register.name, i) {
+                v.problem(
+                    format!("{at}.name"),
+                    format!(
+                        "{:?} is already used by registers[{previous}]",
+                        register.name
+                    ),
+                );
+            }
+            if let Some(lane) = &register.lane {
+                v.name(&format!("{at}.lane"), lane, 32);
+            }
+            match &register.transport {
+                Transport::TcpListen { bind } => {
+                    let key = format!("{at}.transport.bind");
+                    if let Some(addr) = v.bind(&key, bind) {
+                        if let Some((_, other)) = binds.iter().find(|(a, _)| {
+                            a.port() == addr.port()
+                                && (a.ip() == addr.ip()
+                                    || a.ip().is_unspecified()
+                                    || addr.ip().is_unspecified())
+                        }) {
+                            v.problem(&key, format!("{bind} overlaps with {other}"));
+                        }
+                        binds.push((addr, key));
+                    }
+                }
+            }
+        }
+
+        match (&mut self.central.mqtt, &mut self.central.https) {
+            (None, _) => v.problem(
+                "central.mqtt",
+                "missing required table: the MQTT uplink is how events reach central",
+            ),
+            (Some(mqtt), _) => {
+                v.mqtt_url("central.mqtt.url", &mqtt.url);
+                if let Some(id) = &mqtt.client_id
+                    && (id.is_empty() || id.len() > 128)
+                {
+                    v.problem("central.mqtt.client_id", "must be 1 to 128 characters");
+                }
+                if let Some(prefix) = &mqtt.topic_prefix
+                    && (prefix.is_empty()
+                        || prefix.ends_with('/')
+                        || prefix.contains(['+', '#', '\0']))
+                {
+                    v.problem(
+                        "central.mqtt.topic_prefix",
+                        "must be non-empty, must not end with '/' and must not contain '+', '#' or NUL",
+                    );
+                }
+                for (key, file) in [
+                    ("central.mqtt.ca_file", &mqtt.ca_file),
+                    ("central.mqtt.cert_file", &mqtt.cert_file),
+                    ("central.mqtt.key_file", &mqtt.key_file),
+                ] {
+                    if file.is_some() {
+                        v.problem(
+                            key,
+                            "TLS settings need an mqtts:// url, which this version does not support yet",
+                        );
+                    }
+                }
+                if mqtt.keep_alive_s < 5 || mqtt.keep_alive_s > 3600 {
+                    v.problem(
+                        "central.mqtt.keep_alive_s",
+                        format!("{} is out of range 5-3600", mqtt.keep_alive_s),
+                    );
+                }
+                if mqtt.inflight == 0 || mqtt.inflight > 1000 {
+                    v.problem(
+                        "central.mqtt.inflight",
+                        format!("{} is out of range 1-1000", mqtt.inflight),
+                    );
+                }
+                if mqtt.password_env.is_some() && mqtt.username.is_none() {
+                    v.problem(
+                        "central.mqtt.password_env",
+                        "a password needs central.mqtt.username",
+                    );
+                }
+                mqtt.password = v.secret("central.mqtt.password_env", &mqtt.password_env, env);
+            }
+        }
+        if let Some(https) = &mut self.central.https {
+            if !https.base_url.starts_with("https://") {
+                v.problem(
+                    "central.https.base_url",
+                    format!("{:?} must start with https://", https.base_url),
+                );
+            }
+            https.token = v.secret("central.https.token_env", &https.token_env, env);
+        }
+
+        v.problems
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Names end up in event ids (`store:register:day:seq`) and MQTT topics, so they must not
+    /// carry separators or wildcards.
+    fn name(&mut self, key: &str, value: &str, max: usize) {
+        let ok = !value.is_empty()
+            && value.len() <= max
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            self.problem(
+                key,
+                format!("{value:?} must be 1 to {max} characters of A-Z, a-z, 0-9, '-' or '_'"),
+            );
+        }
+    }
+
+    fn currency(&mut self, key: &str, value: &str) {
+        if value.len() != 3 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
+            self.problem(
+                key,
+                format!("{value:?} is not an ISO 4217 code such as \"EUR\""),
+            );
+        }
+    }
+
+    fn bind(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match parse_socket_addr(value) {
+            Ok(addr) => Some(addr),
+            Err(message) => {
+                self.problem(key, message);
+                None
+            }
+        }
+    }
+
+    fn mqtt_url(&mut self, key: &str, value: &str) {
+        if let Err(message) = MqttEndpoint::parse(value) {
+            self.problem(key, message);
+        }
+    }
+
+    fn secret(&mut self, key: &str, name: &Option<String>, env: &dyn Env) -> Option<Secret> {
+        let name = name.as_ref()?;
+        match env.var(name) {
+            Some(value) if !value.is_empty() => Some(Secret::new(value)),
+            _ => {
+                self.problem(key, format!("environment variable {name} is not set"));
+                None
+            }
+        }
+    }
+}
+
+/// Parses `host:port` for a listener, with the port range checked so that `:70000` says so.
+pub fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("{value:?} is not an address of the form host:port"));
+    };
+    let port: u64 = port
+        .parse()
+        .map_err(|_| format!("{value:?}: port {port:?} is not a number"))?;
+    if port > 65535 {
+        return Err(format!("port {port} is out of range 0-65535"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| format!("{host:?} is not an IP address (listeners bind to an IP)"))?;
+    Ok(SocketAddr::new(ip, port as u16))
+}
+
+/// Where the MQTT uplink connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl MqttEndpoint {
+    pub fn parse(url: &str) -> Result<MqttEndpoint, String> {
+        let Some(rest) = url.strip_prefix("mqtt://") else {
+            if url.starts_with("mqtts://") || url.starts_with("wss://") {
+                return Err(format!(
+                    "{url:?}: TLS and WebSocket transports are not supported by this version yet; use mqtt://"
+                ));
+            }
+            return Err(format!("{url:?} must start with mqtt://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port: u64 = port
+                    .parse()
+                    .map_err(|_| format!("{url:?}: port {port:?} is not a number"))?;
+                if port == 0 || port > 65535 {
+                    return Err(format!("{url:?}: port {port} is out of range 1-65535"));
+                }
+                (host, port as u16)
+            }
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', '?', '#', '@']) {
+            return Err(format!("{url:?}: {host:?} is not a host name"));
+        }
+        Ok(MqttEndpoint {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+fn parse_toml(text: &str) -> Result<Config, Problem> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| syntax_problem(text, &e))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        key_problem(text, &path, &inner)
+    })
+}
+
+fn syntax_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let line = error
+        .span()
+        .map(|s| format!("line {}: ", line_of(text, s.start)))
+        .unwrap_or_default();
+    Problem {
+        key: String::new(),
+        message: format!("{line}{}", error.message().trim()),
+    }
+}
+
+/// Turns serde's messages into the key-first shape. serde reports an unknown or missing field
+/// against the table that holds it, so the field name moves into the path.
+fn key_problem(text: &str, path: &str, error: &toml::de::Error) -> Problem {
+    let message = error.message().trim();
+    // serde_path_to_error already ends the path with an unknown field, but not a missing one.
+    let join = |field: &str| {
+        if path.is_empty() || path == "." {
+            field.to_string()
+        } else if path == field || path.ends_with(&format!(".{field}")) {
+            path.to_string()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    let line = error
+        .span()
+        .map(|s| format!(" (line {})", line_of(text, s.start)))
+        .unwrap_or_default();
+    if let Some(field) = backticked_after(message, "unknown field ") {
+        let expected = message
+            .split_once(", expected ")
+            .map(|(_, e)| format!(" (expected {})", e.replace('`', "")))
+            .unwrap_or_default();
+        return Problem {
+            key: join(field),
+            message: format!("unknown key{expected}{line}"),
+        };
+    }
+    if let Some(field) = backticked_after(message, "missing field ") {
+        return Problem {
+            key: join(field),
+            message: "missing required key".into(),
+        };
+    }
+    let key = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    };
+    Problem {
+        key,
+        message: format!("{message}{line}"),
+    }
+}
+
+fn backticked_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = message.strip_prefix(prefix)?.strip_prefix('`')?;
+    rest.split_once('`').map(|(field, _)| field)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[store]
+id = "s042"
+tenant = "acme"
+
+[central.mqtt]
+url = "mqtt://127.0.0.1:1883"
+"#;
+
+    fn env() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::parse(text, "t.toml", &env()) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.problems().to_vec(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml", &env()).unwrap();
+        assert_eq!(c.store.timezone, "UTC");
+        assert_eq!(c.store.currency, "EUR");
+        assert_eq!(c.storage.path, PathBuf::from("/var/lib/storelink"));
+        assert_eq!(c.storage.max_outbox_bytes, 2_147_483_648);
+        assert_eq!(c.cashier.bind, "0.0.0.0:8080");
+        assert_eq!(c.topic_prefix(), "storelink/v1/acme");
+        assert_eq!(c.mqtt_client_id(), "storelink-acme-s042");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let p = problems(&MINIMAL.replace("tenant = \"acme\"", "tenant = \"acme\"\ncolour = 3"));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "store.colour");
+        assert!(p[0].message.starts_with("unknown key"), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_key_inside_transport_is_named() {
+        let text = format!(
+            "{MINIMAL}\n[[registers]]\nname = \"lane-3\"\nformat = \"jsonl\"\ntransport = {{ kind = \"tcp-listen\", bnd = \"0.0.0.0:5020\" }}\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p[0].key, "registers[0].transport.bnd", "{p:?}");
+    }
+
+    #[test]
+    fn missing_key_and_wrong_type_are_named() {
+        let p = problems(&MINIMAL.replace("id = \"s042\"\n", ""));
+        assert_eq!(p[0].key, "store.id");
+        assert_eq!(p[0].message, "missing required key");
+
+        let p = problems(&MINIMAL.replace("id = \"s042\"", "id = 42"));
+        assert_eq!(p[0].key, "store.id");
+        assert!(p[0].message.contains("invalid type"), "{p:?}");
+    }
+
+    #[test]
+    fn port_out_of_range_is_an_invalid_value() {
+        let p = problems(&format!("{MINIMAL}\n[cashier]\nbind = \"0.0.0.0:70000\"\n"));
+        assert_eq!(p[0].key, "cashier.bind");
+        assert!(p[0].message.contains("70000 is out of range"), "{p:?}");
+        let p = problems(&MINIMAL.replace("1883", "70000"));
+        assert_eq!(p[0].key, "central.mqtt.url");
+    }
+
+    #[test]
+    fn every_validation_problem_is_reported_at_once() {
+        let text = MINIMAL.replace(
+            "tenant = \"acme\"",
+            "tenant = \"a/b\"\ntimezone = \"Mars/Olympus\"\ncurrency = \"euro\"",
+        );
+        let keys: Vec<_> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["store.tenant", "store.timezone", "store.currency"]);
+    }
+
+    #[test]
+    fn duplicate_registers_and_overlapping_binds_are_refused() {
+        let reg = |bind: &str| {
+            format!(
+                "[[registers]]\nname = \"lane-1\"\nformat = \"jsonl\"\ntransport = {{ kind = \"tcp-listen\", bind = \"{bind}\" }}\n"
+            )
+        };
+        let text = format!("{MINIMAL}{}{}", reg("0.0.0.0:5020"), reg("127.0.0.1:5020"));
+        let p = problems(&text);
+        assert_eq!(p[0].key, "registers[1].name");
+        assert_eq!(p[1].key, "registers[1].transport.bind");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_are_redacted() {
+        let text = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"mqtt://127.0.0.1:1883\"\nusername = \"s042\"\npassword_env = \"MQTT_PW\"",
+        );
+        let p = problems(&text);
+        assert_eq!(p[0].key, "central.mqtt.password_env");
+        assert!(p[0].message.contains("MQTT_PW is not set"));
+
+        let env: HashMap<String, String> = [("MQTT_PW".to_string(), "hunter2".to_string())].into();
+        let c = Config::parse(&text, "t.toml", &env).unwrap();
+        let mqtt = c.central.mqtt.unwrap();
+        assert_eq!(mqtt.password.as_ref().unwrap().expose(), "hunter2");
+        assert!(!format!("{mqtt:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_line() {
+        let p = problems("[store\nid = 1");
+        assert!(p[0].key.is_empty());
+        assert!(p[0].message.starts_with("line 1:"), "{p:?}");
+    }
+
+    #[test]
+    fn rendered_error_has_file_key_message_shape() {
+        let err = Config::parse(
+            &MINIMAL.replace("id = \"s042\"", "id = 42"),
+            "/etc/x.toml",
+            &env(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/etc/x.toml: store.id: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(
+            MqttEndpoint::parse("mqtt://broker.local").unwrap(),
+            MqttEndpoint {
+                host: "broker.local".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(
+            MqttEndpoint::parse("mqtt://[::1]:1884").unwrap().host,
+            "::1"
+        );
+        assert!(MqttEndpoint::parse("http://x").is_err());
+        assert!(MqttEndpoint::parse("mqtt://:1883").is_err());
+    }
+}

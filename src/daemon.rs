@@ -1,0 +1,213 @@
+//! Assembles the running agent: opens the store, starts the core, the sinks and the sources
+//! under one supervisor, and shuts them down in order.
+//!
+//! Invariants:
+//! - The store is open and the outbox counted before any source accepts a byte.
+//! - One [`CancellationToken`] stops everything; shutdown waits at most [`SHUTDOWN_DEADLINE`]
+//!   for tasks to drain, then flushes the store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cashier::api::{self, AgentInfo, ApiState};
+use crate::clock::SharedClock;
+use crate::config::{Config, parse_socket_addr};
+use crate::deadletter::DeadLetters;
+use crate::engine::{self, Engine};
+use crate::pos::{self, RegisterContext};
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::supervisor::{StatusBoard, Supervisor};
+use crate::uplink::mqtt::{self, MqttSettings};
+use crate::uplink::outbox::Outbox;
+
+/// Tasks get this long to drain after a stop signal; the final flush follows.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A started agent.
+pub struct Agent {
+    pub config: Config,
+    pub store: Store,
+    pub outbox: Arc<Outbox>,
+    pub deadletters: Arc<DeadLetters>,
+    pub board: StatusBoard,
+    pub api: ApiState,
+    supervisor: Supervisor,
+}
+
+/// Opens the store and starts every task. Returns once the sources have been started.
+pub async fn start(
+    config: Config,
+    clock: SharedClock,
+    token: CancellationToken,
+) -> Result<Agent, DaemonError> {
+    let api_bind = parse_socket_addr(&config.cashier.bind).map_err(DaemonError::Setup)?;
+    let store = {
+        let path = config.storage.path.clone();
+        let options = StoreOptions {
+            cache_bytes: config.storage.cache_bytes,
+        };
+        tokio::task::spawn_blocking(move || Store::open(&path, &options))
+            .await
+            .map_err(|e| DaemonError::Setup(format!("opening the store: {e}")))??
+    };
+    let outbox = Arc::new(Outbox::open(
+        &store,
+        config.storage.max_outbox_bytes,
+        clock.clone(),
+    )?);
+    let deadletters = Arc::new(DeadLetters::open(
+        &store,
+        config.storage.max_deadletter_bytes,
+    )?);
+    tracing::info!(
+        path = %store.path().display(),
+        outbox_depth = outbox.depth(),
+        "store open"
+    );
+
+    let board = StatusBoard::new(clock.clone());
+    let supervisor = Supervisor::new(token.clone(), board.clone());
+
+    let (ingest, rx) = engine::channel();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let core = Engine::new(
+        store.clone(),
+        outbox.clone(),
+        deadletters.clone(),
+        config.store.id.clone(),
+    );
+    {
+        let token = token.clone();
+        supervisor.spawn("engine", move |component| {
+            let core = core.clone();
+            let rx = rx.clone();
+            let token = token.clone();
+            async move {
+                let mut rx = rx.lock().await;
+                core.run(&mut rx, &component, &token).await
+            }
+        });
+    }
+
+    if let Some(settings) = MqttSettings::from_config(&config) {
+        let outbox = outbox.clone();
+        let clock = clock.clone();
+        let token = token.clone();
+        supervisor.spawn("uplink.mqtt", move |component| {
+            mqtt::run(
+                settings.clone(),
+                outbox.clone(),
+                clock.clone(),
+                component,
+                token.clone(),
+            )
+        });
+    }
+
+    for register in &config.registers {
+        let ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone());
+        let register = register.clone();
+        let token = token.clone();
+        supervisor.spawn(format!("register.{}", register.name), move |component| {
+            pos::run(register.clone(), ctx.clone(), component, token.clone())
+        });
+    }
+    drop(ingest);
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let api_state = ApiState {
+        info: AgentInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            store: config.store.id.clone(),
+            tenant: config.store.tenant.clone(),
+            started_at: clock.now(),
+        },
+        board: board.clone(),
+        outbox: outbox.clone(),
+        deadletters: deadletters.clone(),
+        ready: ready.clone(),
+        clock: clock.clone(),
+        metrics: api::metrics_handle(),
+    };
+    {
+        let state = api_state.clone();
+        let token = token.clone();
+        supervisor.spawn("api", move |component| {
+            api::serve(api_bind, state.clone(), component, token.clone())
+        });
+    }
+    ready.store(true, Ordering::SeqCst);
+
+    Ok(Agent {
+        config,
+        store,
+        outbox,
+        deadletters,
+        board,
+        api: api_state,
+        supervisor,
+    })
+}
+
+impl Agent {
+    /// Stops every task (bounded by [`SHUTDOWN_DEADLINE`]) and flushes the store.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        self.api.ready.store(false, Ordering::SeqCst);
+        let clean = self.supervisor.shutdown(SHUTDOWN_DEADLINE).await;
+        if !clean {
+            tracing::warn!(
+                deadline_s = SHUTDOWN_DEADLINE.as_secs(),
+                "some tasks had not stopped by the deadline; flushing anyway"
+            );
+        }
+        self.store.flush().await?;
+        tracing::info!(outbox_depth = self.outbox.depth(), "stopped; store flushed");
+        Ok(())
+    }
+}
+
+/// Runs the agent until `token` is cancelled.
+pub async fn run(
+    config: Config,
+    clock: SharedClock,
+    token: CancellationToken,
+) -> Result<(), DaemonError> {
+    let agent = start(config, clock, token.clone()).await?;
+    tracing::info!(
+        store = %agent.config.store.id,
+        registers = agent.config.registers.len(),
+        "storelink running"
+    );
+    token.cancelled().await;
+    agent.shutdown().await
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL only");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = token.cancelled() => return,
+    };
+    tracing::info!(signal = name, "shutting down");
+    token.cancel();
+}

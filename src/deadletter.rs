@@ -1,0 +1,240 @@
+//! Dead letters: input the agent could not use, kept with its raw bytes and the reason.
+//!
+//! Invariants:
+//! - Every rejected frame is kept locally (the `deadletter` tree) and also goes to central as a
+//!   `storelink.deadletter.v1` event, so nothing disappears silently.
+//! - The local store is capped in bytes; the oldest records go first, and that is counted.
+//! - Raw bytes are never logged; only their length and the reason are.
+
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Batch, Store, StoreError, Tree, TreeName};
+
+/// One rejected frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// CloudEvent id of the matching `storelink.deadletter.v1` event.
+    pub id: String,
+    /// What produced the bytes: `register:lane-3`, `scanner:entrance`, …
+    pub source: String,
+    pub reason: String,
+    pub received_at: Timestamp,
+    /// Length of the frame as received; `raw` may hold less when it was oversized.
+    pub raw_len: u64,
+    pub truncated: bool,
+    #[serde(with = "base64_bytes")]
+    pub raw: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// `raw` beyond `keep` bytes is cut, and the record says so.
+    pub fn new(
+        store: &str,
+        source: impl Into<String>,
+        reason: impl Into<String>,
+        received_at: Timestamp,
+        mut raw: Vec<u8>,
+        raw_len: u64,
+        keep: usize,
+    ) -> DeadLetter {
+        let truncated = raw.len() > keep || raw_len > raw.len() as u64;
+        raw.truncate(keep);
+        DeadLetter {
+            id: format!(
+                "dl:{store}:{}:{:016x}",
+                received_at.as_microsecond(),
+                rand::random::<u64>()
+            ),
+            source: source.into(),
+            reason: reason.into(),
+            received_at,
+            raw_len,
+            truncated,
+            raw,
+        }
+    }
+}
+
+mod base64_bytes {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(raw: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(raw))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The local dead-letter store.
+pub struct DeadLetters {
+    tree: Tree,
+    max_bytes: u64,
+    state: Mutex<DlState>,
+}
+
+struct DlState {
+    next_seq: u64,
+    bytes: u64,
+    evicted: u64,
+}
+
+impl DeadLetters {
+    pub fn open(store: &Store, max_bytes: u64) -> Result<DeadLetters, StoreError> {
+        let tree = store.tree(TreeName::DeadLetter)?;
+        let mut bytes = 0;
+        for item in tree.iter() {
+            let (k, v) = item?;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        let next_seq = match tree.last()? {
+            Some((k, _)) => seq_of(&k).map(|s| s + 1).unwrap_or(1),
+            None => 1,
+        };
+        Ok(DeadLetters {
+            tree,
+            max_bytes,
+            state: Mutex::new(DlState {
+                next_seq,
+                bytes,
+                evicted: 0,
+            }),
+        })
+    }
+
+    /// Stores records, evicting the oldest to stay under the cap. Not durable until the store
+    /// is flushed.
+    pub fn record(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state.lock().expect("dead-letter lock");
+        let mut batch = Batch::default();
+        let mut added = 0u64;
+        let mut next_seq = state.next_seq;
+        for letter in letters {
+            let value = serde_json::to_vec(letter).expect("dead letter serialises");
+            added += 8 + value.len() as u64;
+            batch.insert(next_seq.to_be_bytes(), value);
+            next_seq += 1;
+        }
+        self.tree.apply(batch)?;
+        state.next_seq = next_seq;
+        state.bytes += added;
+        let mut evicted = 0u64;
+        if state.bytes > self.max_bytes {
+            let mut batch = Batch::default();
+            for item in self.tree.iter() {
+                if state.bytes <= self.max_bytes {
+                    break;
+                }
+                let (k, v) = item?;
+                state.bytes = state.bytes.saturating_sub((k.len() + v.len()) as u64);
+                batch.remove(k);
+                evicted += 1;
+            }
+            self.tree.apply(batch)?;
+            state.evicted += evicted;
+        }
+        metrics::counter!("storelink_deadletters_total").increment(letters.len() as u64);
+        if evicted > 0 {
+            metrics::counter!("storelink_deadletters_evicted_total").increment(evicted);
+            tracing::warn!(
+                evicted,
+                max_bytes = self.max_bytes,
+                "dead-letter store full: removed the oldest local records (central has its copy)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The most recent records, newest first.
+    pub fn recent(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().rev().take(limit) {
+            let (_, v) = item?;
+            if let Ok(letter) = serde_json::from_slice(&v) {
+                out.push(letter);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn letter(raw: &[u8]) -> DeadLetter {
+        DeadLetter::new(
+            "s1",
+            "register:r1",
+            "not JSON",
+            "2026-11-22T10:00:00Z".parse().unwrap(),
+            raw.to_vec(),
+            raw.len() as u64,
+            1024,
+        )
+    }
+
+    #[test]
+    fn keeps_raw_bytes_and_evicts_oldest_over_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let dls = DeadLetters::open(&store, 2_000).unwrap();
+        dls.record(&[letter(b"\x00\xffgarbage")]).unwrap();
+        let got = dls.recent(10).unwrap();
+        assert_eq!(got[0].raw, b"\x00\xffgarbage");
+        assert_eq!(got[0].reason, "not JSON");
+        for i in 0..40u8 {
+            dls.record(&[letter(&[i; 64])]).unwrap();
+        }
+        assert!(dls.len() < 41, "older records were evicted");
+        assert_eq!(dls.recent(1).unwrap()[0].raw, vec![39u8; 64], "newest kept");
+        drop(dls);
+        let reopened = DeadLetters::open(&store, 2_000).unwrap();
+        reopened.record(&[letter(b"after")]).unwrap();
+        assert_eq!(reopened.recent(1).unwrap()[0].raw, b"after");
+    }
+
+    #[test]
+    fn truncation_is_recorded() {
+        let dl = DeadLetter::new(
+            "s1",
+            "x",
+            "too long",
+            Timestamp::UNIX_EPOCH,
+            vec![1; 100],
+            5000,
+            10,
+        );
+        assert_eq!(dl.raw.len(), 10);
+        assert!(dl.truncated);
+        assert_eq!(dl.raw_len, 5000);
+        let json = serde_json::to_string(&dl).unwrap();
+        let back: DeadLetter = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, dl);
+    }
+}

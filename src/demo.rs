@@ -1,0 +1,318 @@
+//! `storelink demo`: the whole pipeline on embedded defaults, on one machine, with nothing
+//! installed but the binary.
+//!
+//! It starts a real MQTT broker in-process (rumqttd) on 127.0.0.1, runs the real agent from
+//! `config/demo.toml` with its data in a temporary directory, drives simulated registers
+//! through the real TCP register source, and plays "central": it subscribes to the broker and
+//! prints what arrives.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SharedClock, system};
+use crate::config::{Config, ProcessEnv, Transport};
+use crate::daemon;
+use crate::sim::{JsonlClient, SimRegister};
+
+/// The demo's configuration, compiled in.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+#[derive(Debug, Clone, Default)]
+pub struct DemoOptions {
+    /// Broker port; default 1883, or the next free one.
+    pub mqtt_port: Option<u16>,
+    /// Local API port; default 8080, or the next free one.
+    pub http_port: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Port(String),
+    #[error("the embedded broker did not start: {0}")]
+    Broker(String),
+    #[error("embedded demo config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("temporary storage: {0}")]
+    Storage(std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] daemon::DaemonError),
+}
+
+/// Picks `explicit` if it is free (or fails), otherwise the first free port from `preferred`.
+pub fn pick_port(explicit: Option<u16>, preferred: u16) -> Result<u16, String> {
+    let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    match explicit {
+        Some(port) if free(port) => Ok(port),
+        Some(port) => Err(format!(
+            "port {port} is in use; pick another or leave the flag out"
+        )),
+        None => (preferred..preferred.saturating_add(200))
+            .find(|&p| free(p))
+            .ok_or_else(|| format!("no free port in {preferred}..{}", preferred + 200)),
+    }
+}
+
+/// A port the OS says is free right now.
+pub fn ephemeral_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts rumqttd on `addr` in its own threads. The broker runs until the process exits.
+pub fn start_broker(addr: SocketAddr) -> Result<(), DemoError> {
+    let config = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 1000
+max_outgoing_packet_count = 1000
+max_segment_size = 16777216
+max_segment_count = 4
+
+[v4.1]
+name = "v4-1"
+listen = "{addr}"
+next_connection_delay_ms = 1
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 8388608
+    max_inflight_count = 1000
+    dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&config).map_err(|e| DemoError::Broker(e.to_string()))?;
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name(format!("rumqttd-{}", addr.port()))
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(|e| DemoError::Broker(e.to_string()))?;
+    // Wait until it accepts connections, so the agent's first attempt succeeds.
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(DemoError::Broker(format!("nothing listens on {addr}")))
+}
+
+/// Runs the demo until `token` is cancelled.
+pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), DemoError> {
+    let mqtt_port = pick_port(options.mqtt_port, 1883).map_err(DemoError::Port)?;
+    let http_port = pick_port(options.http_port, 8080).map_err(DemoError::Port)?;
+    let broker = SocketAddr::from(([127, 0, 0, 1], mqtt_port));
+    start_broker(broker)?;
+
+    let data = tempfile::Builder::new()
+        .prefix("storelink-demo-")
+        .tempdir()
+        .map_err(DemoError::Storage)?;
+    let mut config = Config::parse(DEMO_CONFIG, "config/demo.toml", &ProcessEnv)?;
+    config.storage.path = data.path().to_path_buf();
+    config.cashier.bind = format!("127.0.0.1:{http_port}");
+    if let Some(mqtt) = &mut config.central.mqtt {
+        mqtt.url = format!("mqtt://{broker}");
+    }
+    let mut registers = Vec::new();
+    for register in &mut config.registers {
+        let port = ephemeral_port().map_err(|e| DemoError::Port(e.to_string()))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        register.transport = Transport::TcpListen {
+            bind: addr.to_string(),
+        };
+        registers.push((register.name.clone(), register.lane.clone(), addr));
+    }
+    let prefix = config.topic_prefix();
+    let store = config.store.id.clone();
+    let tz = config.time_zone();
+
+    println!("storelink demo");
+    println!(
+        "  broker     mqtt://{broker}   (try: mosquitto_sub -h 127.0.0.1 -p {mqtt_port} -t '{prefix}/#' -v)"
+    );
+    println!("  status     http://127.0.0.1:{http_port}/api/v1/status");
+    println!("  metrics    http://127.0.0.1:{http_port}/metrics");
+    println!("  data       {} (removed on exit)", data.path().display());
+    println!(
+        "  registers  {}",
+        registers
+            .iter()
+            .map(|(n, _, a)| format!("{n}@{a}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("Press Ctrl-C to stop.\n");
+
+    let clock: SharedClock = system();
+    let agent = daemon::start(config, clock.clone(), token.clone()).await?;
+
+    let central = tokio::spawn(print_central(broker, prefix, token.clone()));
+    let mut sims = Vec::new();
+    for (i, (name, lane, addr)) in registers.into_iter().enumerate() {
+        let mut register = SimRegister::new(&store, &name, lane.as_deref(), 0x5eed + i as u64);
+        register.tz = tz.clone();
+        sims.push(tokio::spawn(drive_register(
+            register,
+            addr,
+            clock.clone(),
+            token.clone(),
+        )));
+    }
+
+    token.cancelled().await;
+    for sim in sims {
+        let _ = sim.await;
+    }
+    let _ = central.await;
+    agent.shutdown().await?;
+    drop(data);
+    Ok(())
+}
+
+/// One simulated register: a transaction every one to four seconds, printed as it is
+/// acknowledged.
+async fn drive_register(
+    mut register: SimRegister,
+    addr: SocketAddr,
+    clock: SharedClock,
+    token: CancellationToken,
+) {
+    let mut client = None;
+    let mut first = true;
+    loop {
+        let pause = if first {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_millis(rand::rng().random_range(1000..4000))
+        };
+        first = false;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = token.cancelled() => return,
+        }
+        if client.is_none() {
+            client = JsonlClient::connect_patiently(addr, Duration::from_secs(5))
+                .await
+                .ok();
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let tx = register.next(clock.now());
+        match c.submit(&tx).await {
+            Ok(reply) => println!(
+                "register {:<7} #{:<4} {:<6} {:>2} lines {:>9} {}{}  -> {reply}",
+                register.register,
+                tx.sequence,
+                format!("{:?}", tx.kind).to_lowercase(),
+                tx.lines.len(),
+                format_money(tx.total),
+                tx.currency,
+                if tx.loyalty_id.is_some() {
+                    "  loyalty"
+                } else {
+                    ""
+                },
+            ),
+            Err(e) => {
+                println!("register {:<7} connection lost: {e}", register.register);
+                client = None;
+            }
+        }
+    }
+}
+
+/// Plays central: subscribes to everything under the prefix and prints it.
+async fn print_central(broker: SocketAddr, prefix: String, token: CancellationToken) {
+    let mut options = MqttOptions::new(
+        format!("storelink-demo-central-{}", std::process::id()),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let filter = format!("{prefix}/#");
+    loop {
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = token.cancelled() => return,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                    println!(
+                        "central  <- {} ({} bytes, not JSON)",
+                        p.topic,
+                        p.payload.len()
+                    );
+                    continue;
+                };
+                let kind = v["type"].as_str().unwrap_or("?");
+                let id = v["id"].as_str().unwrap_or("?");
+                let detail = match kind {
+                    "storelink.transaction.v1" => format!(
+                        "total {} {}",
+                        format_money(v["data"]["total"].as_i64().unwrap_or(0)),
+                        v["data"]["currency"].as_str().unwrap_or("")
+                    ),
+                    "storelink.status.v1" => v["data"]["state"].as_str().unwrap_or("").to_string(),
+                    "storelink.deadletter.v1" => {
+                        v["data"]["reason"].as_str().unwrap_or("").to_string()
+                    }
+                    _ => String::new(),
+                };
+                println!("central  <- {kind:<26} {id}  {detail}");
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = token.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+fn format_money(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", minor.abs() / 100, minor.abs() % 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_demo_config_is_valid() {
+        let c = Config::parse(DEMO_CONFIG, "config/demo.toml", &ProcessEnv).unwrap();
+        assert!(c.registers.len() >= 3, "several lanes");
+        assert!(c.central.mqtt.is_some());
+    }
+
+    #[test]
+    fn explicit_port_in_use_is_refused_and_default_moves_on() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        assert!(pick_port(Some(port), 1883).unwrap_err().contains("in use"));
+        let next = pick_port(None, port).unwrap();
+        assert_ne!(next, port);
+    }
+
+    #[test]
+    fn money_formatting() {
+        assert_eq!(format_money(12345), "123.45");
+        assert_eq!(format_money(-5), "-0.05");
+    }
+}

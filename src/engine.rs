@@ -1,0 +1,267 @@
+//! The core's ingest stage: turns what sources deliver into durable outbox entries.
+//!
+//! Sources hand over [`Ingest`] items on one bounded channel and wait for the reply before they
+//! acknowledge anything to a register. The engine takes whatever is queued (up to
+//! [`MAX_BATCH`]), writes it all, flushes the store once (group commit), and only then replies.
+//!
+//! Invariants:
+//! - No reply says "ok" before the record is on disk.
+//! - An id already in the outbox is acknowledged again but not stored or counted twice.
+//! - On shutdown the engine stops taking new items, finishes what is queued, and replies to
+//!   every item it took; sources tell their registers `err` for anything refused.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::deadletter::{DeadLetter, DeadLetters};
+use crate::events::{self, EventKind};
+use crate::pos::transaction::Transaction;
+use crate::store::{Store, StoreError};
+use crate::supervisor::Component;
+use crate::uplink::outbox::{AppendOutcome, NewEvent, Outbox};
+
+/// Most items written under one flush.
+pub const MAX_BATCH: usize = 1024;
+
+/// Capacity of the ingest channel: sources wait (backpressure) when it is full.
+pub const CHANNEL_CAPACITY: usize = 4096;
+
+/// What sources hand to the core.
+#[derive(Debug)]
+pub enum Ingest {
+    Transaction {
+        tx: Box<Transaction>,
+        reply: oneshot::Sender<IngestReply>,
+    },
+    DeadLetter {
+        letter: Box<DeadLetter>,
+        reply: Option<oneshot::Sender<IngestReply>>,
+    },
+}
+
+/// A durable acceptance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    /// The id was already held; nothing new was stored.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    #[error("outbox full: only transactions remain and the cap is reached")]
+    OutboxFull,
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("agent is shutting down")]
+    ShuttingDown,
+}
+
+pub type IngestReply = Result<Accepted, IngestError>;
+
+/// The sending side, cloned into every source.
+#[derive(Debug, Clone)]
+pub struct IngestHandle {
+    tx: mpsc::Sender<Ingest>,
+}
+
+impl IngestHandle {
+    /// Queues a transaction; the receiver resolves once it is durable (or refused).
+    pub async fn transaction(&self, tx: Transaction) -> oneshot::Receiver<IngestReply> {
+        let (reply, rx) = oneshot::channel();
+        let item = Ingest::Transaction {
+            tx: Box::new(tx),
+            reply,
+        };
+        self.send(item).await;
+        rx
+    }
+
+    /// Queues a dead letter; the receiver resolves once it is durable.
+    pub async fn dead_letter(&self, letter: DeadLetter) -> oneshot::Receiver<IngestReply> {
+        let (reply, rx) = oneshot::channel();
+        let item = Ingest::DeadLetter {
+            letter: Box::new(letter),
+            reply: Some(reply),
+        };
+        self.send(item).await;
+        rx
+    }
+
+    async fn send(&self, item: Ingest) {
+        if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
+            reply_all(item, Err(IngestError::ShuttingDown));
+        }
+    }
+}
+
+fn reply_all(item: Ingest, reply: IngestReply) {
+    match item {
+        Ingest::Transaction { reply: r, .. } => {
+            let _ = r.send(reply);
+        }
+        Ingest::DeadLetter { reply: Some(r), .. } => {
+            let _ = r.send(reply);
+        }
+        Ingest::DeadLetter { reply: None, .. } => {}
+    }
+}
+
+/// Creates the ingest channel.
+pub fn channel() -> (IngestHandle, mpsc::Receiver<Ingest>) {
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    (IngestHandle { tx }, rx)
+}
+
+/// The ingest stage.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    outbox: Arc<Outbox>,
+    deadletters: Arc<DeadLetters>,
+    store_id: String,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        outbox: Arc<Outbox>,
+        deadletters: Arc<DeadLetters>,
+        store_id: String,
+    ) -> Self {
+        Self {
+            store,
+            outbox,
+            deadletters,
+            store_id,
+        }
+    }
+
+    /// Runs until cancelled, then drains what is queued. Storage failures are answered per item
+    /// and reported; they do not end the loop, because the next batch may well succeed.
+    pub async fn run(
+        &self,
+        rx: &mut mpsc::Receiver<Ingest>,
+        component: &Component,
+        token: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        component.running(Some("accepting".to_string()));
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, MAX_BATCH) => {
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.commit(std::mem::take(&mut batch), component).await;
+                }
+                _ = token.cancelled() => break,
+            }
+        }
+        rx.close();
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            self.commit(std::mem::take(&mut batch), component).await;
+        }
+        Ok(())
+    }
+
+    /// Writes one batch, flushes once, then replies to every item.
+    async fn commit(&self, batch: Vec<Ingest>, component: &Component) {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut letters = Vec::new();
+        for item in &batch {
+            match item {
+                Ingest::Transaction { tx, .. } => events.push(NewEvent {
+                    kind: EventKind::Transaction,
+                    id: tx.id.clone(),
+                    payload: events::encode(
+                        EventKind::Transaction,
+                        &tx.id,
+                        &self.store_id,
+                        tx.ended_at,
+                        tx.as_ref(),
+                    ),
+                }),
+                Ingest::DeadLetter { letter, .. } => {
+                    events.push(NewEvent {
+                        kind: EventKind::DeadLetter,
+                        id: letter.id.clone(),
+                        payload: events::encode(
+                            EventKind::DeadLetter,
+                            &letter.id,
+                            &self.store_id,
+                            letter.received_at,
+                            letter.as_ref(),
+                        ),
+                    });
+                    letters.push(letter.as_ref().clone());
+                }
+            }
+        }
+
+        let written = self
+            .deadletters
+            .record(&letters)
+            .and_then(|()| self.outbox.append(&events));
+        let outcomes = match written {
+            Ok(outcomes) => match self.store.flush().await {
+                Ok(()) => Ok(outcomes),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, items = batch.len(), "could not make a batch durable; refusing it");
+                component.degraded(format!("storage: {e}"));
+                for item in batch {
+                    reply_all(item, Err(IngestError::Storage(e.to_string())));
+                }
+                return;
+            }
+        };
+        if component.state() != Some(crate::supervisor::ComponentState::Running) {
+            component.running(Some("accepting".to_string()));
+        }
+        self.outbox.notify();
+
+        for (item, outcome) in batch.into_iter().zip(outcomes) {
+            match item {
+                Ingest::Transaction { tx, reply } => {
+                    let result = match outcome {
+                        AppendOutcome::Stored => {
+                            metrics::counter!("storelink_transactions_total", "register" => tx.register.clone())
+                                .increment(1);
+                            Ok(Accepted {
+                                id: tx.id,
+                                duplicate: false,
+                            })
+                        }
+                        AppendOutcome::Duplicate => {
+                            metrics::counter!("storelink_transactions_duplicate_total", "register" => tx.register.clone())
+                                .increment(1);
+                            Ok(Accepted {
+                                id: tx.id,
+                                duplicate: true,
+                            })
+                        }
+                        AppendOutcome::Refused => Err(IngestError::OutboxFull),
+                    };
+                    let _ = reply.send(result);
+                }
+                Ingest::DeadLetter { letter, reply } => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(Accepted {
+                            id: letter.id,
+                            duplicate: false,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}

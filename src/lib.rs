@@ -1,0 +1,22 @@
+//! storelink: the in-store edge agent.
+//!
+//! Data flows one way: register sources ([`pos`]) turn bytes into domain events; the core
+//! ([`engine`]) makes them durable and decides; sinks ([`uplink`], [`cashier`]) deliver them.
+//! [`store`] is the only module that touches the database; [`clock`] is the only source of
+//! wall-clock time; [`supervisor`] owns every task.
+//!
+//! `main.rs` only parses the command line and calls into this library.
+
+pub mod cashier;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod deadletter;
+pub mod demo;
+pub mod engine;
+pub mod events;
+pub mod pos;
+pub mod sim;
+pub mod store;
+pub mod supervisor;
+pub mod uplink;

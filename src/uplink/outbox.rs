@@ -1,0 +1,748 @@
+//! The outbox: every event bound for central, held durably until central acknowledges it.
+//!
+//! Layout, in the `outbox` tree:
+//! - `0x00 ‖ stream ‖ seq (u64 BE)` → entry (header ‖ CloudEvent bytes). Key order is send
+//!   order: streams by priority, then oldest first within a stream.
+//! - `0x01 ‖ event id` → entry key. Append and de-duplication go through one atomic batch, so
+//!   after a crash an entry and its index entry are both there or both gone.
+//!
+//! Invariants:
+//! - An entry leaves only by [`Outbox::ack`] (central acknowledged it) or by the drop policy.
+//! - Ids are unique in the outbox: appending an id that is already held is a no-op that reports
+//!   [`AppendOutcome::Duplicate`].
+//! - The outbox holds at most `max_bytes`. When full, droppable streams (status, presence,
+//!   offers and prompts, dead-letters) lose their oldest entries first, lowest priority first,
+//!   and only to make room for an event of equal or higher priority. Transactions and
+//!   redemptions are never dropped: when only they remain, new ones are refused, so the register
+//!   is told `err` instead of being acknowledged. Every drop is counted and logged.
+//! - Appending does not flush. The caller flushes the store before acknowledging anything
+//!   (see [`crate::store`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use tokio::sync::Notify;
+
+use crate::clock::SharedClock;
+use crate::events::EventKind;
+use crate::store::{Batch, Store, StoreError, Tree, TreeName, Value};
+
+const ENTRY_PREFIX: u8 = 0x00;
+const INDEX_PREFIX: u8 = 0x01;
+const FORMAT_V1: u8 = 1;
+const HEADER_LEN: usize = 1 + 1 + 1 + 8 + 2;
+/// Bytes an entry costs beyond its id and payload: keys, header, index.
+const OVERHEAD: u64 = 10 + HEADER_LEN as u64 + 1 + 10;
+
+/// Outbox streams, in priority order (lower sends first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Stream {
+    Transaction = 0,
+    Redemption = 1,
+    DeadLetter = 2,
+    /// Offer decisions and cashier prompts.
+    Offer = 3,
+    Presence = 4,
+    Status = 5,
+}
+
+const STREAM_COUNT: usize = 6;
+
+impl Stream {
+    pub const ALL: [Stream; STREAM_COUNT] = [
+        Stream::Transaction,
+        Stream::Redemption,
+        Stream::DeadLetter,
+        Stream::Offer,
+        Stream::Presence,
+        Stream::Status,
+    ];
+
+    pub fn of(kind: EventKind) -> Stream {
+        match kind {
+            EventKind::Transaction => Stream::Transaction,
+            EventKind::Redemption => Stream::Redemption,
+            EventKind::DeadLetter => Stream::DeadLetter,
+            EventKind::Offer | EventKind::Prompt => Stream::Offer,
+            EventKind::Presence => Stream::Presence,
+            EventKind::Status => Stream::Status,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Transaction => "transaction",
+            Stream::Redemption => "redemption",
+            Stream::DeadLetter => "deadletter",
+            Stream::Offer => "offer",
+            Stream::Presence => "presence",
+            Stream::Status => "status",
+        }
+    }
+
+    /// Whether the drop policy may remove this stream's events when the outbox is full.
+    pub fn droppable(self) -> bool {
+        !matches!(self, Stream::Transaction | Stream::Redemption)
+    }
+
+    fn from_u8(b: u8) -> Option<Stream> {
+        Stream::ALL.get(b as usize).copied()
+    }
+}
+
+/// Key of one outbox entry; orders like the send order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryKey([u8; 10]);
+
+impl EntryKey {
+    fn new(stream: Stream, seq: u64) -> Self {
+        let mut k = [0u8; 10];
+        k[0] = ENTRY_PREFIX;
+        k[1] = stream as u8;
+        k[2..].copy_from_slice(&seq.to_be_bytes());
+        EntryKey(k)
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        let k: [u8; 10] = b.try_into().ok()?;
+        (k[0] == ENTRY_PREFIX && Stream::from_u8(k[1]).is_some()).then_some(EntryKey(k))
+    }
+
+    pub fn stream(&self) -> Stream {
+        Stream::from_u8(self.0[1]).expect("validated at construction")
+    }
+
+    pub fn seq(&self) -> u64 {
+        u64::from_be_bytes(self.0[2..].try_into().expect("8 bytes"))
+    }
+}
+
+/// An event on its way into the outbox.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub id: String,
+    /// The serialised CloudEvent, exactly as central will receive it.
+    pub payload: Vec<u8>,
+}
+
+/// What happened to one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Stored,
+    /// The id is already in the outbox; nothing was written.
+    Duplicate,
+    /// The outbox is full of events that may not be dropped for this one.
+    Refused,
+}
+
+/// An event held in the outbox.
+#[derive(Clone)]
+pub struct Entry {
+    pub key: EntryKey,
+    pub kind: EventKind,
+    pub id: String,
+    pub enqueued_at: Timestamp,
+    raw: Value,
+    payload_at: usize,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("key", &self.key)
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Entry {
+    pub fn stream(&self) -> Stream {
+        self.key.stream()
+    }
+
+    /// The CloudEvent bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.raw[self.payload_at..]
+    }
+
+    fn size(&self) -> u64 {
+        self.raw.len() as u64 + self.id.len() as u64 + OVERHEAD
+    }
+
+    fn decode(key: EntryKey, raw: Value) -> Option<Entry> {
+        if raw.len() < HEADER_LEN || raw[0] != FORMAT_V1 {
+            return None;
+        }
+        let kind = *EventKind::ALL.get(raw[2] as usize)?;
+        let micros = i64::from_be_bytes(raw[3..11].try_into().ok()?);
+        let id_len = u16::from_be_bytes(raw[11..13].try_into().ok()?) as usize;
+        let id_end = HEADER_LEN.checked_add(id_len)?;
+        let id = std::str::from_utf8(raw.get(HEADER_LEN..id_end)?)
+            .ok()?
+            .to_string();
+        Some(Entry {
+            key,
+            kind,
+            id,
+            enqueued_at: Timestamp::from_microsecond(micros).ok()?,
+            raw,
+            payload_at: id_end,
+        })
+    }
+}
+
+fn encode_entry(event: &NewEvent, stream: Stream, now: Timestamp) -> Vec<u8> {
+    let kind_index = EventKind::ALL
+        .iter()
+        .position(|k| *k == event.kind)
+        .expect("every kind is in ALL") as u8;
+    let mut v = Vec::with_capacity(HEADER_LEN + event.id.len() + event.payload.len());
+    v.push(FORMAT_V1);
+    v.push(stream as u8);
+    v.push(kind_index);
+    v.extend_from_slice(&now.as_microsecond().to_be_bytes());
+    v.extend_from_slice(&(event.id.len() as u16).to_be_bytes());
+    v.extend_from_slice(event.id.as_bytes());
+    v.extend_from_slice(&event.payload);
+    v
+}
+
+fn index_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(INDEX_PREFIX);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn new_event_size(event: &NewEvent) -> u64 {
+    (HEADER_LEN + event.id.len() + event.payload.len()) as u64 + event.id.len() as u64 + OVERHEAD
+}
+
+/// Depth, size and drops of one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StreamCounts {
+    pub depth: u64,
+    pub bytes: u64,
+    /// Events dropped by the size cap since the agent started.
+    pub dropped: u64,
+}
+
+/// A snapshot for status and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxStats {
+    pub max_bytes: u64,
+    pub total_bytes: u64,
+    pub depth: u64,
+    pub streams: Vec<StreamStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamStats {
+    pub stream: &'static str,
+    #[serde(flatten)]
+    pub counts: StreamCounts,
+    /// Age of the oldest entry, in seconds.
+    pub oldest_age_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    next_seq: u64,
+    streams: [StreamCounts; STREAM_COUNT],
+}
+
+impl State {
+    fn total_bytes(&self) -> u64 {
+        self.streams.iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// Durable queue of events for central.
+pub struct Outbox {
+    tree: Tree,
+    clock: SharedClock,
+    max_bytes: u64,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
+}
+
+impl Outbox {
+    /// Opens the outbox and counts what it holds from a previous run.
+    pub fn open(store: &Store, max_bytes: u64, clock: SharedClock) -> Result<Outbox, StoreError> {
+        let tree = store.tree(TreeName::Outbox)?;
+        let mut state = State {
+            next_seq: 1,
+            streams: [StreamCounts::default(); STREAM_COUNT],
+        };
+        let mut unreadable = Vec::new();
+        for item in tree.scan_prefix([ENTRY_PREFIX]) {
+            let (k, v) = item?;
+            match EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v)) {
+                Some(entry) => {
+                    let s = &mut state.streams[entry.stream() as usize];
+                    s.depth += 1;
+                    s.bytes += entry.size();
+                    state.next_seq = state.next_seq.max(entry.key.seq() + 1);
+                }
+                None => unreadable.push(k),
+            }
+        }
+        if !unreadable.is_empty() {
+            // Only a bug or disk corruption gets here; such entries can never be sent.
+            tracing::error!(
+                count = unreadable.len(),
+                "outbox holds unreadable entries; removing them"
+            );
+            let mut batch = Batch::default();
+            for k in unreadable {
+                batch.remove(k);
+            }
+            tree.apply(batch)?;
+        }
+        let outbox = Outbox {
+            tree,
+            clock,
+            max_bytes,
+            state: Mutex::new(state),
+            changed: Notify::new(),
+        };
+        outbox.publish_metrics(&state);
+        Ok(outbox)
+    }
+
+    /// Appends events atomically, skipping ids already held and applying the size cap.
+    /// Nothing is durable until the caller flushes the store.
+    pub fn append(&self, events: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError> {
+        let now = self.clock.now();
+        let mut state = self.state.lock().expect("outbox lock");
+        let mut next = *state;
+        let mut total = next.total_bytes();
+        let mut batch = Batch::default();
+        let mut in_batch: HashSet<&str> = HashSet::new();
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut victims = Victims::default();
+        let mut refused: HashMap<Stream, u64> = HashMap::new();
+
+        for event in events {
+            let stream = Stream::of(event.kind);
+            if in_batch.contains(event.id.as_str()) || self.tree.contains(index_key(&event.id))? {
+                outcomes.push(AppendOutcome::Duplicate);
+                continue;
+            }
+            let size = new_event_size(event);
+            while total + size > self.max_bytes {
+                let Some(victim) = victims.next_oldest(&self.tree, stream, &next)? else {
+                    break;
+                };
+                batch.remove(victim.key.0);
+                batch.remove(index_key(&victim.id));
+                let counts = &mut next.streams[victim.stream() as usize];
+                counts.depth -= 1;
+                counts.bytes -= victim.size();
+                counts.dropped += 1;
+                total -= victim.size();
+            }
+            if total + size > self.max_bytes {
+                if stream.droppable() {
+                    next.streams[stream as usize].dropped += 1;
+                }
+                *refused.entry(stream).or_default() += 1;
+                outcomes.push(AppendOutcome::Refused);
+                continue;
+            }
+            let key = EntryKey::new(stream, next.next_seq);
+            next.next_seq += 1;
+            batch.insert(key.0, encode_entry(event, stream, now));
+            batch.insert(index_key(&event.id), key.0);
+            let counts = &mut next.streams[stream as usize];
+            counts.depth += 1;
+            counts.bytes += size;
+            total += size;
+            in_batch.insert(&event.id);
+            outcomes.push(AppendOutcome::Stored);
+        }
+
+        if !batch.is_empty() {
+            self.tree.apply(batch)?;
+        }
+        for stream in Stream::ALL {
+            let dropped =
+                next.streams[stream as usize].dropped - state.streams[stream as usize].dropped;
+            let refused_here = refused.get(&stream).copied().unwrap_or(0);
+            if dropped > 0 {
+                metrics::counter!("storelink_outbox_dropped_total", "stream" => stream.name())
+                    .increment(dropped);
+            }
+            if dropped > refused_here {
+                tracing::warn!(
+                    stream = stream.name(),
+                    dropped = dropped - refused_here,
+                    max_bytes = self.max_bytes,
+                    "outbox full: dropped the oldest events of this stream to make room"
+                );
+            }
+            if refused_here > 0 {
+                tracing::warn!(
+                    stream = stream.name(),
+                    refused = refused_here,
+                    max_bytes = self.max_bytes,
+                    "outbox full: refused new events of this stream; only events that may not be dropped remain"
+                );
+            }
+        }
+        *state = next;
+        self.publish_metrics(&next);
+        Ok(outcomes)
+    }
+
+    /// Wakes whoever sends from the outbox. Call after the appended events are durable.
+    pub fn notify(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Resolves when something may have changed: new entries, or room freed by an ack.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Up to `limit` entries in send order, skipping those for which `skip` is true
+    /// (the ones already in flight).
+    pub fn peek(
+        &self,
+        limit: usize,
+        mut skip: impl FnMut(&EntryKey) -> bool,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if limit == 0 {
+            return Ok(out);
+        }
+        for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
+            let (k, v) = item?;
+            let Some(key) = EntryKey::from_bytes(&k) else {
+                continue;
+            };
+            if skip(&key) {
+                continue;
+            }
+            if let Some(entry) = Entry::decode(key, v) {
+                out.push(entry);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes an entry that central acknowledged. Returns false when it was already gone
+    /// (acknowledged twice, or dropped by the size cap while in flight).
+    pub fn ack(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().expect("outbox lock");
+        let Some(raw) = self.tree.get(key.0)? else {
+            return Ok(false);
+        };
+        let Some(entry) = Entry::decode(*key, raw) else {
+            self.tree.remove(key.0)?;
+            return Ok(false);
+        };
+        let mut batch = Batch::default();
+        batch.remove(key.0);
+        batch.remove(index_key(&entry.id));
+        self.tree.apply(batch)?;
+        let counts = &mut state.streams[entry.stream() as usize];
+        counts.depth = counts.depth.saturating_sub(1);
+        counts.bytes = counts.bytes.saturating_sub(entry.size());
+        metrics::counter!("storelink_outbox_acked_total", "stream" => entry.stream().name())
+            .increment(1);
+        let snapshot = *state;
+        drop(state);
+        self.publish_metrics(&snapshot);
+        self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Whether an event id is currently held.
+    pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        self.tree.contains(index_key(id))
+    }
+
+    pub fn depth(&self) -> u64 {
+        let state = self.state.lock().expect("outbox lock");
+        state.streams.iter().map(|s| s.depth).sum()
+    }
+
+    /// Age of the oldest entry of `stream`, by the injectable clock.
+    pub fn oldest_age(&self, stream: Stream) -> Result<Option<std::time::Duration>, StoreError> {
+        let now = self.clock.now();
+        for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
+            let (k, v) = item?;
+            if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v)) {
+                let age = now.duration_since(entry.enqueued_at);
+                return Ok(Some(age.unsigned_abs()));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let state = *self.state.lock().expect("outbox lock");
+        let mut streams = Vec::with_capacity(STREAM_COUNT);
+        for stream in Stream::ALL {
+            let oldest = self.oldest_age(stream)?;
+            if let Some(age) = oldest {
+                metrics::gauge!("storelink_outbox_oldest_age_seconds", "stream" => stream.name())
+                    .set(age.as_secs_f64());
+            }
+            streams.push(StreamStats {
+                stream: stream.name(),
+                counts: state.streams[stream as usize],
+                oldest_age_s: oldest.map(|d| d.as_secs_f64()),
+            });
+        }
+        Ok(OutboxStats {
+            max_bytes: self.max_bytes,
+            total_bytes: state.total_bytes(),
+            depth: state.streams.iter().map(|s| s.depth).sum(),
+            streams,
+        })
+    }
+
+    fn publish_metrics(&self, state: &State) {
+        for stream in Stream::ALL {
+            let counts = state.streams[stream as usize];
+            metrics::gauge!("storelink_outbox_depth", "stream" => stream.name())
+                .set(counts.depth as f64);
+            metrics::gauge!("storelink_outbox_bytes", "stream" => stream.name())
+                .set(counts.bytes as f64);
+        }
+    }
+}
+
+/// Finds drop victims for one append: the oldest entries of droppable streams, lowest priority
+/// first, never of higher priority than the event that needs the room.
+#[derive(Default)]
+struct Victims {
+    /// Per stream, the key of the last entry already chosen in this append.
+    after: HashMap<Stream, EntryKey>,
+}
+
+impl Victims {
+    fn next_oldest(
+        &mut self,
+        tree: &Tree,
+        incoming: Stream,
+        state: &State,
+    ) -> Result<Option<Entry>, StoreError> {
+        for stream in Stream::ALL.into_iter().rev() {
+            if !stream.droppable() || stream < incoming || state.streams[stream as usize].depth == 0
+            {
+                continue;
+            }
+            let start = match self.after.get(&stream) {
+                Some(k) => {
+                    let mut next = k.0.to_vec();
+                    next.push(0);
+                    next
+                }
+                None => vec![ENTRY_PREFIX, stream as u8],
+            };
+            let end = [ENTRY_PREFIX, stream as u8 + 1];
+            for item in tree.range(start.as_slice()..&end[..]) {
+                let (k, v) = item?;
+                if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
+                {
+                    self.after.insert(stream, entry.key);
+                    return Ok(Some(entry));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::StoreOptions;
+    use std::sync::Arc;
+
+    fn setup(max_bytes: u64) -> (tempfile::TempDir, Store, Outbox, ManualClock) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
+        let outbox = Outbox::open(&store, max_bytes, Arc::new(clock.clone())).unwrap();
+        (dir, store, outbox, clock)
+    }
+
+    fn ev(kind: EventKind, id: &str, len: usize) -> NewEvent {
+        NewEvent {
+            kind,
+            id: id.into(),
+            payload: vec![b'x'; len],
+        }
+    }
+
+    fn ids(outbox: &Outbox) -> Vec<String> {
+        outbox
+            .peek(usize::MAX, |_| false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    #[test]
+    fn peek_is_priority_then_fifo_and_ack_removes() {
+        let (_d, _s, outbox, _c) = setup(1 << 20);
+        let out = outbox
+            .append(&[
+                ev(EventKind::Presence, "p1", 10),
+                ev(EventKind::Transaction, "t1", 10),
+                ev(EventKind::Prompt, "o1", 10),
+                ev(EventKind::Transaction, "t2", 10),
+            ])
+            .unwrap();
+        assert!(out.iter().all(|o| *o == AppendOutcome::Stored));
+        assert_eq!(ids(&outbox), ["t1", "t2", "o1", "p1"]);
+        let first = outbox.peek(1, |_| false).unwrap().remove(0);
+        assert_eq!(first.payload(), b"xxxxxxxxxx");
+        assert_eq!(first.kind, EventKind::Transaction);
+        assert!(outbox.ack(&first.key).unwrap());
+        assert!(!outbox.ack(&first.key).unwrap(), "second ack is a no-op");
+        assert_eq!(ids(&outbox), ["t2", "o1", "p1"]);
+        assert!(!outbox.contains("t1").unwrap());
+        // The skip predicate hides in-flight entries.
+        let t2 = outbox.peek(1, |_| false).unwrap()[0].key;
+        assert_eq!(outbox.peek(1, |k| *k == t2).unwrap()[0].id, "o1");
+    }
+
+    #[test]
+    fn duplicate_ids_are_stored_once() {
+        let (_d, _s, outbox, _c) = setup(1 << 20);
+        let out = outbox
+            .append(&[
+                ev(EventKind::Transaction, "t1", 10),
+                ev(EventKind::Transaction, "t1", 10),
+            ])
+            .unwrap();
+        assert_eq!(out, [AppendOutcome::Stored, AppendOutcome::Duplicate]);
+        let out = outbox
+            .append(&[ev(EventKind::Transaction, "t1", 10)])
+            .unwrap();
+        assert_eq!(out, [AppendOutcome::Duplicate]);
+        assert_eq!(outbox.depth(), 1);
+    }
+
+    #[test]
+    fn survives_reopen_with_counts_and_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap()));
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let outbox = Outbox::open(&store, 1 << 20, clock.clone()).unwrap();
+            outbox
+                .append(&[
+                    ev(EventKind::Transaction, "t1", 10),
+                    ev(EventKind::Presence, "p1", 10),
+                ])
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let outbox = Outbox::open(&store, 1 << 20, clock).unwrap();
+        assert_eq!(outbox.depth(), 2);
+        outbox
+            .append(&[ev(EventKind::Transaction, "t2", 10)])
+            .unwrap();
+        assert_eq!(ids(&outbox), ["t1", "t2", "p1"]);
+        let stats = outbox.stats().unwrap();
+        assert_eq!(stats.streams[Stream::Transaction as usize].counts.depth, 2);
+    }
+
+    #[test]
+    fn full_outbox_drops_presence_then_offers_oldest_first_never_transactions() {
+        let one = new_event_size(&ev(EventKind::Transaction, "t00", 100));
+        let (_d, _s, outbox, _c) = setup(one * 4);
+        outbox
+            .append(&[
+                ev(EventKind::Prompt, "o00", 100),
+                ev(EventKind::Presence, "p00", 100),
+                ev(EventKind::Presence, "p01", 100),
+                ev(EventKind::Transaction, "t00", 100),
+            ])
+            .unwrap();
+        // Room for a transaction comes from the oldest presence event.
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Transaction, "t01", 100)])
+                .unwrap(),
+            [AppendOutcome::Stored]
+        );
+        assert_eq!(ids(&outbox), ["t00", "t01", "o00", "p01"]);
+        // A presence event may push out an older presence event, but not an offer.
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Presence, "p02", 100)])
+                .unwrap(),
+            [AppendOutcome::Stored]
+        );
+        assert_eq!(ids(&outbox), ["t00", "t01", "o00", "p02"]);
+        // Two more transactions take the presence and then the offer.
+        outbox
+            .append(&[
+                ev(EventKind::Transaction, "t02", 100),
+                ev(EventKind::Transaction, "t03", 100),
+            ])
+            .unwrap();
+        assert_eq!(ids(&outbox), ["t00", "t01", "t02", "t03"]);
+        // Only transactions remain: a new one is refused, a presence event is dropped on arrival.
+        assert_eq!(
+            outbox
+                .append(&[
+                    ev(EventKind::Transaction, "t04", 100),
+                    ev(EventKind::Presence, "p03", 100)
+                ])
+                .unwrap(),
+            [AppendOutcome::Refused, AppendOutcome::Refused]
+        );
+        let stats = outbox.stats().unwrap();
+        let dropped = |s: Stream| stats.streams[s as usize].counts.dropped;
+        assert_eq!(
+            dropped(Stream::Presence),
+            4,
+            "p00, p01, p02 and the refused p03"
+        );
+        assert_eq!(dropped(Stream::Offer), 1);
+        assert_eq!(dropped(Stream::Transaction), 0);
+        assert!(stats.total_bytes <= stats.max_bytes);
+        assert_eq!(ids(&outbox), ["t00", "t01", "t02", "t03"]);
+    }
+
+    #[test]
+    fn oldest_age_follows_the_clock() {
+        let (_d, _s, outbox, clock) = setup(1 << 20);
+        outbox
+            .append(&[ev(EventKind::Transaction, "t1", 1)])
+            .unwrap();
+        clock.advance(std::time::Duration::from_secs(3600));
+        outbox
+            .append(&[ev(EventKind::Transaction, "t2", 1)])
+            .unwrap();
+        let age = outbox.oldest_age(Stream::Transaction).unwrap().unwrap();
+        assert_eq!(age.as_secs(), 3600);
+        assert_eq!(outbox.oldest_age(Stream::Presence).unwrap(), None);
+    }
+}
