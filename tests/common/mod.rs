@@ -1,0 +1,362 @@
+//! Shared test fixtures: real brokers, a collecting subscriber ("central"), configs, and the
+//! rule for tests that need an external program.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts an in-process rumqttd on a free port.
+pub fn start_rumqttd() -> SocketAddr {
+    let addr = local(free_port());
+    storelink::demo::start_broker(addr).expect("rumqttd starts");
+    addr
+}
+
+/// Whether an external program is available. Without it, a test prints a loud skip line and
+/// returns early; with `STORELINK_REQUIRE_EXTERNAL=1` (set by `.ci/run`) it fails instead.
+pub fn require_external(program: &str, test: &str) -> bool {
+    if find_program(program).is_some() {
+        return true;
+    }
+    if std::env::var("STORELINK_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+        panic!("{test}: `{program}` is required (STORELINK_REQUIRE_EXTERNAL=1) but not on PATH");
+    }
+    eprintln!(
+        "\n!!!!!!!! SKIPPED {test}: `{program}` is not installed; .ci/run installs it !!!!!!!!\n"
+    );
+    false
+}
+
+/// Finds a program on PATH or in the sbin directories, where Debian puts mosquitto.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// A mosquitto broker on a free port, killed on drop.
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(find_program("mosquitto").expect("mosquitto is installed"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let addr = local(port);
+        wait_for_port(addr, Duration::from_secs(10));
+        Mosquitto {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(addr: SocketAddr, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One message as central received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub retain: bool,
+    pub event: Value,
+}
+
+/// Plays central: subscribes to everything and keeps what arrives. Reconnects on its own, so it
+/// can be started before the broker.
+pub struct Central {
+    received: Arc<Mutex<Vec<Received>>>,
+    token: CancellationToken,
+}
+
+impl Central {
+    pub async fn subscribe(broker: SocketAddr, filter: &str) -> Central {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let token = CancellationToken::new();
+        let mut options = MqttOptions::new(
+            format!("central-{}", rand_suffix()),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let filter = filter.to_string();
+        let sink = received.clone();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    e = eventloop.poll() => e,
+                    _ = stop.cancelled() => return,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let event = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        sink.lock().unwrap().push(Received {
+                            topic: p.topic.clone(),
+                            retain: p.retain,
+                            event,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        // Wait for the subscription when the broker is up; carry on when it is not.
+        let _ = tokio::time::timeout(Duration::from_secs(2), subscribed_rx).await;
+        Central { received, token }
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Events of one CloudEvent type, in arrival order.
+    pub fn of_type(&self, kind: &str) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.event["type"] == kind)
+            .map(|r| r.event)
+            .collect()
+    }
+
+    /// Distinct ids of one type, with how often each arrived.
+    pub fn ids(&self, kind: &str) -> BTreeMap<String, usize> {
+        let mut ids = BTreeMap::new();
+        for e in self.of_type(kind) {
+            *ids.entry(e["id"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+        ids
+    }
+
+    /// Waits until `n` distinct ids of `kind` arrived; panics with what did arrive otherwise.
+    pub async fn wait_for_ids(&self, kind: &str, n: usize, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let got = self.ids(kind).len();
+            if got >= n {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("waited {patience:?} for {n} distinct {kind} events; got {got}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Central {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// A config for one agent in tests: one jsonl tcp-listen register per entry of `registers`.
+pub fn config_text(
+    storage: &Path,
+    broker: SocketAddr,
+    api_port: u16,
+    registers: &[(&str, u16)],
+) -> String {
+    let mut text = format!(
+        r#"
+[store]
+id = "s042"
+tenant = "acme"
+timezone = "Europe/Berlin"
+currency = "EUR"
+
+[storage]
+path = "{}"
+
+[central.mqtt]
+url = "mqtt://{broker}"
+keep_alive_s = 5
+
+[cashier]
+bind = "127.0.0.1:{api_port}"
+"#,
+        storage.display()
+    );
+    for (name, port) in registers {
+        text.push_str(&format!(
+            "\n[[registers]]\nname = \"{name}\"\nlane = \"{}\"\nformat = \"jsonl\"\ntransport = {{ kind = \"tcp-listen\", bind = \"127.0.0.1:{port}\" }}\n",
+            name.trim_start_matches("lane-")
+        ));
+    }
+    text
+}
+
+pub fn config(
+    storage: &Path,
+    broker: SocketAddr,
+    api_port: u16,
+    registers: &[(&str, u16)],
+) -> storelink::config::Config {
+    let text = config_text(storage, broker, api_port, registers);
+    storelink::config::Config::parse(&text, "test.toml", &std::collections::HashMap::new()).unwrap()
+}
+
+/// The built `storelink` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_storelink"))
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually(what: &str, patience: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + patience;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP proxy between the agent and a broker, so a test decides when "the broker" is
+/// reachable from the agent's side: closed (connections refused), open (bytes forwarded), and
+/// `cut` (every live connection dropped at once).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    listener: Option<tokio::task::JoinHandle<()>>,
+    connections: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A closed proxy on a free port in front of `upstream`.
+    pub fn new(upstream: SocketAddr) -> Proxy {
+        Proxy {
+            addr: local(free_port()),
+            upstream,
+            state: Arc::default(),
+        }
+    }
+
+    /// Starts accepting and forwarding.
+    pub async fn open(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        let upstream = self.upstream;
+        let state = self.state.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                state.lock().unwrap().connections.push(conn);
+            }
+        });
+        self.state.lock().unwrap().listener = Some(handle);
+    }
+
+    /// Drops every live connection; the proxy keeps accepting new ones.
+    pub fn cut(&self) {
+        for c in self.state.lock().unwrap().connections.drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Stops accepting and drops every live connection.
+    pub fn close(&self) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(l) = state.listener.take() {
+            l.abort();
+        }
+        for c in state.connections.drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

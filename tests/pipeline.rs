@@ -1,0 +1,268 @@
+//! The first end-to-end path, in-process: a real TCP register client, the real agent, and a
+//! real MQTT broker (rumqttd) with a subscriber playing central.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jiff::Timestamp;
+use storelink::clock::system;
+use storelink::daemon;
+use storelink::sim::{JsonlClient, SimRegister};
+use storelink::supervisor::ComponentState;
+use tokio_util::sync::CancellationToken;
+
+fn start_time() -> Timestamp {
+    "2026-11-22T09:00:00Z".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_arrive_on_the_broker_as_cloudevents_with_the_same_ids() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = CancellationToken::new();
+    let agent = daemon::start(
+        config(dir.path(), broker, free_port(), &[("lane-3", port)]),
+        system(),
+        token.clone(),
+    )
+    .await
+    .unwrap();
+
+    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut register = SimRegister::new("s042", "lane-3", Some("3"), 1);
+    let mut sent = Vec::new();
+    // Pipelined: all lines first, then all replies, in order.
+    for i in 0..200 {
+        let tx = register.next(start_time() + jiff::SignedDuration::from_secs(i * 30));
+        client.send(&tx).await.unwrap();
+        sent.push(tx);
+    }
+    for tx in &sent {
+        assert_eq!(client.reply().await.unwrap(), format!("ok {}", tx.id));
+    }
+
+    central
+        .wait_for_ids(
+            "storelink.transaction.v1",
+            sent.len(),
+            Duration::from_secs(20),
+        )
+        .await;
+    let events = central.of_type("storelink.transaction.v1");
+    for tx in &sent {
+        let e = events.iter().find(|e| e["id"] == tx.id.as_str()).unwrap();
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["source"], "/stores/s042");
+        assert_eq!(e["datacontenttype"], "application/json");
+        assert_eq!(e["time"], tx.ended_at.to_string());
+        let data: storelink::pos::transaction::Transaction =
+            serde_json::from_value(e["data"].clone()).unwrap();
+        assert_eq!(
+            &data, tx,
+            "the data is the canonical transaction, unchanged"
+        );
+    }
+    let topics: std::collections::BTreeSet<_> = central
+        .all()
+        .into_iter()
+        .filter(|r| r.event["type"] == "storelink.transaction.v1")
+        .map(|r| r.topic)
+        .collect();
+    assert_eq!(
+        topics.into_iter().collect::<Vec<_>>(),
+        ["storelink/v1/acme/s042/events/transaction"]
+    );
+    // Birth message: retained status "online".
+    let status: Vec<_> = central
+        .all()
+        .into_iter()
+        .filter(|r| r.topic == "storelink/v1/acme/s042/status")
+        .collect();
+    assert_eq!(status[0].event["data"]["state"], "online");
+
+    common::eventually("outbox drained", Duration::from_secs(10), || {
+        agent.outbox.depth() == 0
+    })
+    .await;
+    token.cancel();
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_lines_go_to_dead_letter_and_the_connection_stays_usable() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = CancellationToken::new();
+    let agent = daemon::start(
+        config(dir.path(), broker, free_port(), &[("lane-1", port)]),
+        system(),
+        token.clone(),
+    )
+    .await
+    .unwrap();
+    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut register = SimRegister::new("s042", "lane-1", Some("1"), 2);
+
+    let oversized = {
+        let mut v = vec![b'{'; storelink::pos::framing::DEFAULT_MAX_FRAME + 10];
+        v.push(b'\n');
+        v
+    };
+    let mut other_store = register.next(start_time());
+    other_store.store = "s999".into();
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"this is not json\n".to_vec(), "syntax error"),
+        (b"\xff\xfe\x00garbage\n".to_vec(), "not UTF-8"),
+        (b"{\"sequence\": 1}\n".to_vec(), "missing field"),
+        (oversized, "exceeds the 1048576 byte limit"),
+        (
+            [serde_json::to_vec(&other_store).unwrap(), b"\n".to_vec()].concat(),
+            "s999",
+        ),
+    ];
+    for (bytes, expected) in &bad {
+        client.send_raw(bytes).await.unwrap();
+        let reply = client.reply().await.unwrap();
+        assert!(reply.starts_with("err "), "{reply}");
+        assert!(
+            reply.contains(expected),
+            "{reply} should mention {expected}"
+        );
+        // The connection is still usable: a good transaction goes through.
+        let tx = register.next(start_time());
+        assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
+    }
+
+    let letters = agent.deadletters.recent(10).unwrap();
+    assert_eq!(letters.len(), bad.len());
+    let newest_first: Vec<_> = bad.iter().rev().collect();
+    for (letter, (bytes, expected)) in letters.iter().zip(newest_first) {
+        assert_eq!(letter.source, "register:lane-1");
+        assert!(letter.reason.contains(expected), "{}", letter.reason);
+        let line = &bytes[..bytes.len() - 1];
+        if letter.truncated {
+            assert_eq!(letter.raw_len, line.len() as u64);
+            assert_eq!(letter.raw.len(), storelink::pos::framing::DEFAULT_MAX_FRAME);
+            assert_eq!(&letter.raw[..], &line[..letter.raw.len()]);
+        } else {
+            assert_eq!(letter.raw, line, "raw bytes are kept exactly");
+        }
+    }
+
+    // Central gets each dead letter as storelink.deadletter.v1 with the raw bytes in base64.
+    central
+        .wait_for_ids(
+            "storelink.deadletter.v1",
+            bad.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+    let dl = central.of_type("storelink.deadletter.v1");
+    let garbage = dl
+        .iter()
+        .find(|e| e["data"]["reason"].as_str().unwrap().contains("not UTF-8"))
+        .unwrap();
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(garbage["data"]["raw"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, b"\xff\xfe\x00garbage");
+    central
+        .wait_for_ids(
+            "storelink.transaction.v1",
+            bad.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+
+    token.cancel();
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_transactions_are_acknowledged_held_and_delivered_when_it_returns() {
+    let broker = local(free_port());
+    let proxy = Proxy::new(broker);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = CancellationToken::new();
+    let agent = daemon::start(
+        config(dir.path(), proxy.addr, free_port(), &[("lane-2", port)]),
+        system(),
+        token.clone(),
+    )
+    .await
+    .unwrap();
+    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut register = SimRegister::new("s042", "lane-2", Some("2"), 3);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let tx = register.next(start_time() + jiff::SignedDuration::from_secs(i));
+        assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
+        ids.push(tx.id);
+    }
+    assert_eq!(agent.outbox.depth(), 100, "held in the outbox");
+    let uplink = agent.board.get("uplink.mqtt").unwrap();
+    assert_eq!(uplink.state, ComponentState::Degraded);
+    assert!(uplink.last_error.is_some());
+    let report = agent.api.report();
+    assert_eq!(report.health, storelink::cashier::api::Health::Degraded);
+
+    storelink::demo::start_broker(broker).unwrap();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    proxy.open().await;
+    central
+        .wait_for_ids("storelink.transaction.v1", 100, Duration::from_secs(60))
+        .await;
+    let got = central.ids("storelink.transaction.v1");
+    for id in &ids {
+        assert!(got.contains_key(id), "{id} missing");
+    }
+    common::eventually("outbox drained", Duration::from_secs(10), || {
+        agent.outbox.depth() == 0
+    })
+    .await;
+    assert_eq!(
+        agent.board.get("uplink.mqtt").unwrap().state,
+        ComponentState::Running
+    );
+    assert!(agent.api.report().central_last_contact.is_some());
+    token.cancel();
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_transaction_is_acknowledged_again_but_held_once() {
+    let broker = local(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = CancellationToken::new();
+    let agent = daemon::start(
+        config(dir.path(), broker, free_port(), &[("lane-1", port)]),
+        system(),
+        token.clone(),
+    )
+    .await
+    .unwrap();
+    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let tx = SimRegister::new("s042", "lane-1", Some("1"), 4).next(start_time());
+    assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
+    assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
+    assert_eq!(agent.outbox.depth(), 1);
+    token.cancel();
+    agent.shutdown().await.unwrap();
+}

@@ -1,0 +1,328 @@
+//! Tests against the built `storelink` binary: what retail IT and systemd see.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jiff::Timestamp;
+use storelink::sim::{JsonlClient, SimRegister};
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn spawn(config: &std::path::Path) -> Agent {
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Agent { child }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("storelink.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_transactions_survive_sigkill_and_arrive_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = local(free_port());
+    // The agent reaches the broker through a proxy, so central can subscribe before the agent
+    // sees the broker come up; otherwise central would miss what is sent in between.
+    let proxy = Proxy::new(broker);
+    let register_port = free_port();
+    let config = write_config(
+        dir.path(),
+        &config_text(
+            &dir.path().join("data"),
+            proxy.addr,
+            free_port(),
+            &[("lane-3", register_port)],
+        ),
+    );
+
+    // Broker stopped: 1,000 transactions are acknowledged, so they must be on disk.
+    let agent = Agent::spawn(&config);
+    let mut client = JsonlClient::connect_patiently(local(register_port), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut register = SimRegister::new("s042", "lane-3", Some("3"), 9);
+    let start: Timestamp = "2026-11-22T08:00:00Z".parse().unwrap();
+    let mut acked = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..1000 {
+        let tx = register.next(start + jiff::SignedDuration::from_secs(i * 7));
+        client.send(&tx).await.unwrap();
+        sent.push(tx.id);
+    }
+    for id in &sent {
+        let reply = client.reply().await.unwrap();
+        assert_eq!(reply, format!("ok {id}"));
+        acked.push(id.clone());
+    }
+    assert_eq!(acked.len(), 1000);
+
+    agent.kill9();
+
+    // Restart the agent, then start the broker: everything acknowledged arrives.
+    let _agent = Agent::spawn(&config);
+    storelink::demo::start_broker(broker).unwrap();
+    let central = Central::subscribe(broker, "storelink/v1/acme/+/events/#").await;
+    proxy.open().await;
+    central
+        .wait_for_ids("storelink.transaction.v1", 1000, Duration::from_secs(60))
+        .await;
+    let got = central.ids("storelink.transaction.v1");
+    for id in &acked {
+        assert!(
+            got.contains_key(id),
+            "{id} was acknowledged but never arrived"
+        );
+    }
+    assert_eq!(got.len(), 1000, "no foreign ids");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_within_five_seconds() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/s042/status").await;
+    let dir = tempfile::tempdir().unwrap();
+    let register_port = free_port();
+    let api_port = free_port();
+    let config = write_config(
+        dir.path(),
+        &config_text(
+            &dir.path().join("data"),
+            broker,
+            api_port,
+            &[("lane-1", register_port)],
+        ),
+    );
+    let mut agent = Agent::spawn(&config);
+    let mut client = JsonlClient::connect_patiently(local(register_port), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let tx = SimRegister::new("s042", "lane-1", Some("1"), 1).next(Timestamp::now());
+    assert!(client.submit(&tx).await.unwrap().starts_with("ok "));
+
+    nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // A graceful stop replaces the retained status with "offline".
+    common::eventually("offline status", Duration::from_secs(5), || {
+        central
+            .all()
+            .iter()
+            .any(|r| r.event["data"]["state"] == "offline")
+    })
+    .await;
+    // And the listener is gone.
+    assert!(std::net::TcpStream::connect(local(register_port)).is_err());
+}
+
+fn check_config(path: &std::path::Path) -> (i32, String) {
+    let out = Command::new(binary())
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storelink.toml");
+    let (code, stderr) = check_config(&example);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn each_kind_of_config_error_exits_2_and_names_the_key() {
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storelink.toml"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown key",
+            example.replace("tenant = \"acme\"", "tenant = \"acme\"\nregion = \"north\""),
+            "store.region: unknown key",
+        ),
+        (
+            "wrong type",
+            example.replace("keep_alive_s = 30", "keep_alive_s = \"thirty\""),
+            "central.mqtt.keep_alive_s: invalid type",
+        ),
+        (
+            "missing key",
+            example.replace("id = \"s042\"", ""),
+            "store.id: missing required key",
+        ),
+        (
+            "invalid value",
+            example.replace("bind = \"0.0.0.0:8080\"", "bind = \"0.0.0.0:70000\""),
+            "cashier.bind: port 70000 is out of range",
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
+        std::fs::write(&path, text).unwrap();
+        let (code, stderr) = check_config(&path);
+        assert_eq!(code, 2, "{what}: {stderr}");
+        let expected = format!("{}: {expected}", path.display());
+        assert!(
+            stderr.contains(&expected),
+            "{what}: expected {expected:?} in {stderr:?}"
+        );
+    }
+    let (code, stderr) = check_config(&dir.path().join("absent.toml"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn run_with_a_bad_config_exits_2_before_opening_the_store_or_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let text = config_text(&data, local(1883), free_port(), &[("lane-1", port)])
+        .replace("[cashier]", "[cashier]\ncolour = \"red\"");
+    let config = write_config(dir.path(), &text);
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cashier.colour: unknown key"));
+    assert!(!data.exists(), "the store was not created");
+}
+
+#[test]
+fn a_second_agent_on_the_same_store_fails_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = local(free_port());
+    let first = write_config(
+        dir.path(),
+        &config_text(&data, broker, free_port(), &[("lane-1", free_port())]),
+    );
+    let _running = Agent::spawn(&first);
+    let api = std::fs::read_to_string(&first).unwrap();
+    let api_port = api
+        .split("bind = \"127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for_port(local(api_port), Duration::from_secs(10));
+
+    let second_dir = tempfile::tempdir().unwrap();
+    let second = write_config(
+        second_dir.path(),
+        &config_text(&data, broker, free_port(), &[("lane-1", free_port())]),
+    );
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("locked by another process"), "{stderr}");
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = Command::new(binary()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("storelink {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_without_flags_delivers_transactions_within_ten_seconds() {
+    let started = Instant::now();
+    let mut demo = Command::new(binary())
+        .arg("demo")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.trim().strip_prefix("broker     mqtt://127.0.0.1:") {
+                let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                let _ = port_tx.send(port);
+            }
+        }
+    });
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("demo prints its broker");
+    let central = Central::subscribe(local(port), "storelink/v1/acme/#").await;
+    let remaining = Duration::from_secs(10).saturating_sub(started.elapsed());
+    central
+        .wait_for_ids("storelink.transaction.v1", 1, remaining)
+        .await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while demo.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(demo.wait().unwrap().success());
+}
