@@ -19,7 +19,7 @@ impl Agent {
         let child = Command::new(binary())
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,rumqttd=off")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -291,7 +291,7 @@ async fn demo_without_flags_delivers_transactions_within_ten_seconds() {
     let started = Instant::now();
     let mut demo = Command::new(binary())
         .arg("demo")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,rumqttd=off")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
