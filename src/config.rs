@@ -608,20 +608,32 @@ impl MqttEndpoint {
             return Err(format!("{url:?} must start with mqtt://"));
         };
         let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+        // IPv6 literals are bracketed: [::1] or [::1]:1884.
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| format!("{url:?}: unclosed '[' in the host"))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
+        };
+        let port = match port {
+            None => 1883,
+            Some(port) => {
                 let port: u64 = port
                     .parse()
                     .map_err(|_| format!("{url:?}: port {port:?} is not a number"))?;
                 if port == 0 || port > 65535 {
                     return Err(format!("{url:?}: port {port} is out of range 1-65535"));
                 }
-                (host, port as u16)
+                port as u16
             }
-            _ => (rest, 1883),
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(['/', '?', '#', '@']) {
+        if host.is_empty() || host.contains(['/', '?', '#', '@', '[', ']']) {
             return Err(format!("{url:?}: {host:?} is not a host name"));
         }
         Ok(MqttEndpoint {

@@ -318,7 +318,9 @@ impl Outbox {
             state: Mutex::new(state),
             changed: Notify::new(),
         };
-        outbox.publish_metrics(&state);
+        for stream in Stream::ALL {
+            outbox.publish_metrics(stream, &state);
+        }
         Ok(outbox)
     }
 
@@ -342,7 +344,9 @@ impl Outbox {
                 continue;
             }
             let size = new_event_size(event);
-            while total + size > self.max_bytes {
+            // An event bigger than the whole outbox must not cost anyone else their place.
+            let fits_at_all = size <= self.max_bytes;
+            while fits_at_all && total + size > self.max_bytes {
                 let Some(victim) = victims.next_oldest(&self.tree, stream, &next)? else {
                     break;
                 };
@@ -403,7 +407,9 @@ impl Outbox {
             }
         }
         *state = next;
-        self.publish_metrics(&next);
+        for stream in Stream::ALL {
+            self.publish_metrics(stream, &next);
+        }
         Ok(outcomes)
     }
 
@@ -468,7 +474,7 @@ impl Outbox {
             .increment(1);
         let snapshot = *state;
         drop(state);
-        self.publish_metrics(&snapshot);
+        self.publish_metrics(entry.stream(), &snapshot);
         self.changed.notify_one();
         Ok(true)
     }
@@ -519,14 +525,12 @@ impl Outbox {
         })
     }
 
-    fn publish_metrics(&self, state: &State) {
-        for stream in Stream::ALL {
-            let counts = state.streams[stream as usize];
-            metrics::gauge!("storelink_outbox_depth", "stream" => stream.name())
-                .set(counts.depth as f64);
-            metrics::gauge!("storelink_outbox_bytes", "stream" => stream.name())
-                .set(counts.bytes as f64);
-        }
+    fn publish_metrics(&self, stream: Stream, state: &State) {
+        let counts = state.streams[stream as usize];
+        metrics::gauge!("storelink_outbox_depth", "stream" => stream.name())
+            .set(counts.depth as f64);
+        metrics::gauge!("storelink_outbox_bytes", "stream" => stream.name())
+            .set(counts.bytes as f64);
     }
 }
 
@@ -729,6 +733,19 @@ mod tests {
         assert_eq!(dropped(Stream::Transaction), 0);
         assert!(stats.total_bytes <= stats.max_bytes);
         assert_eq!(ids(&outbox), ["t00", "t01", "t02", "t03"]);
+    }
+
+    #[test]
+    fn an_event_larger_than_the_cap_is_refused_without_evicting_anything() {
+        let (_d, _s, outbox, _c) = setup(4096);
+        outbox
+            .append(&[ev(EventKind::Presence, "p1", 100)])
+            .unwrap();
+        let out = outbox
+            .append(&[ev(EventKind::Transaction, "huge", 10_000)])
+            .unwrap();
+        assert_eq!(out, [AppendOutcome::Refused]);
+        assert_eq!(ids(&outbox), ["p1"]);
     }
 
     #[test]
