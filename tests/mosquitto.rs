@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use jiff::Timestamp;
-use storelink::clock::system;
-use storelink::daemon;
-use storelink::sim::{JsonlClient, SimRegister};
-use tokio_util::sync::CancellationToken;
+use storelink::sim::SimRegister;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_reach_mosquitto_and_survive_a_broker_restart() {
@@ -28,19 +25,8 @@ async fn transactions_reach_mosquitto_and_survive_a_broker_restart() {
     // agent sees the broker again.
     let proxy = Proxy::new(addr);
     proxy.open().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let token = CancellationToken::new();
-    let agent = daemon::start(
-        config(dir.path(), proxy.addr, free_port(), &[("lane-1", port)]),
-        system(),
-        token.clone(),
-    )
-    .await
-    .unwrap();
-    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = TestAgent::start(proxy.addr, &["lane-1"]).await;
+    let mut client = agent.client(0).await;
     let mut register = SimRegister::new("s042", "lane-1", Some("1"), 11);
     let start: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
     let mut ids = Vec::new();
@@ -78,6 +64,5 @@ async fn transactions_reach_mosquitto_and_survive_a_broker_restart() {
         agent.outbox.depth() == 0
     })
     .await;
-    token.cancel();
-    agent.shutdown().await.unwrap();
+    agent.stop().await;
 }

@@ -7,11 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use jiff::Timestamp;
-use storelink::clock::system;
-use storelink::daemon;
-use storelink::sim::{JsonlClient, SimRegister};
+use storelink::sim::SimRegister;
 use storelink::supervisor::ComponentState;
-use tokio_util::sync::CancellationToken;
 
 fn start_time() -> Timestamp {
     "2026-11-22T09:00:00Z".parse().unwrap()
@@ -21,20 +18,8 @@ fn start_time() -> Timestamp {
 async fn transactions_arrive_on_the_broker_as_cloudevents_with_the_same_ids() {
     let broker = start_rumqttd();
     let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let token = CancellationToken::new();
-    let agent = daemon::start(
-        config(dir.path(), broker, free_port(), &[("lane-3", port)]),
-        system(),
-        token.clone(),
-    )
-    .await
-    .unwrap();
-
-    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = TestAgent::start(broker, &["lane-3"]).await;
+    let mut client = agent.client(0).await;
     let mut register = SimRegister::new("s042", "lane-3", Some("3"), 1);
     let mut sent = Vec::new();
     // Pipelined: all lines first, then all replies, in order.
@@ -90,27 +75,15 @@ async fn transactions_arrive_on_the_broker_as_cloudevents_with_the_same_ids() {
         agent.outbox.depth() == 0
     })
     .await;
-    token.cancel();
-    agent.shutdown().await.unwrap();
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lines_go_to_dead_letter_and_the_connection_stays_usable() {
     let broker = start_rumqttd();
     let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let token = CancellationToken::new();
-    let agent = daemon::start(
-        config(dir.path(), broker, free_port(), &[("lane-1", port)]),
-        system(),
-        token.clone(),
-    )
-    .await
-    .unwrap();
-    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = TestAgent::start(broker, &["lane-1"]).await;
+    let mut client = agent.client(0).await;
     let mut register = SimRegister::new("s042", "lane-1", Some("1"), 2);
 
     let oversized = {
@@ -184,28 +157,15 @@ async fn malformed_lines_go_to_dead_letter_and_the_connection_stays_usable() {
             Duration::from_secs(10),
         )
         .await;
-
-    token.cancel();
-    agent.shutdown().await.unwrap();
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_transactions_are_acknowledged_held_and_delivered_when_it_returns() {
     let broker = local(free_port());
     let proxy = Proxy::new(broker);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let token = CancellationToken::new();
-    let agent = daemon::start(
-        config(dir.path(), proxy.addr, free_port(), &[("lane-2", port)]),
-        system(),
-        token.clone(),
-    )
-    .await
-    .unwrap();
-    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = TestAgent::start(proxy.addr, &["lane-2"]).await;
+    let mut client = agent.client(0).await;
     let mut register = SimRegister::new("s042", "lane-2", Some("2"), 3);
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -239,30 +199,16 @@ async fn broker_down_transactions_are_acknowledged_held_and_delivered_when_it_re
         ComponentState::Running
     );
     assert!(agent.api.report().central_last_contact.is_some());
-    token.cancel();
-    agent.shutdown().await.unwrap();
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_transaction_is_acknowledged_again_but_held_once() {
-    let broker = local(free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let token = CancellationToken::new();
-    let agent = daemon::start(
-        config(dir.path(), broker, free_port(), &[("lane-1", port)]),
-        system(),
-        token.clone(),
-    )
-    .await
-    .unwrap();
-    let mut client = JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = TestAgent::start(local(free_port()), &["lane-1"]).await;
+    let mut client = agent.client(0).await;
     let tx = SimRegister::new("s042", "lane-1", Some("1"), 4).next(start_time());
     assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
     assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
     assert_eq!(agent.outbox.depth(), 1);
-    token.cancel();
-    agent.shutdown().await.unwrap();
+    agent.stop().await;
 }

@@ -360,3 +360,55 @@ impl Drop for Proxy {
         self.close();
     }
 }
+
+/// An agent running in the test process with jsonl registers on free ports.
+pub struct TestAgent {
+    pub agent: storelink::daemon::Agent,
+    pub token: CancellationToken,
+    /// Register name → its tcp-listen address.
+    pub registers: Vec<(String, SocketAddr)>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestAgent {
+    pub async fn start(broker: SocketAddr, registers: &[&str]) -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(&str, u16)> = registers.iter().map(|r| (*r, free_port())).collect();
+        let token = CancellationToken::new();
+        let agent = storelink::daemon::start(
+            config(dir.path(), broker, free_port(), &ports),
+            storelink::clock::system(),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        TestAgent {
+            agent,
+            token,
+            registers: ports
+                .iter()
+                .map(|(n, p)| (n.to_string(), local(*p)))
+                .collect(),
+            dir,
+        }
+    }
+
+    /// A register connection to the `i`-th register.
+    pub async fn client(&self, i: usize) -> storelink::sim::JsonlClient {
+        storelink::sim::JsonlClient::connect_patiently(self.registers[i].1, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.agent.shutdown().await.unwrap();
+    }
+}
+
+impl std::ops::Deref for TestAgent {
+    type Target = storelink::daemon::Agent;
+    fn deref(&self) -> &Self::Target {
+        &self.agent
+    }
+}
