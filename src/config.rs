@@ -85,14 +85,52 @@ pub struct RegisterConfig {
     pub lane: Option<String>,
     pub format: RegisterFormat,
     pub transport: Transport,
+    /// How the byte stream is cut into frames; the format's usual framing when absent.
+    #[serde(default)]
+    pub framing: Option<Framing>,
+    /// Receipt template (TOML) for `format = "receipt"`.
+    #[serde(default)]
+    pub template: Option<PathBuf>,
+    /// Largest frame accepted, in bytes. Default 1 MiB.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Whether the agent answers each frame with `ok <ids>` / `err <reason>`. Default: yes for
+    /// tcp-listen, no for tcp-connect (journal ports do not expect answers); serial never
+    /// answers (a printer tap is read-only).
+    #[serde(default)]
+    pub replies: Option<bool>,
+}
+
+impl RegisterConfig {
+    /// The framing in force: configured, or the format's usual one.
+    pub fn framing(&self) -> Framing {
+        self.framing.clone().unwrap_or(match self.format {
+            RegisterFormat::Jsonl => Framing::Newline,
+            RegisterFormat::Poslog => Framing::Xml,
+            RegisterFormat::Receipt => Framing::Cut { trailer: None },
+        })
+    }
+
+    /// Whether frames are answered on the connection.
+    pub fn replies(&self) -> bool {
+        match self.transport {
+            Transport::Serial { .. } | Transport::Http => false,
+            Transport::TcpListen { .. } => self.replies.unwrap_or(true),
+            Transport::TcpConnect { .. } => self.replies.unwrap_or(false),
+        }
+    }
 }
 
 /// What the bytes on a register connection mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RegisterFormat {
-    /// One canonical transaction JSON per line.
+    /// One canonical transaction JSON per frame.
     Jsonl,
+    /// ARTS/NRF POSLog XML documents.
+    Poslog,
+    /// ESC/POS receipt-printer output, parsed with a template.
+    Receipt,
 }
 
 /// How the agent talks to a register.
@@ -101,6 +139,75 @@ pub enum RegisterFormat {
 pub enum Transport {
     /// The register connects to the agent.
     TcpListen { bind: String },
+    /// The agent connects to the register's (or POS server's) journal port.
+    TcpConnect { addr: String },
+    /// A serial line (RS-232 or USB-serial), for example a receipt-printer tap.
+    Serial {
+        port: PathBuf,
+        #[serde(default = "default_baud")]
+        baud: u32,
+        #[serde(default = "default_data_bits")]
+        data_bits: u8,
+        #[serde(default)]
+        parity: Parity,
+        #[serde(default = "default_stop_bits")]
+        stop_bits: u8,
+        #[serde(default)]
+        flow_control: FlowControl,
+    },
+    /// The register posts to `POST /pos/v1/transactions?register={name}` on `cashier.bind`.
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+/// How a byte stream is cut into frames.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Framing {
+    /// One frame per line.
+    Newline,
+    /// `STX payload ETX [checksum]`; bytes outside a frame are noise and skipped.
+    StxEtx {
+        #[serde(default)]
+        checksum: Checksum,
+    },
+    /// Receipts: a frame ends at the paper cut (`GS V …`), or at `trailer` if given.
+    Cut {
+        #[serde(default)]
+        trailer: Option<String>,
+    },
+    /// XML documents: a frame ends with the closing tag of its root element.
+    Xml,
+}
+
+/// The check byte after ETX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Checksum {
+    #[default]
+    None,
+    /// XOR of every byte after STX up to and including ETX (what most POS and payment
+    /// protocols call the LRC).
+    Xor,
+    /// Two's complement of the 8-bit sum of the same bytes (Modbus-style LRC).
+    Lrc,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -231,6 +338,18 @@ fn default_cache_bytes() -> u64 {
 }
 fn default_max_deadletter_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_max_frame_bytes() -> usize {
+    1024 * 1024
+}
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
 }
 fn default_keep_alive_s() -> u64 {
     30
@@ -434,6 +553,85 @@ impl Config {
                         binds.push((addr, key));
                     }
                 }
+                Transport::TcpConnect { addr } => {
+                    let ok = addr.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !ok {
+                        v.problem(
+                            format!("{at}.transport.addr"),
+                            format!("{addr:?} is not host:port with a port of 1-65535"),
+                        );
+                    }
+                }
+                Transport::Serial {
+                    port,
+                    baud,
+                    data_bits,
+                    stop_bits,
+                    ..
+                } => {
+                    if port.as_os_str().is_empty() {
+                        v.problem(format!("{at}.transport.port"), "must name a device");
+                    }
+                    if !(50..=4_000_000).contains(baud) {
+                        v.problem(
+                            format!("{at}.transport.baud"),
+                            format!("{baud} is out of range 50-4000000"),
+                        );
+                    }
+                    if !(5..=8).contains(data_bits) {
+                        v.problem(
+                            format!("{at}.transport.data_bits"),
+                            format!("{data_bits} is not 5, 6, 7 or 8"),
+                        );
+                    }
+                    if !(1..=2).contains(stop_bits) {
+                        v.problem(
+                            format!("{at}.transport.stop_bits"),
+                            format!("{stop_bits} is not 1 or 2"),
+                        );
+                    }
+                }
+                Transport::Http => {}
+            }
+            if !(1024..=64 * 1024 * 1024).contains(&register.max_frame_bytes) {
+                v.problem(
+                    format!("{at}.max_frame_bytes"),
+                    format!("{} is out of range 1024-67108864", register.max_frame_bytes),
+                );
+            }
+            if let Some(Framing::Cut { trailer: Some(t) }) = &register.framing
+                && t.is_empty()
+            {
+                v.problem(format!("{at}.framing.trailer"), "must not be empty");
+            }
+            match (register.format, &register.template) {
+                (RegisterFormat::Receipt, None) => v.problem(
+                    format!("{at}.template"),
+                    "missing required key: receipts are parsed with a template (see config/receipts/)",
+                ),
+                (RegisterFormat::Receipt, Some(path)) => {
+                    if let Err(e) = crate::pos::receipt::ReceiptTemplate::load(path) {
+                        v.problem(format!("{at}.template"), e);
+                    }
+                }
+                (_, Some(_)) => v.problem(
+                    format!("{at}.template"),
+                    "only receipt registers use a template",
+                ),
+                (_, None) => {}
+            }
+            if register.replies.is_some()
+                && matches!(
+                    register.transport,
+                    Transport::Serial { .. } | Transport::Http
+                )
+            {
+                v.problem(
+                    format!("{at}.replies"),
+                    "serial and http registers cannot take reply lines",
+                );
             }
         }
 

@@ -116,7 +116,8 @@ pub async fn start(
     }
 
     for register in &config.registers {
-        let ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone());
+        let ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
+            .map_err(DaemonError::Setup)?;
         let register = register.clone();
         let token = token.clone();
         supervisor.spawn(format!("register.{}", register.name), move |component| {

@@ -211,7 +211,7 @@ async fn drive_register(
             Ok(reply) => println!(
                 "register {:<7} #{:<4} {:<6} {:>2} lines {:>9} {}{}  -> {reply}",
                 register.register,
-                tx.sequence,
+                tx.sequence.unwrap_or(0),
                 format!("{:?}", tx.kind).to_lowercase(),
                 tx.lines.len(),
                 format_money(tx.total),

@@ -307,7 +307,7 @@ impl SimRegister {
             store: self.store.clone(),
             register: self.register.clone(),
             lane: self.lane.clone(),
-            sequence: self.seq,
+            sequence: Some(self.seq),
             business_day,
             started_at: ended_at - jiff::SignedDuration::from_secs(duration),
             ended_at,
@@ -436,7 +436,7 @@ mod tests {
             t.validate().unwrap();
             assert_eq!(t.lines_total(), t.total);
             assert_eq!(t.tenders.iter().map(|x| x.amount).sum::<Money>(), t.total);
-            assert_eq!(t.sequence, i as u64 + 1);
+            assert_eq!(t.sequence, Some(i as u64 + 1));
             kinds.insert(t.kind);
             loyalty += t.loyalty_id.is_some() as u32;
         }

@@ -3,12 +3,8 @@
 //! The line is parsed as a [`Transaction`]; unknown fields are refused so that a register
 //! integration with a typo fails loudly at the first receipt instead of losing a field forever.
 
+use super::ParseError;
 use super::transaction::{SourceFormat, Transaction};
-
-/// Why a line is not a transaction. The message never quotes the input: it may hold a loyalty id.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ParseError(pub String);
 
 pub fn parse(line: &[u8]) -> Result<Transaction, ParseError> {
     let text = std::str::from_utf8(line).map_err(|e| {
@@ -97,7 +93,7 @@ mod tests {
     #[test]
     fn parses_a_canonical_line() {
         let tx = parse(GOOD.as_bytes()).unwrap();
-        assert_eq!(tx.sequence, 7);
+        assert_eq!(tx.sequence, Some(7));
         assert_eq!(tx.lines[0].quantity.to_string(), "0.532");
         assert_eq!(tx.lines[0].description, "Äpfel");
         assert_eq!(tx.total, 159);

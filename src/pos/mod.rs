@@ -13,8 +13,12 @@
 //! - Sources never crash the daemon: errors are retried inside the source or escalated to the
 //!   supervisor, which restarts it.
 
+pub mod escpos;
 pub mod framing;
 pub mod jsonl;
+pub mod poslog;
+pub mod receipt;
+pub mod serial;
 pub mod tcp;
 pub mod transaction;
 
@@ -23,13 +27,24 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+
 use crate::clock::SharedClock;
 use crate::config::{Config, RegisterConfig, RegisterFormat, Transport};
 use crate::deadletter::DeadLetter;
 use crate::engine::{IngestError, IngestHandle, IngestReply};
 use crate::supervisor::Component;
-use framing::Frame;
-use transaction::{InvalidTransaction, Transaction, transaction_id};
+use framing::{Frame, Framer};
+use receipt::ReceiptTemplate;
+use transaction::{InvalidTransaction, Transaction};
+
+/// Why a frame (or one transaction in it) could not be read. The message never quotes input
+/// values, which may be loyalty ids; it names fields, rules and positions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
 
 /// Everything a register source needs to know about where its bytes come from.
 #[derive(Debug, Clone)]
@@ -38,79 +53,136 @@ pub struct RegisterContext {
     pub register: String,
     pub lane: Option<String>,
     pub currency: String,
+    pub tz: TimeZone,
     pub format: RegisterFormat,
+    pub framing: crate::config::Framing,
+    pub template: Option<Arc<ReceiptTemplate>>,
     pub max_frame: usize,
     pub clock: SharedClock,
     pub ingest: IngestHandle,
 }
 
 impl RegisterContext {
+    /// Fails only when a receipt template cannot be loaded.
     pub fn new(
         config: &Config,
         register: &RegisterConfig,
         ingest: IngestHandle,
         clock: SharedClock,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let template = match &register.template {
+            Some(path) => Some(Arc::new(ReceiptTemplate::load(path).map_err(|e| {
+                format!(
+                    "register {}: template {}: {e}",
+                    register.name,
+                    path.display()
+                )
+            })?)),
+            None => None,
+        };
+        Ok(Self {
             store: config.store.id.clone(),
             register: register.name.clone(),
             lane: register.lane.clone(),
             currency: config.store.currency.clone(),
+            tz: config.time_zone(),
             format: register.format,
-            max_frame: framing::DEFAULT_MAX_FRAME,
+            framing: register.framing(),
+            template,
+            max_frame: register.max_frame_bytes,
             clock,
             ingest,
-        }
+        })
     }
 
-    /// Parses one frame and hands it to the core. The returned [`Pending`] resolves to the
-    /// line to send back once the outcome is durable.
+    /// A fresh framer for one connection or one open of a serial port.
+    pub fn framer(&self) -> Framer {
+        Framer::new(&self.framing, self.max_frame)
+    }
+
+    /// Parses one frame and hands what it holds to the core. The returned [`Pending`]
+    /// resolves, once every outcome is durable, to the reply for the register.
     pub async fn submit(&self, frame: Frame) -> Pending {
-        let parsed = match &frame {
-            Frame::Data(bytes) => self.parse(bytes),
+        let decoded = match &frame {
+            Frame::Data(bytes) => self.decode(bytes),
             Frame::Oversized { len, .. } => Err(format!(
                 "frame of {len} bytes exceeds the {} byte limit",
                 self.max_frame
             )),
+            Frame::Rejected { reason, .. } => Err(reason.clone()),
         };
-        match parsed {
-            Ok(tx) => {
-                tracing::debug!(id = %tx.id, total = tx.total, "transaction received");
-                Pending::Transaction(self.ingest.transaction(tx).await)
-            }
-            Err(reason) => {
-                let (raw, raw_len) = match frame {
-                    Frame::Data(b) => {
-                        let len = b.len() as u64;
-                        (b.to_vec(), len)
+        let (transactions, problems) = match decoded {
+            Ok(results) => {
+                let mut ok = Vec::new();
+                let mut problems = Vec::new();
+                let many = results.len() > 1;
+                for (i, result) in results.into_iter().enumerate() {
+                    match result.and_then(|tx| normalize(tx, self).map_err(|e| e.0)) {
+                        Ok(tx) => ok.push(tx),
+                        Err(e) if many => problems.push(format!("transaction {}: {e}", i + 1)),
+                        Err(e) => problems.push(e),
                     }
-                    Frame::Oversized { head, len } => (head.to_vec(), len),
-                };
-                metrics::counter!("storelink_register_frames_rejected_total", "register" => self.register.clone())
-                    .increment(1);
-                tracing::warn!(bytes = raw_len, %reason, "rejected a register frame; kept as a dead letter");
-                let letter = DeadLetter::new(
-                    &self.store,
-                    format!("register:{}", self.register),
-                    reason.clone(),
-                    self.clock.now(),
-                    raw,
-                    raw_len,
-                    self.max_frame,
-                );
-                Pending::Rejected {
-                    reason,
-                    durable: self.ingest.dead_letter(letter).await,
+                }
+                (ok, problems)
+            }
+            Err(reason) => (Vec::new(), vec![reason]),
+        };
+        let mut accepted = Vec::with_capacity(transactions.len());
+        for tx in transactions {
+            tracing::debug!(id = %tx.id, total = tx.total, "transaction received");
+            accepted.push(self.ingest.transaction(tx).await);
+        }
+        let rejected = if problems.is_empty() {
+            None
+        } else {
+            let reason = problems.join("; ");
+            Some((reason.clone(), self.dead_letter(frame, reason).await))
+        };
+        Pending::Frame { accepted, rejected }
+    }
+
+    async fn dead_letter(&self, frame: Frame, reason: String) -> oneshot::Receiver<IngestReply> {
+        let (raw, raw_len) = match frame {
+            Frame::Data(b) | Frame::Rejected { raw: b, .. } => {
+                let len = b.len() as u64;
+                (b.to_vec(), len)
+            }
+            Frame::Oversized { head, len } => (head.to_vec(), len),
+        };
+        metrics::counter!("storelink_register_frames_rejected_total", "register" => self.register.clone())
+            .increment(1);
+        tracing::warn!(bytes = raw_len, %reason, "rejected a register frame; kept as a dead letter");
+        let letter = DeadLetter::new(
+            &self.store,
+            format!("register:{}", self.register),
+            reason,
+            self.clock.now(),
+            raw,
+            raw_len,
+            self.max_frame,
+        );
+        self.ingest.dead_letter(letter).await
+    }
+
+    /// The transactions in one frame, each parsed but not yet normalised.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Vec<Result<Transaction, String>>, String> {
+        match self.format {
+            RegisterFormat::Jsonl => Ok(vec![jsonl::parse(bytes).map_err(|e| e.0)]),
+            RegisterFormat::Poslog => poslog::parse(bytes)
+                .map(|txs| txs.into_iter().map(|r| r.map_err(|e| e.0)).collect())
+                .map_err(|e| e.0),
+            RegisterFormat::Receipt => {
+                let template = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| "receipt register without a template".to_string())?;
+                match receipt::parse(bytes, template, &self.tz) {
+                    Ok(Some(tx)) => Ok(vec![Ok(tx)]),
+                    Ok(None) => Ok(Vec::new()),
+                    Err(e) => Err(e.0),
                 }
             }
         }
-    }
-
-    fn parse(&self, bytes: &[u8]) -> Result<Transaction, String> {
-        let tx = match self.format {
-            RegisterFormat::Jsonl => jsonl::parse(bytes).map_err(|e| e.0)?,
-        };
-        normalize(tx, self).map_err(|e| e.0)
     }
 }
 
@@ -141,42 +213,136 @@ pub fn normalize(
     if tx.currency.is_empty() {
         tx.currency = ctx.currency.clone();
     }
-    tx.id = transaction_id(&tx.store, &tx.register, tx.business_day, tx.sequence);
+    tx.id = tx.derive_id();
     tx.validate()?;
     Ok(tx)
 }
 
-/// A reply owed to the register, in the order frames arrived.
+/// What a register is owed for one frame, in the order frames arrived.
+#[derive(Debug)]
+pub struct FrameOutcome {
+    /// Ids stored (or already held) durably.
+    pub ids: Vec<String>,
+    /// Why the frame, or part of it, was refused.
+    pub error: Option<String>,
+}
+
+/// The outcomes of one frame, resolving once they are durable.
 #[derive(Debug)]
 pub enum Pending {
-    Transaction(oneshot::Receiver<IngestReply>),
-    Rejected {
-        reason: String,
-        durable: oneshot::Receiver<IngestReply>,
+    Frame {
+        accepted: Vec<oneshot::Receiver<IngestReply>>,
+        rejected: Option<(String, oneshot::Receiver<IngestReply>)>,
     },
 }
 
 impl Pending {
-    /// Waits for the outcome and renders the reply line (without the newline).
-    pub async fn reply_line(self) -> String {
-        match self {
-            Pending::Transaction(rx) => match rx.await {
-                Ok(Ok(accepted)) => format!("ok {}", accepted.id),
-                Ok(Err(e)) => format!("err {}", one_line(&e.to_string())),
-                Err(_) => format!("err {}", IngestError::ShuttingDown),
-            },
-            Pending::Rejected { reason, durable } => {
-                // The reason is sent either way; waiting keeps replies in order and makes sure
-                // the dead letter is on disk before the register moves on.
-                let _ = durable.await;
-                format!("err {}", one_line(&reason))
+    /// Waits until everything from the frame is durable (or refused).
+    pub async fn outcome(self) -> FrameOutcome {
+        let Pending::Frame { accepted, rejected } = self;
+        let mut ids = Vec::with_capacity(accepted.len());
+        let mut errors = Vec::new();
+        for rx in accepted {
+            match rx.await {
+                Ok(Ok(a)) => ids.push(a.id),
+                Ok(Err(e)) => errors.push(e.to_string()),
+                Err(_) => errors.push(IngestError::ShuttingDown.to_string()),
             }
+        }
+        if let Some((reason, durable)) = rejected {
+            // Waiting keeps replies in order and makes sure the dead letter is on disk before
+            // the register moves on.
+            let _ = durable.await;
+            errors.insert(0, reason);
+        }
+        FrameOutcome {
+            ids,
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+        }
+    }
+
+    /// The reply line (without the newline): `ok <id>…` when everything in the frame is
+    /// durable, otherwise `err <reason>` (what was good is stored all the same, so a resend of
+    /// the whole frame is harmless).
+    pub async fn reply_line(self) -> String {
+        let outcome = self.outcome().await;
+        match outcome.error {
+            None if outcome.ids.is_empty() => "ok".to_string(),
+            None => format!("ok {}", outcome.ids.join(" ")),
+            Some(e) => format!("err {}", one_line(&e)),
         }
     }
 }
 
 fn one_line(s: &str) -> String {
     s.replace(['\r', '\n'], " ")
+}
+
+/// Replies a connection may owe before the source stops reading (backpressure on a
+/// pipelining register).
+pub const PIPELINE_DEPTH: usize = 1024;
+
+/// Feeds every frame from `reader` to the core until the stream ends or `token` is cancelled,
+/// keeping up to [`PIPELINE_DEPTH`] frames in flight. Each frame's outcome is awaited in order;
+/// with a `writer`, it is answered there (`ok <ids>` / `err <reason>`).
+pub async fn pump<R, W>(
+    reader: R,
+    writer: Option<W>,
+    ctx: &RegisterContext,
+    token: &CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    let mut frames = tokio_util::codec::FramedRead::new(reader, ctx.framer());
+    let (owed_tx, mut owed_rx) = tokio::sync::mpsc::channel::<Pending>(PIPELINE_DEPTH);
+
+    let read = async {
+        loop {
+            let next = tokio::select! {
+                f = frames.next() => f,
+                _ = token.cancelled() => break,
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    let pending = ctx.submit(frame).await;
+                    if owed_tx.send(pending).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "register stream read failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        drop(owed_tx);
+    };
+
+    let answer = async {
+        let mut out = writer.map(tokio::io::BufWriter::new);
+        while let Some(pending) = owed_rx.recv().await {
+            let mut line = pending.reply_line().await;
+            let Some(w) = out.as_mut() else { continue };
+            line.push('\n');
+            // Keep resolving after the peer is gone: every frame still gets its durable outcome.
+            let broken = w.write_all(line.as_bytes()).await.is_err()
+                || (owed_rx.is_empty() && w.flush().await.is_err());
+            if broken {
+                out = None;
+            }
+        }
+        if let Some(mut w) = out {
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        }
+    };
+
+    tokio::join!(read, answer);
 }
 
 /// How long a source waits before retrying a transport that failed to start.
@@ -202,8 +368,27 @@ pub async fn run(
     component: Component,
     token: CancellationToken,
 ) -> Result<(), SourceError> {
+    let replies = register.replies();
     match &register.transport {
-        Transport::TcpListen { bind } => tcp::listen(bind, ctx, component, token).await,
+        Transport::TcpListen { bind } => tcp::listen(bind, replies, ctx, component, token).await,
+        Transport::TcpConnect { addr } => {
+            tcp::connect(addr, replies, ctx, component, token).await;
+            Ok(())
+        }
+        Transport::Serial { .. } => {
+            serial::run(&register.transport, ctx, component, token).await;
+            Ok(())
+        }
+        Transport::Http => {
+            // Frames arrive through the local API, which shares this context; the task only
+            // reports where to send them.
+            component.running(Some(format!(
+                "POST /pos/v1/transactions?register={}",
+                ctx.register
+            )));
+            token.cancelled().await;
+            Ok(())
+        }
     }
 }
 
@@ -218,7 +403,10 @@ mod tests {
             register: "lane-3".into(),
             lane: Some("3".into()),
             currency: "EUR".into(),
+            tz: TimeZone::UTC,
             format: RegisterFormat::Jsonl,
+            framing: crate::config::Framing::Newline,
+            template: None,
             max_frame: 1024,
             clock: system(),
             ingest: crate::engine::channel().0,
@@ -237,6 +425,16 @@ mod tests {
         assert_eq!(t.lane.as_deref(), Some("3"));
         assert_eq!(t.currency, "EUR");
         assert_eq!(t.id, "s042:lane-3:20261122:7");
+    }
+
+    #[test]
+    fn normalize_hashes_content_when_there_is_no_sequence() {
+        let mut t = tx();
+        t.sequence = None;
+        let a = normalize(t.clone(), &ctx()).unwrap();
+        let b = normalize(t, &ctx()).unwrap();
+        assert!(a.id.starts_with("s042:lane-3:20261122:h"), "{}", a.id);
+        assert_eq!(a.id, b.id);
     }
 
     #[test]

@@ -1,35 +1,43 @@
-//! `tcp-listen`: registers connect to the agent and send frames; each frame gets one reply
-//! line, `ok <id>` or `err <reason>`, in order, once its outcome is durable.
+//! Network registers.
 //!
-//! Registers may pipeline: many frames can be in flight on one connection, and replies come
-//! back in the same order. Connections are limited by a semaphore, as in mini-redis.
+//! - `tcp-listen`: registers connect to the agent. Each frame gets one reply line, `ok <ids>`
+//!   or `err <reason>`, in order, once its outcome is durable. Connections are limited by a
+//!   semaphore, as in mini-redis.
+//! - `tcp-connect`: the agent connects to a register's or POS server's journal port and
+//!   reconnects with backoff when the connection drops. A journal usually replays from where it
+//!   likes after a reconnect; transactions already seen are recognised by id and not counted
+//!   again, so resuming never duplicates.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_util::codec::FramedRead;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::framing::LineFramer;
-use super::{Pending, RegisterContext, SourceError};
+use super::{RegisterContext, SourceError, pump};
 use crate::config::parse_socket_addr;
-use crate::supervisor::Component;
+use crate::supervisor::{Backoff, Component};
 
 /// Connections per register listener. A register needs one; a POS server a few.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// Replies a connection may owe before it stops reading (backpressure on a pipelining client).
-pub const PIPELINE_DEPTH: usize = 1024;
+fn span(ctx: &RegisterContext, peer: &str) -> tracing::Span {
+    tracing::info_span!(
+        "register",
+        store = %ctx.store,
+        register = %ctx.register,
+        lane = ctx.lane.as_deref().unwrap_or("-"),
+        %peer
+    )
+}
 
 pub async fn listen(
     bind: &str,
+    replies: bool,
     ctx: RegisterContext,
     component: Component,
     token: CancellationToken,
@@ -65,18 +73,12 @@ pub async fn listen(
                 continue;
             }
         };
-        let span = tracing::info_span!(
-            "register",
-            store = %ctx.store,
-            register = %ctx.register,
-            lane = ctx.lane.as_deref().unwrap_or("-"),
-            %peer
-        );
+        let span = span(&ctx, &peer.to_string());
         let ctx = ctx.clone();
         let token = token.clone();
         connections.spawn(
             async move {
-                serve(stream, peer, ctx, token).await;
+                serve(stream, peer, replies, &ctx, &token).await;
                 drop(permit);
             }
             .instrument(span),
@@ -87,61 +89,78 @@ pub async fn listen(
     Ok(())
 }
 
+/// Connects to `addr` and reads frames until cancelled, reconnecting with backoff.
+pub async fn connect(
+    addr: &str,
+    replies: bool,
+    ctx: RegisterContext,
+    component: Component,
+    token: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut failing = false;
+    loop {
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)) => r,
+            _ = token.cancelled() => return,
+        };
+        match attempt {
+            Ok(Ok(stream)) => {
+                backoff.reset();
+                failing = false;
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| addr.to_string());
+                component.running(Some(format!("connected to {peer}")));
+                let span = span(&ctx, &peer);
+                let started = tokio::time::Instant::now();
+                async {
+                    tracing::info!("connected to the register's journal port");
+                    let (read, write) = stream.into_split();
+                    pump(read, replies.then_some(write), &ctx, &token).await;
+                }
+                .instrument(span)
+                .await;
+                if token.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(register = %ctx.register, %addr, "journal connection closed; reconnecting");
+                component.degraded(format!("{addr}: connection closed; reconnecting"));
+                // A connection that lived a while is not a failure streak.
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff.reset();
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(register = %ctx.register, %addr, error = %e, "cannot reach the register; retrying");
+                }
+                failing = true;
+                component.degraded(format!("{addr}: {e}"));
+            }
+            Err(_) => {
+                failing = true;
+                component.degraded(format!("{addr}: connect timed out"));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = token.cancelled() => return,
+        }
+    }
+}
+
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    ctx: RegisterContext,
-    token: CancellationToken,
+    replies: bool,
+    ctx: &RegisterContext,
+    token: &CancellationToken,
 ) {
     tracing::info!("register connected");
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
-    let mut frames = FramedRead::new(read, LineFramer::new(ctx.max_frame));
-    let (owed_tx, mut owed_rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
-
-    let reader = async {
-        loop {
-            let next = tokio::select! {
-                f = frames.next() => f,
-                _ = token.cancelled() => break,
-            };
-            match next {
-                Some(Ok(frame)) => {
-                    let pending = ctx.submit(frame).await;
-                    if owed_tx.send(pending).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::info!(error = %e, "register connection read failed");
-                    break;
-                }
-                None => break,
-            }
-        }
-        drop(owed_tx);
-    };
-
-    let writer = async {
-        let mut out = BufWriter::new(write);
-        let mut broken = false;
-        while let Some(pending) = owed_rx.recv().await {
-            let mut line = pending.reply_line().await;
-            line.push('\n');
-            // Keep resolving after the peer is gone: every frame still gets its durable outcome.
-            if !broken && out.write_all(line.as_bytes()).await.is_err() {
-                broken = true;
-            }
-            if !broken && owed_rx.is_empty() && out.flush().await.is_err() {
-                broken = true;
-            }
-        }
-        if !broken {
-            let _ = out.flush().await;
-            let _ = out.shutdown().await;
-        }
-    };
-
-    tokio::join!(reader, writer);
+    pump(read, replies.then_some(write), ctx, token).await;
     tracing::info!(%peer, "register disconnected");
 }

@@ -8,6 +8,8 @@
 //!   return are the (positive) values refunded.
 //! - The id is derived from store, register, business day and sequence
 //!   ([`transaction_id`]), so a resend carries the same id and central can de-duplicate on it.
+//!   A source without a sequence (some receipt printers) gets a hash of the content instead
+//!   ([`Transaction::derive_id`]): the same receipt captured twice has the same id.
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,7 +26,8 @@ pub type Money = i64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transaction {
-    /// `{store}:{register}:{yyyymmdd}:{sequence}`; recomputed on ingest, never trusted.
+    /// `{store}:{register}:{yyyymmdd}:{sequence}` (or `…:h{hash}` without a sequence);
+    /// recomputed on ingest, never trusted.
     #[serde(default)]
     pub id: String,
     #[serde(default)]
@@ -33,8 +36,10 @@ pub struct Transaction {
     pub register: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<String>,
-    /// The register's receipt or transaction number within the business day.
-    pub sequence: u64,
+    /// The register's receipt or transaction number within the business day; absent when the
+    /// source does not number its transactions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     pub business_day: Date,
     pub started_at: Timestamp,
     pub ended_at: Timestamp,
@@ -209,6 +214,9 @@ pub fn transaction_id(store: &str, register: &str, business_day: Date, sequence:
     )
 }
 
+/// Hex digits of content hash in an id: 64 bits, ample for one register's business day.
+const HASH_HEX: usize = 16;
+
 /// Upper bound on any money value: ten billion in major units. Anything larger is a parse error
 /// upstream, and keeping sums far from `i64::MAX` means totals never overflow.
 pub const MAX_MONEY: Money = 1_000_000_000_000;
@@ -219,6 +227,34 @@ pub const MAX_MONEY: Money = 1_000_000_000_000;
 pub struct InvalidTransaction(pub String);
 
 impl Transaction {
+    /// The stable id of this transaction: from the sequence when there is one, otherwise from
+    /// a hash of everything else, so the same content always gets the same id.
+    pub fn derive_id(&self) -> String {
+        match self.sequence {
+            Some(seq) => transaction_id(&self.store, &self.register, self.business_day, seq),
+            None => {
+                use sha2::Digest;
+                let mut content = self.clone();
+                content.id = String::new();
+                let json = serde_json::to_vec(&content).expect("transactions serialise");
+                let digest = sha2::Sha256::digest(&json);
+                let hex: String = digest
+                    .iter()
+                    .take(HASH_HEX / 2)
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!(
+                    "{}:{}:{:04}{:02}{:02}:h{hex}",
+                    self.store,
+                    self.register,
+                    self.business_day.year(),
+                    self.business_day.month(),
+                    self.business_day.day()
+                )
+            }
+        }
+    }
+
     /// Checks what a parser cannot: ranges, required text and structure.
     pub fn validate(&self) -> Result<(), InvalidTransaction> {
         let bad = |m: String| Err(InvalidTransaction(m));
@@ -291,6 +327,21 @@ mod tests {
     }
 
     #[test]
+    fn without_a_sequence_the_id_is_a_stable_content_hash() {
+        let mut t = arb_fixed();
+        t.sequence = None;
+        let id = t.derive_id();
+        assert!(
+            id.starts_with("s1:r1:20260101:h") && id.len() == "s1:r1:20260101:h".len() + 16,
+            "{id}"
+        );
+        t.id = "whatever".into();
+        assert_eq!(t.derive_id(), id, "the id field itself does not count");
+        t.total += 1;
+        assert_ne!(t.derive_id(), id, "different content, different id");
+    }
+
+    #[test]
     fn quantity_reads_strings_integers_and_floats_exactly() {
         let q: Quantity = serde_json::from_str("\"0.532\"").unwrap();
         assert_eq!(q.to_string(), "0.532");
@@ -338,7 +389,7 @@ mod tests {
             store: "s1".into(),
             register: "r1".into(),
             lane: None,
-            sequence: 1,
+            sequence: Some(1),
             business_day: "2026-01-01".parse().unwrap(),
             started_at: "2026-01-01T10:00:00Z".parse().unwrap(),
             ended_at: "2026-01-01T10:01:00Z".parse().unwrap(),
@@ -381,7 +432,7 @@ mod tests {
     }
 
     prop_compose! {
-        fn arb_transaction()(sequence in any::<u64>(), day in 0i32..3650, start in 0i64..86_400,
+        fn arb_transaction()(sequence in proptest::option::of(any::<u64>()), day in 0i32..3650, start in 0i64..86_400,
                              len in 0i64..3_600, kind in prop_oneof![Just(TransactionKind::Sale), Just(TransactionKind::Return), Just(TransactionKind::Void)],
                              loyalty_id in proptest::option::of("[0-9]{6,16}"),
                              lines in proptest::collection::vec(arb_line(), 0..6),
@@ -392,13 +443,15 @@ mod tests {
             let business_day = Date::constant(2020, 1, 1).checked_add(jiff::Span::new().days(day)).unwrap();
             let started_at = Timestamp::from_second(1_577_836_800 + day as i64 * 86_400 + start).unwrap();
             let ended_at = Timestamp::from_second(started_at.as_second() + len).unwrap();
-            Transaction {
-                id: transaction_id("s042", "lane-3", business_day, sequence),
+            let mut t = Transaction {
+                id: String::new(),
                 store: "s042".into(), register: "lane-3".into(), lane, sequence, business_day,
                 started_at, ended_at, kind, currency: "EUR".into(), loyalty_id, lines,
                 tenders: tenders.into_iter().map(|(kind, amount)| Tender { kind: kind.to_string(), amount }).collect(),
                 total, source_format: format, test,
-            }
+            };
+            t.id = t.derive_id();
+            t
         }
     }
 
