@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 use storelink::pos::poslog;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(results) = poslog::parse(data) {
+    if let Ok(results) = poslog::parse(data, &jiff::tz::TimeZone::UTC) {
         for tx in results.into_iter().flatten() {
             let json = serde_json::to_vec(&tx).expect("serialises");
             let back: storelink::pos::transaction::Transaction =

@@ -168,7 +168,7 @@ impl RegisterContext {
     pub fn decode(&self, bytes: &[u8]) -> Result<Vec<Result<Transaction, String>>, String> {
         match self.format {
             RegisterFormat::Jsonl => Ok(vec![jsonl::parse(bytes).map_err(|e| e.0)]),
-            RegisterFormat::Poslog => poslog::parse(bytes)
+            RegisterFormat::Poslog => poslog::parse(bytes, &self.tz)
                 .map(|txs| txs.into_iter().map(|r| r.map_err(|e| e.0)).collect())
                 .map_err(|e| e.0),
             RegisterFormat::Receipt => {
