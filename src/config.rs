@@ -62,6 +62,12 @@ pub struct StorageSection {
     /// Cap on the bytes kept in the local dead-letter store; the oldest go first.
     #[serde(default = "default_max_deadletter_bytes")]
     pub max_deadletter_bytes: u64,
+    /// How long accepted event ids are remembered to recognise a register's resend.
+    #[serde(default = "default_seen_retention_days")]
+    pub seen_retention_days: u64,
+    /// Most event ids remembered; the oldest are forgotten first.
+    #[serde(default = "default_max_seen_ids")]
+    pub max_seen_ids: u64,
 }
 
 impl Default for StorageSection {
@@ -71,6 +77,8 @@ impl Default for StorageSection {
             max_outbox_bytes: default_max_outbox_bytes(),
             cache_bytes: default_cache_bytes(),
             max_deadletter_bytes: default_max_deadletter_bytes(),
+            seen_retention_days: default_seen_retention_days(),
+            max_seen_ids: default_max_seen_ids(),
         }
     }
 }
@@ -339,6 +347,12 @@ fn default_cache_bytes() -> u64 {
 fn default_max_deadletter_bytes() -> u64 {
     64 * 1024 * 1024
 }
+fn default_seen_retention_days() -> u64 {
+    35
+}
+fn default_max_seen_ids() -> u64 {
+    1_000_000
+}
 fn default_max_frame_bytes() -> usize {
     1024 * 1024
 }
@@ -516,6 +530,19 @@ impl Config {
                 "storage.max_deadletter_bytes",
                 "too small; use at least 65536 (64 KiB)",
             );
+        }
+
+        if !(1..=3650).contains(&self.storage.seen_retention_days) {
+            v.problem(
+                "storage.seen_retention_days",
+                format!(
+                    "{} is out of range 1-3650",
+                    self.storage.seen_retention_days
+                ),
+            );
+        }
+        if self.storage.max_seen_ids < 1000 {
+            v.problem("storage.max_seen_ids", "too small; use at least 1000");
         }
 
         let cashier_bind = v.bind("cashier.bind", &self.cashier.bind);

@@ -21,7 +21,7 @@ use crate::pos::{self, RegisterContext};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::supervisor::{StatusBoard, Supervisor};
 use crate::uplink::mqtt::{self, MqttSettings};
-use crate::uplink::outbox::Outbox;
+use crate::uplink::outbox::{Limits, Outbox};
 
 /// Tasks get this long to drain after a stop signal; the final flush follows.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
@@ -63,7 +63,11 @@ pub async fn start(
     };
     let outbox = Arc::new(Outbox::open(
         &store,
-        config.storage.max_outbox_bytes,
+        Limits {
+            max_bytes: config.storage.max_outbox_bytes,
+            seen_retention: Duration::from_secs(config.storage.seen_retention_days * 86_400),
+            max_seen: config.storage.max_seen_ids,
+        },
         clock.clone(),
     )?);
     let deadletters = Arc::new(DeadLetters::open(

@@ -219,16 +219,29 @@ impl Decoder for StxEtxFramer {
     type Item = Frame;
     type Error = std::io::Error;
 
+    // Lengths reported for oversized frames are payload lengths (between STX and ETX), however
+    // the bytes arrived; a new STX always ends a frame that was cut off.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
         let trailer = self.trailer_len();
         if let Some((_, skipped)) = &mut self.discarding {
-            match buf.iter().position(|&b| b == ETX) {
-                Some(i) if buf.len() > i + trailer => {
-                    *skipped += (i + 1 + trailer) as u64;
-                    buf.advance(i + 1 + trailer);
+            match buf.iter().position(|&b| b == ETX || b == STX) {
+                Some(i) if buf[i] == STX => {
                     let (head, len) = self.discarding.take().expect("checked above");
-                    return Ok(Some(Frame::Oversized { head, len }));
+                    buf.advance(i);
+                    return Ok(Some(Frame::Oversized {
+                        head,
+                        len: len + i as u64,
+                    }));
                 }
+                Some(i) if buf.len() > i + trailer => {
+                    let (head, len) = self.discarding.take().expect("checked above");
+                    buf.advance(i + 1 + trailer);
+                    return Ok(Some(Frame::Oversized {
+                        head,
+                        len: len + i as u64,
+                    }));
+                }
+                // ETX found, check byte still to come.
                 Some(_) => return Ok(None),
                 None => {
                     *skipped += buf.len() as u64;
@@ -237,59 +250,47 @@ impl Decoder for StxEtxFramer {
                 }
             }
         }
-        // Noise before a frame: report it as one run once we know where it ends.
-        match buf.iter().position(|&b| b == STX) {
-            Some(0) => {}
-            Some(i) => {
-                let noise = buf.split_to(i).freeze();
-                return Ok(Some(Frame::Rejected {
-                    raw: noise,
-                    reason: "noise outside an STX/ETX frame".into(),
-                }));
-            }
-            None => {
-                if buf.len() > self.max {
-                    let noise = buf.split().freeze();
-                    return Ok(Some(Frame::Rejected {
-                        raw: noise,
-                        reason: "noise outside an STX/ETX frame".into(),
+        // Noise before a frame: reported in runs that end at the next STX, at most `max` bytes
+        // each, so the runs do not depend on how the bytes arrived.
+        let noise = buf.iter().position(|&b| b == STX).unwrap_or(buf.len());
+        if noise >= self.max || (noise > 0 && noise < buf.len()) {
+            let raw = buf.split_to(noise.min(self.max)).freeze();
+            return Ok(Some(Frame::Rejected {
+                raw,
+                reason: "noise outside an STX/ETX frame".into(),
+            }));
+        }
+        if buf.is_empty() || noise > 0 {
+            return Ok(None);
+        }
+        // buf[0] is STX.
+        let body = &buf[1..];
+        match body.iter().position(|&b| b == ETX || b == STX) {
+            Some(i) if body[i] == STX => {
+                let cut = buf.split_to(1 + i).freeze();
+                if i > self.max {
+                    return Ok(Some(Frame::Oversized {
+                        head: cut.slice(1..1 + self.max),
+                        len: i as u64,
                     }));
                 }
-                return Ok(None);
-            }
-        }
-        // buf[0] is STX. A second STX before ETX means the first frame was cut off.
-        let body = &buf[1..];
-        let etx = body.iter().position(|&b| b == ETX || b == STX);
-        match etx {
-            Some(i) if body[i] == STX => {
-                let cut = buf.split_to(i + 1).freeze();
                 Ok(Some(Frame::Rejected {
                     raw: cut,
                     reason: "frame cut off: STX before ETX".into(),
                 }))
             }
             Some(i) => {
-                let payload_len = i;
-                if payload_len > self.max {
-                    let head = Bytes::copy_from_slice(&buf[1..1 + self.max]);
-                    let total = 1 + i + 1 + self.trailer_len();
-                    if buf.len() < total {
-                        self.discarding = Some((head, buf.len() as u64));
-                        buf.clear();
-                        return Ok(None);
-                    }
-                    buf.advance(total);
-                    return Ok(Some(Frame::Oversized {
-                        head,
-                        len: payload_len as u64,
-                    }));
-                }
-                let total = 1 + i + 1 + self.trailer_len();
+                let total = 1 + i + 1 + trailer;
                 if buf.len() < total {
                     return Ok(None);
                 }
                 let frame = buf.split_to(total).freeze();
+                if i > self.max {
+                    return Ok(Some(Frame::Oversized {
+                        head: frame.slice(1..1 + self.max),
+                        len: i as u64,
+                    }));
+                }
                 let covered = &frame[1..1 + i + 1];
                 if let Some(expected) = Self::check_byte(self.checksum, covered) {
                     let got = frame[total - 1];
@@ -304,9 +305,9 @@ impl Decoder for StxEtxFramer {
                 }
                 Ok(Some(Frame::Data(frame.slice(1..1 + i))))
             }
-            None if buf.len() > self.max + 1 => {
-                let head = Bytes::copy_from_slice(&buf[1..1 + self.max]);
-                self.discarding = Some((head, (buf.len() - 1) as u64));
+            None if body.len() > self.max => {
+                let head = Bytes::copy_from_slice(&body[..self.max]);
+                self.discarding = Some((head, body.len() as u64));
                 buf.clear();
                 Ok(None)
             }
@@ -319,6 +320,8 @@ impl Decoder for StxEtxFramer {
             return Ok(Some(frame));
         }
         if let Some((head, len)) = self.discarding.take() {
+            let len = len + buf.len() as u64;
+            buf.clear();
             return Ok(Some(Frame::Oversized { head, len }));
         }
         if buf.is_empty() {
@@ -338,94 +341,289 @@ impl Decoder for StxEtxFramer {
 }
 
 /// XML documents back to back: a frame ends with the end tag that closes its root element.
-/// Declarations, comments, CDATA and processing instructions are skipped while counting.
-/// Text before the first `<` other than whitespace is noise.
+///
+/// The framer lexes one byte at a time with its state kept across reads, so where a frame ends
+/// never depends on how the bytes arrived, and markup never has to be buffered to be
+/// recognised. It knows tags (with quoted attribute values that may hold `>`), comments,
+/// CDATA, processing instructions and `<!…>` declarations.
+///
+/// - Text before a document's first `<`, other than whitespace, is noise: a
+///   [`Frame::Rejected`], in chunks of at most `max` bytes.
+/// - An XML declaration (`<?xml …?>`) after a document has started means that document was cut
+///   off: what came before becomes [`Frame::Rejected`] (or `Oversized`), and framing
+///   resynchronises on the new document.
+/// - A document over `max` bytes is skipped while its structure is still followed, so framing
+///   picks up exactly after it.
 #[derive(Debug)]
 pub struct XmlFramer {
     max: usize,
-    /// Bytes of the current document already scanned.
-    scanned: usize,
+    lex: Lex,
+    /// Bytes of `buf` already lexed.
+    fed: usize,
     depth: usize,
+    /// The root element has opened.
     opened: bool,
+    /// A document (its first `<`) has started in `buf` at 0.
+    started: bool,
+    /// Where the markup being lexed began, in `buf`.
+    markup_at: usize,
+    /// Skipping an oversized document: its head, and bytes already dropped from `buf`.
     discarding: Option<(Bytes, u64)>,
 }
 
+/// Declarations longer than this are not taken as the start of a new document.
+const MAX_DECLARATION: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    Text,
+    /// Just after `<`.
+    Lt,
+    Tag {
+        close: bool,
+        last_slash: bool,
+        quote: Option<u8>,
+    },
+    /// After `<?`: how much of `xml` matched (3 = matched; 4 = a declaration), and whether the
+    /// last byte was `?`.
+    Pi {
+        matched: u8,
+        decl: bool,
+        last_q: bool,
+    },
+    /// After `<!`: how much of `--` or `[CDATA[` matched.
+    Bang {
+        dashes: u8,
+        cdata: u8,
+    },
+    Comment {
+        dashes: u8,
+    },
+    CData {
+        brackets: u8,
+    },
+    Declaration,
+}
+
 enum Markup {
-    /// `<name …>`
     Open,
-    /// `<name …/>`
     Empty,
-    /// `</name>`
     Close,
-    /// `<?…?>`, `<!--…-->`, `<![CDATA[…]]>`, `<!DOCTYPE …>`
     Other,
+    XmlDeclaration,
 }
 
 impl XmlFramer {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            scanned: 0,
+            lex: Lex::Text,
+            fed: 0,
             depth: 0,
             opened: false,
+            started: false,
+            markup_at: 0,
             discarding: None,
         }
     }
 
-    /// Classifies the markup starting at `buf[at] == b'<'`; `None` if it has not all arrived.
-    fn markup(buf: &[u8], at: usize) -> Option<(Markup, usize)> {
-        let rest = &buf[at..];
-        let find = |needle: &[u8], from: usize| {
-            rest.get(from..)?
-                .windows(needle.len())
-                .position(|w| w == needle)
-                .map(|i| from + i + needle.len())
-        };
-        if rest.len() < 2 {
-            return None;
-        }
-        match rest[1] {
-            b'?' => find(b"?>", 2).map(|e| (Markup::Other, e)),
-            b'!' => {
-                if rest.len() < 4 {
-                    return None;
+    fn reset(&mut self) {
+        self.lex = Lex::Text;
+        self.fed = 0;
+        self.depth = 0;
+        self.opened = false;
+        self.started = false;
+        self.markup_at = 0;
+    }
+
+    /// Advances the lexer by one byte; returns the markup that this byte completed.
+    fn step(&mut self, b: u8, at: usize) -> Option<Markup> {
+        let (next, done) = match self.lex {
+            Lex::Text if b == b'<' => {
+                self.markup_at = at;
+                (Lex::Lt, None)
+            }
+            Lex::Text => (Lex::Text, None),
+            Lex::Lt => match b {
+                b'/' => (
+                    Lex::Tag {
+                        close: true,
+                        last_slash: false,
+                        quote: None,
+                    },
+                    None,
+                ),
+                b'?' => (
+                    Lex::Pi {
+                        matched: 0,
+                        decl: false,
+                        last_q: false,
+                    },
+                    None,
+                ),
+                b'!' => (
+                    Lex::Bang {
+                        dashes: 0,
+                        cdata: 0,
+                    },
+                    None,
+                ),
+                b'>' => (Lex::Text, Some(Markup::Other)),
+                _ => (
+                    Lex::Tag {
+                        close: false,
+                        last_slash: false,
+                        quote: None,
+                    },
+                    None,
+                ),
+            },
+            Lex::Tag {
+                close,
+                last_slash,
+                quote,
+            } => match (quote, b) {
+                (Some(q), b) if b == q => (
+                    Lex::Tag {
+                        close,
+                        last_slash: false,
+                        quote: None,
+                    },
+                    None,
+                ),
+                (Some(_), _) => (self.lex, None),
+                (None, b'"' | b'\'') => (
+                    Lex::Tag {
+                        close,
+                        last_slash: false,
+                        quote: Some(b),
+                    },
+                    None,
+                ),
+                (None, b'>') => {
+                    let kind = match (close, last_slash) {
+                        (true, _) => Markup::Close,
+                        (false, true) => Markup::Empty,
+                        (false, false) => Markup::Open,
+                    };
+                    (Lex::Text, Some(kind))
                 }
-                if rest.starts_with(b"<!--") {
-                    find(b"-->", 4).map(|e| (Markup::Other, e))
-                } else if rest.starts_with(b"<![CDATA[")
-                    || b"<![CDATA[".starts_with(&rest[..rest.len().min(9)])
-                {
-                    if rest.len() < 9 {
-                        return None;
-                    }
-                    find(b"]]>", 9).map(|e| (Markup::Other, e))
+                (None, _) => (
+                    Lex::Tag {
+                        close,
+                        last_slash: b == b'/',
+                        quote: None,
+                    },
+                    None,
+                ),
+            },
+            Lex::Pi {
+                matched,
+                decl,
+                last_q,
+            } => {
+                if last_q && b == b'>' {
+                    let kind = if decl && at + 1 - self.markup_at <= MAX_DECLARATION {
+                        Markup::XmlDeclaration
+                    } else {
+                        Markup::Other
+                    };
+                    (Lex::Text, Some(kind))
                 } else {
-                    find(b">", 2).map(|e| (Markup::Other, e))
+                    let (matched, decl) = match matched {
+                        0..=2 if b == b"xml"[matched as usize] => (matched + 1, false),
+                        3 => (4, b.is_ascii_whitespace() || b == b'?'),
+                        _ => (4, decl),
+                    };
+                    (
+                        Lex::Pi {
+                            matched,
+                            decl,
+                            last_q: b == b'?',
+                        },
+                        None,
+                    )
                 }
             }
-            b'/' => find(b">", 2).map(|e| (Markup::Close, e)),
-            _ => {
-                // Find the '>' that ends the tag, ignoring any inside quoted attribute values.
-                let mut quote = None;
-                for (i, &b) in rest.iter().enumerate().skip(1) {
-                    match (quote, b) {
-                        (Some(q), b) if b == q => quote = None,
-                        (Some(_), _) => {}
-                        (None, b'"' | b'\'') => quote = Some(b),
-                        (None, b'>') => {
-                            let kind = if rest[i - 1] == b'/' {
-                                Markup::Empty
-                            } else {
-                                Markup::Open
-                            };
-                            return Some((kind, i + 1));
-                        }
-                        _ => {}
+            Lex::Bang { dashes, cdata } => {
+                const CDATA: &[u8] = b"[CDATA[";
+                if cdata == 0 && b == b'-' {
+                    if dashes == 1 {
+                        (Lex::Comment { dashes: 0 }, None)
+                    } else {
+                        (
+                            Lex::Bang {
+                                dashes: 1,
+                                cdata: 0,
+                            },
+                            None,
+                        )
                     }
+                } else if dashes == 0 && b == CDATA[cdata as usize] {
+                    if cdata as usize + 1 == CDATA.len() {
+                        (Lex::CData { brackets: 0 }, None)
+                    } else {
+                        (
+                            Lex::Bang {
+                                dashes: 0,
+                                cdata: cdata + 1,
+                            },
+                            None,
+                        )
+                    }
+                } else if b == b'>' {
+                    (Lex::Text, Some(Markup::Other))
+                } else {
+                    (Lex::Declaration, None)
                 }
-                None
             }
-        }
+            Lex::Comment { dashes } => match b {
+                b'-' => (
+                    Lex::Comment {
+                        dashes: (dashes + 1).min(2),
+                    },
+                    None,
+                ),
+                b'>' if dashes == 2 => (Lex::Text, Some(Markup::Other)),
+                _ => (Lex::Comment { dashes: 0 }, None),
+            },
+            Lex::CData { brackets } => match b {
+                b']' => (
+                    Lex::CData {
+                        brackets: (brackets + 1).min(2),
+                    },
+                    None,
+                ),
+                b'>' if brackets == 2 => (Lex::Text, Some(Markup::Other)),
+                _ => (Lex::CData { brackets: 0 }, None),
+            },
+            Lex::Declaration if b == b'>' => (Lex::Text, Some(Markup::Other)),
+            Lex::Declaration => (Lex::Declaration, None),
+        };
+        self.lex = next;
+        done
+    }
+
+    /// Ends the current frame at `end` bytes into `buf`.
+    fn finish(&mut self, buf: &mut BytesMut, end: usize, complete: bool) -> Frame {
+        let bytes = buf.split_to(end).freeze();
+        let frame = match self.discarding.take() {
+            Some((head, dropped)) => Frame::Oversized {
+                head,
+                len: dropped + end as u64,
+            },
+            None if end > self.max => Frame::Oversized {
+                head: bytes.slice(..self.max),
+                len: end as u64,
+            },
+            None if complete => Frame::Data(bytes),
+            None => Frame::Rejected {
+                raw: bytes,
+                reason: "XML document cut off by the next document".into(),
+            },
+        };
+        self.reset();
+        frame
     }
 }
 
@@ -434,85 +632,67 @@ impl Decoder for XmlFramer {
     type Error = std::io::Error;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
-        if let Some((_, skipped)) = &mut self.discarding {
-            // Skip to the next document start we can recognise: a `<?xml` declaration.
-            match buf.windows(5).position(|w| w == b"<?xml") {
-                Some(i) => {
-                    *skipped += i as u64;
-                    buf.advance(i);
-                    let (head, len) = self.discarding.take().expect("checked");
-                    return Ok(Some(Frame::Oversized { head, len }));
-                }
-                None => {
-                    let drop = buf.len().saturating_sub(4);
-                    *skipped += drop as u64;
-                    buf.advance(drop);
-                    return Ok(None);
-                }
-            }
-        }
-        if !self.opened && self.scanned == 0 {
-            let lead = buf.iter().position(|&b| !b.is_ascii_whitespace());
-            match lead {
-                None => {
-                    buf.clear();
-                    return Ok(None);
-                }
-                Some(i) => buf.advance(i),
-            }
-            if buf[0] != b'<' {
-                let end = buf.iter().position(|&b| b == b'<').unwrap_or(buf.len());
-                if end == buf.len() && buf.len() <= self.max {
-                    return Ok(None);
-                }
-                let noise = buf.split_to(end.min(self.max)).freeze();
+        if !self.started && self.discarding.is_none() {
+            // Between documents: skip whitespace, report other text as noise.
+            let lead = buf
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(buf.len());
+            buf.advance(lead);
+            let noise = buf.iter().position(|&b| b == b'<').unwrap_or(buf.len());
+            if noise >= self.max || (noise > 0 && noise < buf.len()) {
+                let raw = buf.split_to(noise.min(self.max)).freeze();
                 return Ok(Some(Frame::Rejected {
-                    raw: noise,
+                    raw,
                     reason: "text outside an XML document".into(),
                 }));
             }
-        }
-        let mut i = self.scanned;
-        while i < buf.len() {
-            if buf[i] != b'<' {
-                i += 1;
-                continue;
+            if buf.is_empty() || noise > 0 {
+                return Ok(None);
             }
-            let Some((kind, len)) = Self::markup(buf, i) else {
-                break;
-            };
-            i += len;
-            match kind {
-                Markup::Open => {
+            self.started = true;
+        }
+        while self.fed < buf.len() {
+            let at = self.fed;
+            let b = buf[at];
+            self.fed += 1;
+            match self.step(b, at) {
+                Some(Markup::XmlDeclaration) if self.markup_at > 0 || self.opened => {
+                    // A new document began: the one before it was cut off.
+                    let cut = self.markup_at;
+                    let frame = self.finish(buf, cut, false);
+                    return Ok(Some(frame));
+                }
+                Some(Markup::Open) => {
                     self.depth += 1;
                     self.opened = true;
                 }
-                Markup::Empty if self.depth == 0 => {
-                    self.opened = true;
-                }
-                Markup::Close => self.depth = self.depth.saturating_sub(1),
-                Markup::Empty | Markup::Other => {}
+                Some(Markup::Empty) if self.depth == 0 => self.opened = true,
+                Some(Markup::Close) => self.depth = self.depth.saturating_sub(1),
+                _ => {}
             }
-            self.scanned = i;
             if self.opened && self.depth == 0 {
-                self.scanned = 0;
-                self.opened = false;
-                if i > self.max {
-                    let head = buf.split_to(i).freeze().slice(..self.max);
-                    return Ok(Some(Frame::Oversized {
-                        head,
-                        len: i as u64,
-                    }));
-                }
-                return Ok(Some(Frame::Data(buf.split_to(i).freeze())));
+                let end = self.fed;
+                return Ok(Some(self.finish(buf, end, true)));
             }
         }
-        if buf.len() > self.max {
-            let head = buf.split_to(self.max).freeze();
-            self.discarding = Some((head, self.max as u64));
-            self.scanned = 0;
-            self.depth = 0;
-            self.opened = false;
+        // The document is not complete yet. Past the cap, keep its head and drop what has been
+        // lexed, except a declaration in progress, which may be where the next document starts.
+        let keep_from = match self.lex {
+            Lex::Lt | Lex::Pi { .. } if self.fed - self.markup_at <= MAX_DECLARATION => {
+                self.markup_at
+            }
+            _ => self.fed,
+        };
+        if self.discarding.is_none() && keep_from > self.max {
+            let head = Bytes::copy_from_slice(&buf[..self.max]);
+            self.discarding = Some((head, 0));
+        }
+        if let Some((_, dropped)) = &mut self.discarding {
+            *dropped += keep_from as u64;
+            buf.advance(keep_from);
+            self.fed -= keep_from;
+            self.markup_at = self.markup_at.saturating_sub(keep_from);
         }
         Ok(None)
     }
@@ -521,22 +701,26 @@ impl Decoder for XmlFramer {
         if let Some(frame) = self.decode(buf)? {
             return Ok(Some(frame));
         }
-        if let Some((head, skipped)) = self.discarding.take() {
-            let len = skipped + buf.len() as u64;
-            buf.clear();
-            return Ok(Some(Frame::Oversized { head, len }));
+        if !self.started && self.discarding.is_none() {
+            if buf.iter().all(u8::is_ascii_whitespace) {
+                buf.clear();
+                return Ok(None);
+            }
+            let raw = buf.split().freeze();
+            return Ok(Some(Frame::Rejected {
+                raw,
+                reason: "text outside an XML document".into(),
+            }));
         }
-        self.scanned = 0;
-        self.depth = 0;
-        self.opened = false;
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            buf.clear();
-            return Ok(None);
-        }
-        Ok(Some(Frame::Rejected {
-            raw: buf.split().freeze(),
-            reason: "stream ended inside an XML document".into(),
-        }))
+        let end = buf.len();
+        let frame = match self.finish(buf, end, false) {
+            Frame::Rejected { raw, .. } => Frame::Rejected {
+                raw,
+                reason: "stream ended inside an XML document".into(),
+            },
+            other => other,
+        };
+        Ok(Some(frame))
     }
 }
 
@@ -546,7 +730,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn frames(input: &[u8], cuts: &[usize], max: usize) -> Vec<Frame> {
-        let mut framer = LineFramer::new(max);
+        frames_with(&Framing::Newline, input, cuts, max)
+    }
+
+    fn frames_with(framing: &Framing, input: &[u8], cuts: &[usize], max: usize) -> Vec<Frame> {
+        let mut framer = Framer::new(framing, max);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         let mut at = 0;
@@ -599,7 +787,156 @@ mod tests {
         assert_eq!(got, vec![data("0123456789")]);
     }
 
+    fn stx(payload: &[u8], checksum: Checksum) -> Vec<u8> {
+        let mut v = vec![STX];
+        v.extend_from_slice(payload);
+        v.push(ETX);
+        let mut covered = payload.to_vec();
+        covered.push(ETX);
+        v.extend(StxEtxFramer::check_byte(checksum, &covered));
+        v
+    }
+
+    fn rejected(f: &Frame) -> Option<&str> {
+        match f {
+            Frame::Rejected { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn stx_etx_frames_noise_and_checksums() {
+        let xor = Framing::StxEtx {
+            checksum: Checksum::Xor,
+        };
+        let mut input = b"\x00\xffnoise".to_vec();
+        input.extend(stx(b"first", Checksum::Xor));
+        let mut bad = stx(b"second", Checksum::Xor);
+        *bad.last_mut().unwrap() ^= 0x55;
+        input.extend(bad);
+        input.extend(stx(b"third", Checksum::Xor));
+        let got = frames_with(&xor, &input, &[4, 9, 17], 100);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(rejected(&got[0]), Some("noise outside an STX/ETX frame"));
+        assert_eq!(got[1], data("first"));
+        assert!(rejected(&got[2]).unwrap().starts_with("bad checksum"));
+        assert_eq!(got[3], data("third"));
+    }
+
+    #[test]
+    fn lrc_is_the_twos_complement_of_the_sum() {
+        // 0x31 + 0x32 + ETX(0x03) = 0x66; two's complement 0x9a.
+        assert_eq!(
+            StxEtxFramer::check_byte(Checksum::Lrc, b"12\x03"),
+            Some(0x9a)
+        );
+        assert_eq!(
+            StxEtxFramer::check_byte(Checksum::Xor, b"12\x03"),
+            Some(0x31 ^ 0x32 ^ 0x03)
+        );
+        let lrc = Framing::StxEtx {
+            checksum: Checksum::Lrc,
+        };
+        assert_eq!(
+            frames_with(&lrc, &stx(b"12", Checksum::Lrc), &[], 10),
+            vec![data("12")]
+        );
+    }
+
+    #[test]
+    fn stx_etx_cut_off_frames_and_oversize_resynchronise() {
+        let plain = Framing::StxEtx {
+            checksum: Checksum::None,
+        };
+        let mut input = b"\x02half".to_vec();
+        input.extend(stx(&[b'x'; 30], Checksum::None));
+        input.extend(stx(b"ok", Checksum::None));
+        input.extend(b"\x02tail");
+        let got = frames_with(&plain, &input, &[3, 20, 40], 10);
+        assert_eq!(rejected(&got[0]), Some("frame cut off: STX before ETX"));
+        assert!(
+            matches!(&got[1], Frame::Oversized { len: 30, head } if head.len() == 10),
+            "{got:?}"
+        );
+        assert_eq!(got[2], data("ok"));
+        assert_eq!(
+            rejected(&got[3]),
+            Some("frame cut off: stream ended before ETX")
+        );
+    }
+
+    #[test]
+    fn xml_documents_are_cut_at_the_root_end_tag() {
+        let doc1 = r#"<?xml version="1.0" encoding="UTF-8"?>
+<nrf:POSLog xmlns:nrf="urn:x"><nrf:Transaction a=">"><Empty/><!-- </nrf:POSLog> --><![CDATA[</nrf:POSLog>]]></nrf:Transaction></nrf:POSLog>"#;
+        let doc2 = "<Transaction><SequenceNumber>2</SequenceNumber></Transaction>";
+        let input = format!("  {doc1}\r\n{doc2}\n");
+        let got = frames_with(&Framing::Xml, input.as_bytes(), &[5, 50, 51, 120], 4096);
+        assert_eq!(got, vec![data(doc1), data(doc2)]);
+    }
+
+    #[test]
+    fn xml_noise_and_truncation_are_rejected() {
+        let got = frames_with(&Framing::Xml, b"garbage<a/>junk<b>unfinished", &[], 100);
+        assert_eq!(rejected(&got[0]), Some("text outside an XML document"));
+        assert_eq!(got[1], data("<a/>"));
+        assert_eq!(rejected(&got[2]), Some("text outside an XML document"));
+        assert_eq!(
+            rejected(&got[3]),
+            Some("stream ended inside an XML document")
+        );
+    }
+
+    #[test]
+    fn xml_oversized_document_resynchronises_at_the_next_declaration() {
+        let big = format!("<?xml version=\"1.0\"?><a>{}</a>", "x".repeat(200));
+        let input = format!("{big}<?xml version=\"1.0\"?><b/>");
+        let got = frames_with(&Framing::Xml, input.as_bytes(), &[], 64);
+        assert!(
+            matches!(&got[0], Frame::Oversized { head, .. } if head.len() == 64),
+            "{got:?}"
+        );
+        assert_eq!(got[1], data("<?xml version=\"1.0\"?><b/>"));
+    }
+
     proptest! {
+        #[test]
+        fn stx_etx_any_split_gives_the_same_frames(
+            parts in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..30), 0u8..4), 0..10),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+            mode in 0u8..3,
+        ) {
+            let checksum = [Checksum::None, Checksum::Xor, Checksum::Lrc][mode as usize];
+            let mut input = Vec::new();
+            for (payload, kind) in &parts {
+                match kind {
+                    0 => input.extend(payload.iter().filter(|&&b| b != STX && b != ETX)),
+                    _ => input.extend(stx(&payload.iter().copied().filter(|&b| b != STX && b != ETX).collect::<Vec<_>>(), checksum)),
+                }
+            }
+            let framing = Framing::StxEtx { checksum };
+            prop_assert_eq!(frames_with(&framing, &input, &[], 16), frames_with(&framing, &input, &cuts, 16));
+        }
+
+        #[test]
+        fn xml_any_split_gives_the_same_frames(
+            docs in proptest::collection::vec(
+                prop_oneof![
+                    Just("<a><b x='>'/>text</a>".to_string()),
+                    Just("<?xml version=\"1.0\"?><p:r xmlns:p='u'><p:t>1</p:t></p:r>".to_string()),
+                    Just("<!-- c --><d><![CDATA[</d>]]></d>".to_string()),
+                    "[a-z<>/ ]{0,20}",
+                ],
+                0..6),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let input = docs.concat();
+            prop_assert_eq!(
+                frames_with(&Framing::Xml, input.as_bytes(), &[], 48),
+                frames_with(&Framing::Xml, input.as_bytes(), &cuts, 48)
+            );
+        }
+
         #[test]
         fn any_split_of_the_stream_gives_the_same_frames(
             lines in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..12),

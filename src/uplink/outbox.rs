@@ -5,11 +5,18 @@
 //!   order: streams by priority, then oldest first within a stream.
 //! - `0x01 ‖ event id` → entry key. Append and de-duplication go through one atomic batch, so
 //!   after a crash an entry and its index entry are both there or both gone.
+//! - `0x02 ‖ event id` → first-seen time, and `0x03 ‖ time ‖ event id` for expiry: every id the
+//!   outbox ever accepted, kept after delivery for [`Limits::seen_retention`] (at most
+//!   [`Limits::max_seen`] ids). This is what makes counting exactly-once at the edge: a
+//!   transaction a register sends again, even after it reached central and even after a
+//!   restart, is recognised and not stored, counted or forwarded twice. It lives in this tree,
+//!   written in the same batch as the entry, because a "seen" mark that survived a crash
+//!   without its entry would make the register's resend look like a duplicate and lose it.
 //!
 //! Invariants:
 //! - An entry leaves only by [`Outbox::ack`] (central acknowledged it) or by the drop policy.
-//! - Ids are unique in the outbox: appending an id that is already held is a no-op that reports
-//!   [`AppendOutcome::Duplicate`].
+//! - Ids are unique: appending an id that is held, or was seen within the retention period, is a
+//!   no-op that reports [`AppendOutcome::Duplicate`].
 //! - The outbox holds at most `max_bytes`. When full, droppable streams (status, presence,
 //!   offers and prompts, dead-letters) lose their oldest entries first, lowest priority first,
 //!   and only to make room for an event of equal or higher priority. Transactions and
@@ -30,6 +37,8 @@ use crate::store::{Batch, Store, StoreError, Tree, TreeName, Value};
 
 const ENTRY_PREFIX: u8 = 0x00;
 const INDEX_PREFIX: u8 = 0x01;
+const SEEN_PREFIX: u8 = 0x02;
+const SEEN_BY_TIME_PREFIX: u8 = 0x03;
 const FORMAT_V1: u8 = 1;
 const HEADER_LEN: usize = 1 + 1 + 1 + 8 + 2;
 /// Bytes an entry costs beyond its id and payload: keys, header, index.
@@ -218,6 +227,48 @@ fn index_key(id: &str) -> Vec<u8> {
     k
 }
 
+fn seen_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(SEEN_PREFIX);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn seen_by_time_key(at: Timestamp, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + id.len());
+    k.push(SEEN_BY_TIME_PREFIX);
+    k.extend_from_slice(&at.as_microsecond().to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Splits a `0x03 ‖ time ‖ id` key.
+fn parse_seen_by_time(key: &[u8]) -> Option<(Timestamp, &[u8])> {
+    let micros = i64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    Some((Timestamp::from_microsecond(micros).ok()?, key.get(9..)?))
+}
+
+/// Bounds of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of events held for central.
+    pub max_bytes: u64,
+    /// How long an accepted id is remembered after delivery.
+    pub seen_retention: std::time::Duration,
+    /// Most ids remembered; the oldest are forgotten first.
+    pub max_seen: u64,
+}
+
+impl Limits {
+    pub fn with_max_bytes(max_bytes: u64) -> Limits {
+        Limits {
+            max_bytes,
+            seen_retention: std::time::Duration::from_secs(35 * 86_400),
+            max_seen: 1_000_000,
+        }
+    }
+}
+
 fn new_event_size(event: &NewEvent) -> u64 {
     (HEADER_LEN + event.id.len() + event.payload.len()) as u64 + event.id.len() as u64 + OVERHEAD
 }
@@ -253,6 +304,8 @@ pub struct StreamStats {
 struct State {
     next_seq: u64,
     streams: [StreamCounts; STREAM_COUNT],
+    /// Ids remembered in the seen set.
+    seen: u64,
 }
 
 impl State {
@@ -266,6 +319,7 @@ pub struct Outbox {
     tree: Tree,
     clock: SharedClock,
     max_bytes: u64,
+    limits: Limits,
     state: Mutex<State>,
     changed: Notify,
 }
@@ -280,12 +334,17 @@ impl std::fmt::Debug for Outbox {
 
 impl Outbox {
     /// Opens the outbox and counts what it holds from a previous run.
-    pub fn open(store: &Store, max_bytes: u64, clock: SharedClock) -> Result<Outbox, StoreError> {
+    pub fn open(store: &Store, limits: Limits, clock: SharedClock) -> Result<Outbox, StoreError> {
         let tree = store.tree(TreeName::Outbox)?;
         let mut state = State {
             next_seq: 1,
             streams: [StreamCounts::default(); STREAM_COUNT],
+            seen: 0,
         };
+        for item in tree.scan_prefix([SEEN_BY_TIME_PREFIX]) {
+            item?;
+            state.seen += 1;
+        }
         let mut unreadable = Vec::new();
         for item in tree.scan_prefix([ENTRY_PREFIX]) {
             let (k, v) = item?;
@@ -314,7 +373,8 @@ impl Outbox {
         let outbox = Outbox {
             tree,
             clock,
-            max_bytes,
+            max_bytes: limits.max_bytes,
+            limits,
             state: Mutex::new(state),
             changed: Notify::new(),
         };
@@ -339,7 +399,10 @@ impl Outbox {
 
         for event in events {
             let stream = Stream::of(event.kind);
-            if in_batch.contains(event.id.as_str()) || self.tree.contains(index_key(&event.id))? {
+            if in_batch.contains(event.id.as_str())
+                || self.tree.contains(index_key(&event.id))?
+                || self.tree.contains(seen_key(&event.id))?
+            {
                 outcomes.push(AppendOutcome::Duplicate);
                 continue;
             }
@@ -370,6 +433,9 @@ impl Outbox {
             next.next_seq += 1;
             batch.insert(key.0, encode_entry(event, stream, now));
             batch.insert(index_key(&event.id), key.0);
+            batch.insert(seen_key(&event.id), now.as_microsecond().to_be_bytes());
+            batch.insert(seen_by_time_key(now, &event.id), []);
+            next.seen += 1;
             let counts = &mut next.streams[stream as usize];
             counts.depth += 1;
             counts.bytes += size;
@@ -378,6 +444,11 @@ impl Outbox {
             outcomes.push(AppendOutcome::Stored);
         }
 
+        let stored = outcomes
+            .iter()
+            .filter(|o| **o == AppendOutcome::Stored)
+            .count();
+        self.forget_old_ids(&mut batch, &mut next, now, 2 * stored + 16)?;
         if !batch.is_empty() {
             self.tree.apply(batch)?;
         }
@@ -411,6 +482,51 @@ impl Outbox {
             self.publish_metrics(stream, &next);
         }
         Ok(outcomes)
+    }
+
+    /// Adds to `batch` the removal of up to `budget` remembered ids that are past the retention
+    /// period or over the cap, oldest first. Bounded, so an append never stalls on a backlog of
+    /// expiry; the budget outruns the rate of new ids, so the set converges.
+    fn forget_old_ids(
+        &self,
+        batch: &mut Batch,
+        state: &mut State,
+        now: Timestamp,
+        budget: usize,
+    ) -> Result<(), StoreError> {
+        let cutoff = now
+            .checked_sub(
+                jiff::SignedDuration::try_from(self.limits.seen_retention)
+                    .unwrap_or(jiff::SignedDuration::MAX),
+            )
+            .unwrap_or(Timestamp::MIN);
+        let mut forgotten = 0;
+        for item in self.tree.scan_prefix([SEEN_BY_TIME_PREFIX]) {
+            if forgotten >= budget {
+                break;
+            }
+            let (key, _) = item?;
+            let Some((at, id)) = parse_seen_by_time(&key) else {
+                batch.remove(key);
+                continue;
+            };
+            if at >= cutoff && state.seen <= self.limits.max_seen {
+                break;
+            }
+            let mut sk = Vec::with_capacity(1 + id.len());
+            sk.push(SEEN_PREFIX);
+            sk.extend_from_slice(id);
+            batch.remove(sk);
+            batch.remove(key);
+            state.seen = state.seen.saturating_sub(1);
+            forgotten += 1;
+        }
+        Ok(())
+    }
+
+    /// How many ids are remembered for de-duplication.
+    pub fn seen_count(&self) -> u64 {
+        self.state.lock().expect("outbox lock").seen
     }
 
     /// Wakes whoever sends from the outbox. Call after the appended events are durable.
@@ -587,7 +703,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
-        let outbox = Outbox::open(&store, max_bytes, Arc::new(clock.clone())).unwrap();
+        let outbox = Outbox::open(
+            &store,
+            Limits::with_max_bytes(max_bytes),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
         (dir, store, outbox, clock)
     }
 
@@ -651,12 +772,94 @@ mod tests {
     }
 
     #[test]
+    fn an_id_delivered_long_ago_is_still_a_duplicate_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            seen_retention: std::time::Duration::from_secs(86_400),
+            max_seen: 1_000,
+        };
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
+            outbox
+                .append(&[ev(EventKind::Transaction, "t1", 10)])
+                .unwrap();
+            let key = outbox.peek(1, |_| false).unwrap()[0].key;
+            outbox.ack(&key).unwrap();
+            assert_eq!(outbox.depth(), 0);
+            store.flush_blocking().unwrap();
+        }
+        // After a restart, the delivered id is still recognised.
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
+        assert_eq!(outbox.seen_count(), 1);
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Transaction, "t1", 10)])
+                .unwrap(),
+            [AppendOutcome::Duplicate]
+        );
+        assert_eq!(outbox.depth(), 0);
+        // Past the retention period it is forgotten (on the next append) and accepted again.
+        clock.advance(std::time::Duration::from_secs(2 * 86_400));
+        outbox
+            .append(&[ev(EventKind::Transaction, "t2", 10)])
+            .unwrap();
+        assert_eq!(outbox.seen_count(), 1, "t1 forgotten, t2 remembered");
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Transaction, "t1", 10)])
+                .unwrap(),
+            [AppendOutcome::Stored]
+        );
+    }
+
+    #[test]
+    fn remembered_ids_are_capped_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
+        let limits = Limits {
+            max_seen: 50,
+            ..Limits::with_max_bytes(1 << 20)
+        };
+        let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
+        for i in 0..200 {
+            clock.advance(std::time::Duration::from_millis(1));
+            outbox
+                .append(&[ev(EventKind::Presence, &format!("p{i:03}"), 1)])
+                .unwrap();
+        }
+        assert!(outbox.seen_count() <= 51, "{}", outbox.seen_count());
+        // Deliver everything, so only the seen set can say "duplicate".
+        for entry in outbox.peek(usize::MAX, |_| false).unwrap() {
+            outbox.ack(&entry.key).unwrap();
+        }
+        // The newest are remembered, the oldest forgotten.
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Presence, "p199", 1)])
+                .unwrap(),
+            [AppendOutcome::Duplicate]
+        );
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Presence, "p000", 1)])
+                .unwrap(),
+            [AppendOutcome::Stored]
+        );
+    }
+
+    #[test]
     fn survives_reopen_with_counts_and_sequence() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap()));
         {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-            let outbox = Outbox::open(&store, 1 << 20, clock.clone()).unwrap();
+            let outbox =
+                Outbox::open(&store, Limits::with_max_bytes(1 << 20), clock.clone()).unwrap();
             outbox
                 .append(&[
                     ev(EventKind::Transaction, "t1", 10),
@@ -666,7 +869,7 @@ mod tests {
             store.flush_blocking().unwrap();
         }
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let outbox = Outbox::open(&store, 1 << 20, clock).unwrap();
+        let outbox = Outbox::open(&store, Limits::with_max_bytes(1 << 20), clock).unwrap();
         assert_eq!(outbox.depth(), 2);
         outbox
             .append(&[ev(EventKind::Transaction, "t2", 10)])
