@@ -23,6 +23,9 @@ use crate::supervisor::{StatusBoard, Supervisor};
 use crate::uplink::mqtt::{self, MqttSettings};
 use crate::uplink::outbox::{Limits, Outbox};
 
+/// How long start-up waits for the local API to bind its port.
+const API_BIND_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Tasks get this long to drain after a stop signal; the final flush follows.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
 
@@ -119,9 +122,13 @@ pub async fn start(
         });
     }
 
+    let mut http_registers = std::collections::BTreeMap::new();
     for register in &config.registers {
         let ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
             .map_err(DaemonError::Setup)?;
+        if register.transport == crate::config::Transport::Http {
+            http_registers.insert(register.name.clone(), ctx.clone());
+        }
         let register = register.clone();
         let token = token.clone();
         supervisor.spawn(format!("register.{}", register.name), move |component| {
@@ -144,13 +151,27 @@ pub async fn start(
         ready: ready.clone(),
         clock: clock.clone(),
         metrics: api::metrics_handle(),
+        registers: Arc::new(http_registers),
     };
+    let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {
         let state = api_state.clone();
         let token = token.clone();
+        let mut listening_tx = Some(listening_tx);
         supervisor.spawn("api", move |component| {
-            api::serve(api_bind, state.clone(), component, token.clone())
+            api::serve(
+                api_bind,
+                state.clone(),
+                component,
+                token.clone(),
+                listening_tx.take(),
+            )
         });
+    }
+    // "Started" means the local API answers. If its port is taken, the agent still runs (the
+    // registers matter more) and the supervisor keeps retrying; status says why.
+    if tokio::time::timeout(API_BIND_PATIENCE, listening).await.is_err() {
+        tracing::error!(bind = %api_bind, "the local API is not listening yet; see status for why");
     }
     ready.store(true, Ordering::SeqCst);
 

@@ -59,7 +59,7 @@ impl DeadLetter {
     }
 }
 
-mod base64_bytes {
+pub(crate) mod base64_bytes {
     use super::*;
     use serde::{Deserializer, Serializer};
 

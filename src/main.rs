@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use storelink::config::Config;
+use storelink::config::{Config, RegisterConfig, RegisterFormat};
+use storelink::pos::{FrameParser, Identity, capture};
 use storelink::{clock, daemon, demo};
 
 /// Exit code for configuration errors; retail IT scripts and systemd's ExecStartPre rely on it.
@@ -53,6 +54,63 @@ enum Command {
         #[arg(long)]
         http_port: Option<u16>,
     },
+    /// Register tools: record a register's output, replay it, check a format or template.
+    #[command(subcommand)]
+    Pos(PosCommand),
+}
+
+#[derive(Subcommand)]
+enum PosCommand {
+    /// Record what a configured register sends, byte for byte, without ingesting it. Stop the
+    /// agent first if it uses the same port. Ctrl-C ends the recording.
+    Record {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        register: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Send a capture (or a raw file) to an agent's register port over TCP.
+    Replay {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Keep the recorded gaps between reads instead of sending as fast as possible.
+        #[arg(long)]
+        as_recorded: bool,
+    },
+    /// Parse a capture offline and print the canonical transactions, or say exactly which
+    /// frame (and for receipts, which line) failed and why. Exit 1 if any frame failed.
+    Parse {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Use a configured register's format, framing and template.
+        #[arg(long, value_name = "FILE", requires = "register")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        register: Option<String>,
+        /// Format, when no config is given: jsonl, poslog or receipt.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Receipt template (TOML), for --format receipt.
+        #[arg(long, value_name = "FILE")]
+        template: Option<PathBuf>,
+        /// IANA time zone for times without an offset.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Jsonl,
+    Poslog,
+    Receipt,
 }
 
 fn main() -> ExitCode {
@@ -104,6 +162,287 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
+        Command::Pos(command) => pos(command),
+    }
+}
+
+fn pos(command: PosCommand) -> ExitCode {
+    match command {
+        PosCommand::Record {
+            config,
+            register,
+            out,
+            seconds,
+        } => {
+            let (config, register) = match load_register(&config, &register) {
+                Ok(pair) => pair,
+                Err(code) => return code,
+            };
+            let parser = match FrameParser::for_register(&config, &register) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let id = identity(&config, &register);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let token = CancellationToken::new();
+                    tokio::spawn(daemon::cancel_on_signal(token.clone()));
+                    if let Some(s) = seconds {
+                        let t = token.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_secs(s)).await;
+                            t.cancel();
+                        });
+                    }
+                    eprintln!(
+                        "recording register {} into {} (Ctrl-C to stop)",
+                        register.name,
+                        out.display()
+                    );
+                    // Frame what arrives, so the technician sees verdicts as the register prints.
+                    let mut stream = Vec::new();
+                    let mut shown = 0;
+                    let total = capture::record(&register.transport, &out, &token, |chunk| {
+                        stream.extend_from_slice(&chunk.raw);
+                        let frames = parser.frames(&stream);
+                        // The last frame may be incomplete; report the ones before it.
+                        for f in frames
+                            .iter()
+                            .take(frames.len().saturating_sub(1))
+                            .skip(shown)
+                        {
+                            print_verdict(shown + 1, &parser, f, &id);
+                            shown += 1;
+                        }
+                    })
+                    .await?;
+                    let frames = parser.frames(&stream);
+                    for f in frames.iter().skip(shown) {
+                        shown += 1;
+                        print_verdict(shown, &parser, f, &id);
+                    }
+                    eprintln!("recorded {total} bytes, {shown} frames");
+                    Ok(())
+                })
+            }))
+        }
+        PosCommand::Replay {
+            file,
+            to,
+            as_recorded,
+        } => exit_with(runtime().and_then(|rt| {
+            rt.block_on(async {
+                let token = CancellationToken::new();
+                tokio::spawn(daemon::cancel_on_signal(token.clone()));
+                let pace = if as_recorded {
+                    capture::Pace::AsRecorded
+                } else {
+                    capture::Pace::Fast
+                };
+                let sent = capture::replay(&file, &to, pace, &token).await?;
+                eprintln!("sent {sent} bytes to {to}");
+                Ok(())
+            })
+        })),
+        PosCommand::Parse {
+            file,
+            config,
+            register,
+            format,
+            template,
+            timezone,
+        } => {
+            let (parser, id) = match (config, register) {
+                (Some(config), Some(register)) => {
+                    let (config, register) = match load_register(&config, &register) {
+                        Ok(pair) => pair,
+                        Err(code) => return code,
+                    };
+                    match FrameParser::for_register(&config, &register) {
+                        Ok(p) => (p, identity(&config, &register)),
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
+                _ => match parser_from_flags(format, template, &timezone) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+            };
+            let bytes = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let frames = match capture::parse(&bytes, &parser, &id) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut failed = false;
+            for f in &frames {
+                failed |= !print_verdict(f.index, &parser, &f.frame, &id);
+            }
+            if frames.is_empty() {
+                println!("{}: no frames found", file.display());
+                failed = true;
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+fn load_register(path: &std::path::Path, name: &str) -> Result<(Config, RegisterConfig), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let register = config
+        .registers
+        .iter()
+        .find(|r| r.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            eprintln!("{}: no register named {name:?}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    Ok((config, register))
+}
+
+fn identity(config: &Config, register: &RegisterConfig) -> Identity {
+    Identity {
+        store: config.store.id.clone(),
+        register: register.name.clone(),
+        lane: register.lane.clone(),
+        currency: config.store.currency.clone(),
+    }
+}
+
+fn parser_from_flags(
+    format: Option<Format>,
+    template: Option<PathBuf>,
+    timezone: &str,
+) -> Result<(FrameParser, Identity), String> {
+    let format = match format {
+        Some(Format::Jsonl) => RegisterFormat::Jsonl,
+        Some(Format::Poslog) => RegisterFormat::Poslog,
+        Some(Format::Receipt) => RegisterFormat::Receipt,
+        None => {
+            return Err(
+                "give --format (jsonl, poslog, receipt) or --config with --register".into(),
+            );
+        }
+    };
+    let template = match (format, template) {
+        (RegisterFormat::Receipt, None) => {
+            return Err("--format receipt needs --template FILE".into());
+        }
+        (_, Some(path)) => Some(std::sync::Arc::new(
+            storelink::pos::receipt::ReceiptTemplate::load(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        (_, None) => None,
+    };
+    let tz =
+        jiff::tz::TimeZone::get(timezone).map_err(|e| format!("--timezone {timezone}: {e}"))?;
+    let register = RegisterConfig {
+        name: "capture".into(),
+        lane: None,
+        format,
+        transport: storelink::config::Transport::Http,
+        framing: None,
+        template: None,
+        max_frame_bytes: 1024 * 1024,
+        replies: None,
+    };
+    let parser = FrameParser {
+        format,
+        framing: register.framing(),
+        template,
+        tz,
+        max_frame: register.max_frame_bytes,
+    };
+    let id = Identity {
+        store: "store".into(),
+        register: "capture".into(),
+        lane: None,
+        currency: "EUR".into(),
+    };
+    Ok((parser, id))
+}
+
+/// Prints one frame's verdict; returns whether it parsed cleanly.
+fn print_verdict(
+    index: usize,
+    parser: &FrameParser,
+    frame: &storelink::pos::framing::Frame,
+    id: &Identity,
+) -> bool {
+    use storelink::pos::framing::Frame;
+    let bytes = match frame {
+        Frame::Data(b) | Frame::Rejected { raw: b, .. } => b.len() as u64,
+        Frame::Oversized { len, .. } => *len,
+    };
+    let describe_error = |e: &str| {
+        println!("frame {index} ({bytes} bytes): error: {e}");
+        // For receipts, show the decoded line the error names.
+        if let (Frame::Data(raw), Some(template)) = (frame, parser.template.as_ref())
+            && let Some(n) = e
+                .split("line ")
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<usize>().ok())
+        {
+            let lines = storelink::pos::receipt::text_lines(raw, template);
+            if let Some(text) = n.checked_sub(1).and_then(|i| lines.get(i)) {
+                println!("    line {n}: {text}");
+            }
+        }
+    };
+    match parser.parse_frame(frame, id) {
+        Err(e) => {
+            describe_error(&e);
+            false
+        }
+        Ok(results) if results.is_empty() => {
+            println!("frame {index} ({bytes} bytes): no transaction");
+            true
+        }
+        Ok(results) => {
+            let mut ok = true;
+            for r in results {
+                match r {
+                    Ok(tx) => {
+                        println!("frame {index} ({bytes} bytes): {}", tx.id);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&tx).expect("transactions serialise")
+                        );
+                    }
+                    Err(e) => {
+                        describe_error(&e);
+                        ok = false;
+                    }
+                }
+            }
+            ok
+        }
     }
 }
 

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use jiff::Timestamp;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::deadletter::DeadLetters;
+use crate::pos::RegisterContext;
 use crate::supervisor::{Component, ComponentState, ComponentStatus, StatusBoard};
 use crate::uplink::outbox::{Outbox, OutboxStats};
 
@@ -56,6 +57,8 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     pub clock: SharedClock,
     pub metrics: PrometheusHandle,
+    /// Registers whose transport is `http`, by name.
+    pub registers: Arc<BTreeMap<String, RegisterContext>>,
 }
 
 /// Overall health, as `storelink status` and monitoring read it.
@@ -126,7 +129,123 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/pos/v1/transactions",
+            post(post_transactions).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)),
+        )
         .with_state(state)
+}
+
+/// Largest request body a register may post: the largest frame cap config allows.
+const MAX_REGISTER_BODY: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, serde::Deserialize)]
+struct RegisterQuery {
+    register: Option<String>,
+}
+
+/// One refused frame in a register's request.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct FrameError {
+    /// 1-based position of the frame in the body.
+    pub frame: usize,
+    pub error: String,
+}
+
+/// The answer to `POST /pos/v1/transactions`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct PostAnswer {
+    pub register: String,
+    /// Ids now held durably (including ones already seen).
+    pub accepted: Vec<String>,
+    /// Bad input: kept as dead letters; sending it again will not help.
+    pub rejected: Vec<FrameError>,
+    /// The agent could not take good input now; send it again later.
+    pub failed: Vec<FrameError>,
+}
+
+fn error_answer(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Completed transactions from a register that speaks HTTP, in its configured format: one or
+/// more frames in the body (JSON lines, POSLog documents, receipts).
+async fn post_transactions(
+    State(state): State<ApiState>,
+    Query(query): Query<RegisterQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let ctx = match (query.register.as_deref(), state.registers.len()) {
+        (Some(name), _) => match state.registers.get(name) {
+            Some(ctx) => ctx,
+            None => {
+                return error_answer(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no register named {name:?} takes transactions over HTTP; set its transport to {{ kind = \"http\" }}"
+                    ),
+                );
+            }
+        },
+        (None, 1) => state.registers.values().next().expect("one register"),
+        (None, 0) => {
+            return error_answer(
+                StatusCode::NOT_FOUND,
+                "no register takes transactions over HTTP; set a register's transport to { kind = \"http\" }".into(),
+            );
+        }
+        (None, _) => {
+            return error_answer(
+                StatusCode::BAD_REQUEST,
+                "several registers take HTTP: name one with ?register=NAME".into(),
+            );
+        }
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return error_answer(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "empty body: send transactions in the {:?} format",
+                ctx.parser.format
+            ),
+        );
+    }
+    let outcomes = ctx.submit_all(&body).await;
+    let mut answer = PostAnswer {
+        register: ctx.id.register.clone(),
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        answer.accepted.extend(outcome.ids);
+        if let Some(error) = outcome.refused {
+            answer.rejected.push(FrameError {
+                frame: i + 1,
+                error,
+            });
+        }
+        if let Some(error) = outcome.failed {
+            answer.failed.push(FrameError {
+                frame: i + 1,
+                error,
+            });
+        }
+    }
+    let status = if !answer.failed.is_empty() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if !answer.rejected.is_empty() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(answer)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    }
+    response
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
@@ -164,12 +283,13 @@ pub enum ApiError {
     Serve(#[source] std::io::Error),
 }
 
-/// Serves the API until cancelled.
+/// Serves the API until cancelled. `listening` is told the address once the port is bound.
 pub async fn serve(
     bind: SocketAddr,
     state: ApiState,
     component: Component,
     token: CancellationToken,
+    listening: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ApiError> {
     let listener = tokio::net::TcpListener::bind(bind)
         .await
@@ -177,6 +297,9 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(bind);
     tracing::info!(%local, "local API ready");
     component.running(Some(format!("listening on {local}")));
+    if let Some(tx) = listening {
+        let _ = tx.send(local);
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(token.cancelled_owned())
         .await

@@ -13,6 +13,7 @@
 //! - Sources never crash the daemon: errors are retried inside the source or escalated to the
 //!   supervisor, which restarts it.
 
+pub mod capture;
 pub mod escpos;
 pub mod framing;
 pub mod jsonl;
@@ -46,18 +47,134 @@ use transaction::{InvalidTransaction, Transaction};
 #[error("{0}")]
 pub struct ParseError(pub String);
 
-/// Everything a register source needs to know about where its bytes come from.
+/// Who a register is: what normalisation fills in when the register leaves it out.
 #[derive(Debug, Clone)]
-pub struct RegisterContext {
+pub struct Identity {
     pub store: String,
     pub register: String,
     pub lane: Option<String>,
     pub currency: String,
-    pub tz: TimeZone,
+}
+
+/// How a register's bytes become transactions: framing, format, template. Needs nothing
+/// running, so tools (`storelink pos parse`) use it too.
+#[derive(Debug, Clone)]
+pub struct FrameParser {
     pub format: RegisterFormat,
     pub framing: crate::config::Framing,
     pub template: Option<Arc<ReceiptTemplate>>,
+    pub tz: TimeZone,
     pub max_frame: usize,
+}
+
+impl FrameParser {
+    /// A fresh framer for one connection, one open of a serial port, or one file.
+    pub fn framer(&self) -> Framer {
+        Framer::new(&self.framing, self.max_frame)
+    }
+
+    /// Every frame in `bytes`, as a framer cuts it.
+    pub fn frames(&self, bytes: &[u8]) -> Vec<Frame> {
+        use tokio_util::codec::Decoder;
+        let mut framer = self.framer();
+        let mut buf = bytes::BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        loop {
+            let next = match framer.decode(&mut buf) {
+                Ok(Some(f)) => Some(f),
+                Ok(None) => framer.decode_eof(&mut buf).ok().flatten(),
+                Err(_) => None,
+            };
+            match next {
+                Some(frame) => frames.push(frame),
+                None => return frames,
+            }
+        }
+    }
+
+    /// The transactions in one frame's bytes, each parsed but not yet normalised.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Vec<Result<Transaction, String>>, String> {
+        match self.format {
+            RegisterFormat::Jsonl => Ok(vec![jsonl::parse(bytes).map_err(|e| e.0)]),
+            RegisterFormat::Poslog => poslog::parse(bytes, &self.tz)
+                .map(|txs| txs.into_iter().map(|r| r.map_err(|e| e.0)).collect())
+                .map_err(|e| e.0),
+            RegisterFormat::Receipt => {
+                let template = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| "receipt register without a template".to_string())?;
+                match receipt::parse(bytes, template, &self.tz) {
+                    Ok(Some(tx)) => Ok(vec![Ok(tx)]),
+                    Ok(None) => Ok(Vec::new()),
+                    Err(e) => Err(e.0),
+                }
+            }
+        }
+    }
+
+    /// What a frame holds: its transactions, normalised, or why it is unusable.
+    pub fn parse_frame(
+        &self,
+        frame: &Frame,
+        id: &Identity,
+    ) -> Result<Vec<Result<Transaction, String>>, String> {
+        let results = match frame {
+            Frame::Data(bytes) => self.decode(bytes)?,
+            Frame::Oversized { len, .. } => {
+                return Err(format!(
+                    "frame of {len} bytes exceeds the {} byte limit",
+                    self.max_frame
+                ));
+            }
+            Frame::Rejected { reason, .. } => return Err(reason.clone()),
+        };
+        let many = results.len() > 1;
+        Ok(results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.and_then(|tx| normalize(tx, id).map_err(|e| e.0))
+                    .map_err(|e| {
+                        if many {
+                            format!("transaction {}: {e}", i + 1)
+                        } else {
+                            e
+                        }
+                    })
+            })
+            .collect())
+    }
+}
+
+impl FrameParser {
+    /// The parser a configured register uses; fails only when its template cannot be loaded.
+    pub fn for_register(config: &Config, register: &RegisterConfig) -> Result<Self, String> {
+        let template = match &register.template {
+            Some(path) => Some(Arc::new(ReceiptTemplate::load(path).map_err(|e| {
+                format!(
+                    "register {}: template {}: {e}",
+                    register.name,
+                    path.display()
+                )
+            })?)),
+            None => None,
+        };
+        Ok(FrameParser {
+            format: register.format,
+            framing: register.framing(),
+            template,
+            tz: config.time_zone(),
+            max_frame: register.max_frame_bytes,
+        })
+    }
+}
+
+/// Everything a register source needs to know about where its bytes come from.
+#[derive(Debug, Clone)]
+pub struct RegisterContext {
+    pub id: Identity,
+    pub parser: FrameParser,
     pub clock: SharedClock,
     pub ingest: IngestHandle,
 }
@@ -70,56 +187,33 @@ impl RegisterContext {
         ingest: IngestHandle,
         clock: SharedClock,
     ) -> Result<Self, String> {
-        let template = match &register.template {
-            Some(path) => Some(Arc::new(ReceiptTemplate::load(path).map_err(|e| {
-                format!(
-                    "register {}: template {}: {e}",
-                    register.name,
-                    path.display()
-                )
-            })?)),
-            None => None,
-        };
         Ok(Self {
-            store: config.store.id.clone(),
-            register: register.name.clone(),
-            lane: register.lane.clone(),
-            currency: config.store.currency.clone(),
-            tz: config.time_zone(),
-            format: register.format,
-            framing: register.framing(),
-            template,
-            max_frame: register.max_frame_bytes,
+            id: Identity {
+                store: config.store.id.clone(),
+                register: register.name.clone(),
+                lane: register.lane.clone(),
+                currency: config.store.currency.clone(),
+            },
+            parser: FrameParser::for_register(config, register)?,
             clock,
             ingest,
         })
     }
 
-    /// A fresh framer for one connection or one open of a serial port.
     pub fn framer(&self) -> Framer {
-        Framer::new(&self.framing, self.max_frame)
+        self.parser.framer()
     }
 
     /// Parses one frame and hands what it holds to the core. The returned [`Pending`]
     /// resolves, once every outcome is durable, to the reply for the register.
     pub async fn submit(&self, frame: Frame) -> Pending {
-        let decoded = match &frame {
-            Frame::Data(bytes) => self.decode(bytes),
-            Frame::Oversized { len, .. } => Err(format!(
-                "frame of {len} bytes exceeds the {} byte limit",
-                self.max_frame
-            )),
-            Frame::Rejected { reason, .. } => Err(reason.clone()),
-        };
-        let (transactions, problems) = match decoded {
+        let (transactions, problems) = match self.parser.parse_frame(&frame, &self.id) {
             Ok(results) => {
                 let mut ok = Vec::new();
                 let mut problems = Vec::new();
-                let many = results.len() > 1;
-                for (i, result) in results.into_iter().enumerate() {
-                    match result.and_then(|tx| normalize(tx, self).map_err(|e| e.0)) {
+                for result in results {
+                    match result {
                         Ok(tx) => ok.push(tx),
-                        Err(e) if many => problems.push(format!("transaction {}: {e}", i + 1)),
                         Err(e) => problems.push(e),
                     }
                 }
@@ -149,48 +243,38 @@ impl RegisterContext {
             }
             Frame::Oversized { head, len } => (head.to_vec(), len),
         };
-        metrics::counter!("storelink_register_frames_rejected_total", "register" => self.register.clone())
+        metrics::counter!("storelink_register_frames_rejected_total", "register" => self.id.register.clone())
             .increment(1);
         tracing::warn!(bytes = raw_len, %reason, "rejected a register frame; kept as a dead letter");
         let letter = DeadLetter::new(
-            &self.store,
-            format!("register:{}", self.register),
+            &self.id.store,
+            format!("register:{}", self.id.register),
             reason,
             self.clock.now(),
             raw,
             raw_len,
-            self.max_frame,
+            self.parser.max_frame,
         );
         self.ingest.dead_letter(letter).await
     }
 
-    /// The transactions in one frame, each parsed but not yet normalised.
-    pub fn decode(&self, bytes: &[u8]) -> Result<Vec<Result<Transaction, String>>, String> {
-        match self.format {
-            RegisterFormat::Jsonl => Ok(vec![jsonl::parse(bytes).map_err(|e| e.0)]),
-            RegisterFormat::Poslog => poslog::parse(bytes, &self.tz)
-                .map(|txs| txs.into_iter().map(|r| r.map_err(|e| e.0)).collect())
-                .map_err(|e| e.0),
-            RegisterFormat::Receipt => {
-                let template = self
-                    .template
-                    .as_ref()
-                    .ok_or_else(|| "receipt register without a template".to_string())?;
-                match receipt::parse(bytes, template, &self.tz) {
-                    Ok(Some(tx)) => Ok(vec![Ok(tx)]),
-                    Ok(None) => Ok(Vec::new()),
-                    Err(e) => Err(e.0),
-                }
-            }
+    /// Frames a whole body (an HTTP request) and submits every frame, returning each frame's
+    /// outcome once durable.
+    pub async fn submit_all(&self, body: &[u8]) -> Vec<FrameOutcome> {
+        let mut pending = Vec::new();
+        for frame in self.parser.frames(body) {
+            pending.push(self.submit(frame).await);
         }
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for p in pending {
+            outcomes.push(p.outcome().await);
+        }
+        outcomes
     }
 }
 
 /// Fills what the register left out and derives the id.
-pub fn normalize(
-    mut tx: Transaction,
-    ctx: &RegisterContext,
-) -> Result<Transaction, InvalidTransaction> {
+pub fn normalize(mut tx: Transaction, ctx: &Identity) -> Result<Transaction, InvalidTransaction> {
     if tx.store.is_empty() {
         tx.store = ctx.store.clone();
     } else if tx.store != ctx.store {
@@ -219,12 +303,26 @@ pub fn normalize(
 }
 
 /// What a register is owed for one frame, in the order frames arrived.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameOutcome {
     /// Ids stored (or already held) durably.
     pub ids: Vec<String>,
-    /// Why the frame, or part of it, was refused.
-    pub error: Option<String>,
+    /// Why the frame, or part of it, is bad input (it is kept as a dead letter).
+    pub refused: Option<String>,
+    /// Why the agent could not take good input right now (outbox full, storage failing,
+    /// shutting down); the register should send it again later.
+    pub failed: Option<String>,
+}
+
+impl FrameOutcome {
+    fn error(&self) -> Option<String> {
+        match (&self.refused, &self.failed) {
+            (None, None) => None,
+            (Some(r), None) => Some(r.clone()),
+            (None, Some(f)) => Some(f.clone()),
+            (Some(r), Some(f)) => Some(format!("{r}; {f}")),
+        }
+    }
 }
 
 /// The outcomes of one frame, resolving once they are durable.
@@ -241,23 +339,28 @@ impl Pending {
     pub async fn outcome(self) -> FrameOutcome {
         let Pending::Frame { accepted, rejected } = self;
         let mut ids = Vec::with_capacity(accepted.len());
-        let mut errors = Vec::new();
+        let mut failures = Vec::new();
         for rx in accepted {
             match rx.await {
                 Ok(Ok(a)) => ids.push(a.id),
-                Ok(Err(e)) => errors.push(e.to_string()),
-                Err(_) => errors.push(IngestError::ShuttingDown.to_string()),
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(_) => failures.push(IngestError::ShuttingDown.to_string()),
             }
         }
-        if let Some((reason, durable)) = rejected {
-            // Waiting keeps replies in order and makes sure the dead letter is on disk before
-            // the register moves on.
-            let _ = durable.await;
-            errors.insert(0, reason);
-        }
+        let refused = match rejected {
+            Some((reason, durable)) => {
+                // Waiting keeps replies in order and makes sure the dead letter is on disk
+                // before the register moves on.
+                let _ = durable.await;
+                Some(reason)
+            }
+            None => None,
+        };
+        failures.dedup();
         FrameOutcome {
             ids,
-            error: (!errors.is_empty()).then(|| errors.join("; ")),
+            refused,
+            failed: (!failures.is_empty()).then(|| failures.join("; ")),
         }
     }
 
@@ -266,7 +369,7 @@ impl Pending {
     /// the whole frame is harmless).
     pub async fn reply_line(self) -> String {
         let outcome = self.outcome().await;
-        match outcome.error {
+        match outcome.error() {
             None if outcome.ids.is_empty() => "ok".to_string(),
             None => format!("ok {}", outcome.ids.join(" ")),
             Some(e) => format!("err {}", one_line(&e)),
@@ -384,7 +487,7 @@ pub async fn run(
             // reports where to send them.
             component.running(Some(format!(
                 "POST /pos/v1/transactions?register={}",
-                ctx.register
+                ctx.id.register
             )));
             token.cancelled().await;
             Ok(())
@@ -395,21 +498,13 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::system;
 
-    fn ctx() -> RegisterContext {
-        RegisterContext {
+    fn ctx() -> Identity {
+        Identity {
             store: "s042".into(),
             register: "lane-3".into(),
             lane: Some("3".into()),
             currency: "EUR".into(),
-            tz: TimeZone::UTC,
-            format: RegisterFormat::Jsonl,
-            framing: crate::config::Framing::Newline,
-            template: None,
-            max_frame: 1024,
-            clock: system(),
-            ingest: crate::engine::channel().0,
         }
     }
 

@@ -148,9 +148,9 @@ pub async fn run(
                 component.running(Some(format!("reading {name} at {baud} baud")));
                 let span = tracing::info_span!(
                     "register",
-                    store = %ctx.store,
-                    register = %ctx.register,
-                    lane = ctx.lane.as_deref().unwrap_or("-"),
+                    store = %ctx.id.store,
+                    register = %ctx.id.register,
+                    lane = ctx.id.lane.as_deref().unwrap_or("-"),
                     port = %name
                 );
                 let stop = Arc::new(AtomicBool::new(false));
@@ -170,7 +170,7 @@ pub async fn run(
             }
             Err(e) => {
                 if !announced {
-                    tracing::warn!(register = %ctx.register, port = %name, error = %e, "cannot open the serial port; will keep trying");
+                    tracing::warn!(register = %ctx.id.register, port = %name, error = %e, "cannot open the serial port; will keep trying");
                     announced = true;
                 }
                 component.degraded(format!("{name}: {e}"));

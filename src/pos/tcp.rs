@@ -28,9 +28,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 fn span(ctx: &RegisterContext, peer: &str) -> tracing::Span {
     tracing::info_span!(
         "register",
-        store = %ctx.store,
-        register = %ctx.register,
-        lane = ctx.lane.as_deref().unwrap_or("-"),
+        store = %ctx.id.store,
+        register = %ctx.id.register,
+        lane = ctx.id.lane.as_deref().unwrap_or("-"),
         %peer
     )
 }
@@ -50,7 +50,7 @@ pub async fn listen(
             source,
         })?;
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(register = %ctx.register, %local, "register listener ready");
+    tracing::info!(register = %ctx.id.register, %local, "register listener ready");
     component.running(Some(format!("listening on {local}")));
 
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -68,7 +68,7 @@ pub async fn listen(
             Ok(pair) => pair,
             Err(e) => {
                 // Usually file-descriptor exhaustion; pausing lets connections close.
-                tracing::warn!(register = %ctx.register, error = %e, "accept failed; pausing");
+                tracing::warn!(register = %ctx.id.register, error = %e, "accept failed; pausing");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -125,7 +125,7 @@ pub async fn connect(
                 if token.is_cancelled() {
                     return;
                 }
-                tracing::warn!(register = %ctx.register, %addr, "journal connection closed; reconnecting");
+                tracing::warn!(register = %ctx.id.register, %addr, "journal connection closed; reconnecting");
                 component.degraded(format!("{addr}: connection closed; reconnecting"));
                 // A connection that lived a while is not a failure streak.
                 if started.elapsed() > Duration::from_secs(30) {
@@ -134,7 +134,7 @@ pub async fn connect(
             }
             Ok(Err(e)) => {
                 if !failing {
-                    tracing::warn!(register = %ctx.register, %addr, error = %e, "cannot reach the register; retrying");
+                    tracing::warn!(register = %ctx.id.register, %addr, error = %e, "cannot reach the register; retrying");
                 }
                 failing = true;
                 component.degraded(format!("{addr}: {e}"));

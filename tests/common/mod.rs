@@ -372,16 +372,31 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub async fn start(broker: SocketAddr, registers: &[&str]) -> TestAgent {
+        Self::start_with(broker, registers, "").await
+    }
+
+    /// Like [`TestAgent::start`], with more config appended (more `[[registers]]`, say).
+    pub async fn start_with(broker: SocketAddr, registers: &[&str], extra: &str) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, broker, registers, extra).await
+    }
+
+    /// Starts an agent on an existing storage directory (a restart).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        broker: SocketAddr,
+        registers: &[&str],
+        extra: &str,
+    ) -> TestAgent {
         let ports: Vec<(&str, u16)> = registers.iter().map(|r| (*r, free_port())).collect();
         let token = CancellationToken::new();
-        let agent = storelink::daemon::start(
-            config(dir.path(), broker, free_port(), &ports),
-            storelink::clock::system(),
-            token.clone(),
-        )
-        .await
-        .unwrap();
+        let text = config_text(dir.path(), broker, free_port(), &ports) + extra;
+        let config =
+            storelink::config::Config::parse(&text, "test.toml", &std::collections::HashMap::new())
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let agent = storelink::daemon::start(config, storelink::clock::system(), token.clone())
+            .await
+            .unwrap();
         TestAgent {
             agent,
             token,
@@ -391,6 +406,18 @@ impl TestAgent {
                 .collect(),
             dir,
         }
+    }
+
+    /// The local API's base URL.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.agent.config.cashier.bind)
+    }
+
+    /// Stops the agent and hands back its storage directory.
+    pub async fn stop_keep(self) -> tempfile::TempDir {
+        self.token.cancel();
+        self.agent.shutdown().await.unwrap();
+        self.dir
     }
 
     /// A register connection to the `i`-th register.

@@ -1,0 +1,366 @@
+//! Register transports end to end: serial through a real pseudo-terminal, a journal port the
+//! agent connects to, and registers that post over HTTP. Each checks that garbage never stops
+//! the agent and that nothing is lost or counted twice.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use jiff::Timestamp;
+use storelink::pos::framing::StxEtxFramer;
+use storelink::pos::transaction::Transaction;
+use storelink::sim::SimRegister;
+use storelink::supervisor::ComponentState;
+
+fn start() -> Timestamp {
+    "2026-11-22T09:00:00Z".parse().unwrap()
+}
+
+fn transactions(register: &str, n: i64, seed: u64) -> Vec<Transaction> {
+    let mut sim = SimRegister::new("s042", register, None, seed);
+    (0..n)
+        .map(|i| sim.next(start() + jiff::SignedDuration::from_secs(i * 60)))
+        .collect()
+}
+
+/// A pseudo-terminal standing in for a USB-serial adapter: `path` is a symlink, as udev makes
+/// `/dev/serial/by-id/…`; unplugging closes the pty, plugging in makes a new one.
+struct FakeSerial {
+    path: PathBuf,
+    master: Option<std::fs::File>,
+    slave: Option<OwnedFd>,
+}
+
+impl FakeSerial {
+    fn new(dir: &Path) -> FakeSerial {
+        let mut s = FakeSerial {
+            path: dir.join("ttyUSB0"),
+            master: None,
+            slave: None,
+        };
+        s.plug_in();
+        s
+    }
+
+    fn plug_in(&mut self) {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        // Raw mode before the agent opens it: no echo, no CR/LF translation, no line buffering.
+        let mut t = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+        nix::sys::termios::cfmakeraw(&mut t);
+        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t).unwrap();
+        let name = nix::unistd::ttyname(&pty.slave).unwrap();
+        let _ = std::fs::remove_file(&self.path);
+        std::os::unix::fs::symlink(name, &self.path).unwrap();
+        self.master = Some(std::fs::File::from(pty.master));
+        self.slave = Some(pty.slave);
+    }
+
+    fn unplug(&mut self) {
+        self.master = None;
+        self.slave = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Writes like a 9600-baud line: small pieces with gaps.
+    async fn send(&mut self, bytes: &[u8]) {
+        for piece in bytes.chunks(96) {
+            let m = self.master.as_mut().unwrap();
+            m.write_all(piece).unwrap();
+            m.flush().unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+fn stx_xor(payload: &[u8]) -> Vec<u8> {
+    let mut covered = payload.to_vec();
+    covered.push(0x03);
+    let mut v = vec![0x02];
+    v.extend_from_slice(&covered);
+    v.extend(StxEtxFramer::check_byte(
+        storelink::config::Checksum::Xor,
+        &covered,
+    ));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_register_survives_noise_a_cut_frame_and_an_unplug() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serial = FakeSerial::new(dir.path());
+    let extra = format!(
+        r#"
+[[registers]]
+name = "till-7"
+lane = "7"
+format = "jsonl"
+framing = {{ kind = "stx-etx", checksum = "xor" }}
+transport = {{ kind = "serial", port = "{}", baud = 9600 }}
+"#,
+        serial.path.display()
+    );
+    let agent = TestAgent::start_with(broker, &[], &extra).await;
+    common::eventually("serial port open", Duration::from_secs(10), || {
+        agent.board.get("register.till-7").map(|c| c.state) == Some(ComponentState::Running)
+    })
+    .await;
+
+    let txs = transactions("till-7", 6, 21);
+    let json = |t: &Transaction| serde_json::to_vec(t).unwrap();
+    // Two good frames with line noise between them.
+    serial.send(&stx_xor(&json(&txs[0]))).await;
+    serial.send(b"\x00\xff\x13noise").await;
+    serial.send(&stx_xor(&json(&txs[1]))).await;
+    // A frame cut in half by a new frame, then a frame with a bad checksum.
+    let half = stx_xor(&json(&txs[2]));
+    serial.send(&half[..half.len() / 2]).await;
+    serial.send(&stx_xor(&json(&txs[3]))).await;
+    let mut bad = stx_xor(&json(&txs[2]));
+    *bad.last_mut().unwrap() ^= 0xff;
+    serial.send(&bad).await;
+    central
+        .wait_for_ids("storelink.transaction.v1", 3, Duration::from_secs(10))
+        .await;
+
+    // Unplug in the middle of a frame; the agent waits, then picks the new device up.
+    let partial = stx_xor(&json(&txs[4]));
+    serial.send(&partial[..20]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    serial.unplug();
+    common::eventually("degraded while unplugged", Duration::from_secs(10), || {
+        agent.board.get("register.till-7").map(|c| c.state) == Some(ComponentState::Degraded)
+    })
+    .await;
+    serial.plug_in();
+    common::eventually("reopened after replug", Duration::from_secs(15), || {
+        agent.board.get("register.till-7").map(|c| c.state) == Some(ComponentState::Running)
+    })
+    .await;
+    serial.send(&stx_xor(&json(&txs[4]))).await;
+    serial.send(&stx_xor(&json(&txs[5]))).await;
+
+    central
+        .wait_for_ids("storelink.transaction.v1", 5, Duration::from_secs(10))
+        .await;
+    let got = central.ids("storelink.transaction.v1");
+    for i in [0, 1, 3, 4, 5] {
+        assert_eq!(got.get(&txs[i].id), Some(&1), "{} arrives once", txs[i].id);
+    }
+    assert!(
+        !got.contains_key(&txs[2].id),
+        "the cut and the corrupted copy are not transactions"
+    );
+    // Noise, the cut frame, the bad checksum and the frame cut by the unplug are dead letters.
+    common::eventually("dead letters", Duration::from_secs(5), || {
+        agent.deadletters.len() >= 4
+    })
+    .await;
+    let reasons: Vec<String> = agent
+        .deadletters
+        .recent(10)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    for expected in [
+        "noise outside",
+        "STX before ETX",
+        "bad checksum",
+        "stream ended before ETX",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "{expected} in {reasons:?}"
+        );
+    }
+    agent.stop().await;
+}
+
+/// A register's journal port: sends the day's transactions from the start on every
+/// connection, and drops the first connection mid-stream.
+async fn journal_server(lines: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut connection = 0;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            connection += 1;
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let upto = if connection == 1 {
+                    lines.len() / 2
+                } else {
+                    lines.len()
+                };
+                for line in &lines[..upto] {
+                    if stream.write_all(line).await.is_err() {
+                        return;
+                    }
+                }
+                if connection == 1 {
+                    // Half a line, then the connection drops.
+                    let _ = stream.write_all(&lines[upto][..10]).await;
+                    return;
+                }
+                // Later connections stay open, as a live journal does.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connect_resumes_after_a_drop_without_losing_or_doubling() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let txs = transactions("pos-srv", 40, 31);
+    let lines: Vec<Vec<u8>> = txs
+        .iter()
+        .map(|t| {
+            let mut l = serde_json::to_vec(t).unwrap();
+            l.push(b'\n');
+            l
+        })
+        .collect();
+    let journal = journal_server(lines).await;
+    let extra = format!(
+        "\n[[registers]]\nname = \"pos-srv\"\nformat = \"jsonl\"\ntransport = {{ kind = \"tcp-connect\", addr = \"{journal}\" }}\n"
+    );
+    let agent = TestAgent::start_with(broker, &[], &extra).await;
+    central
+        .wait_for_ids("storelink.transaction.v1", 40, Duration::from_secs(20))
+        .await;
+    let got = central.ids("storelink.transaction.v1");
+    for tx in &txs {
+        assert_eq!(got.get(&tx.id), Some(&1), "{} exactly once", tx.id);
+    }
+    // The first half was sent twice by the journal; the agent counted it once.
+    common::eventually("outbox drained", Duration::from_secs(10), || {
+        agent.outbox.depth() == 0
+    })
+    .await;
+    assert_eq!(
+        agent.outbox.seen_count(),
+        40 + agent.deadletters.len() as u64
+    );
+    // The half line at the drop is a dead letter, not a transaction.
+    assert!(agent.deadletters.len() <= 1);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_register_posts_get_ids_and_clear_errors() {
+    let broker = start_rumqttd();
+    let extra = r#"
+[[registers]]
+name = "web-1"
+format = "jsonl"
+transport = { kind = "http" }
+"#;
+    let agent = TestAgent::start_with(broker, &[], extra).await;
+    let url = format!("{}/pos/v1/transactions", agent.api());
+    let http = reqwest::Client::new();
+    let txs = transactions("web-1", 3, 41);
+    let mut body = Vec::new();
+    for t in &txs[..2] {
+        body.extend(serde_json::to_vec(t).unwrap());
+        body.push(b'\n');
+    }
+    body.extend(b"{not json}\n");
+    body.extend(serde_json::to_vec(&txs[2]).unwrap());
+
+    let post = |body: Vec<u8>, url: String| {
+        let http = http.clone();
+        async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, answer) = post(body.clone(), url.clone()).await;
+    assert_eq!(status, 422, "{answer}");
+    let accepted: Vec<&str> = answer["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        accepted,
+        txs.iter().map(|t| t.id.as_str()).collect::<Vec<_>>()
+    );
+    assert_eq!(answer["rejected"][0]["frame"], 3);
+    assert!(
+        answer["rejected"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("syntax error")
+    );
+    assert_eq!(agent.deadletters.len(), 1);
+
+    // Posting the same transactions again: the same ids, nothing stored twice.
+    let stored = agent.outbox.seen_count();
+    let mut good = Vec::new();
+    for t in &txs {
+        good.extend(serde_json::to_vec(t).unwrap());
+        good.push(b'\n');
+    }
+    let (status, answer) = post(good, url.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"].as_array().unwrap().len(), 3);
+    assert_eq!(agent.outbox.seen_count(), stored, "nothing new stored");
+
+    let (status, answer) = post(Vec::new(), url.clone()).await;
+    assert_eq!(status, 400);
+    assert!(answer["error"].as_str().unwrap().contains("empty body"));
+    let (status, answer) = post(body, format!("{url}?register=lane-9")).await;
+    assert_eq!(status, 404);
+    assert!(answer["error"].as_str().unwrap().contains("lane-9"));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_sent_again_after_delivery_and_restart_is_forwarded_once() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let agent = TestAgent::start(broker, &["lane-1"]).await;
+    let txs = transactions("lane-1", 5, 51);
+    let mut client = agent.client(0).await;
+    for t in &txs {
+        assert_eq!(client.submit(t).await.unwrap(), format!("ok {}", t.id));
+    }
+    central
+        .wait_for_ids("storelink.transaction.v1", 5, Duration::from_secs(10))
+        .await;
+    common::eventually("delivered", Duration::from_secs(10), || {
+        agent.outbox.depth() == 0
+    })
+    .await;
+    drop(client);
+    let dir = agent.stop_keep().await;
+
+    let agent = TestAgent::start_in(dir, broker, &["lane-1"], "").await;
+    let mut client = agent.client(0).await;
+    for t in &txs {
+        // Acknowledged again, with the same id...
+        assert_eq!(client.submit(t).await.unwrap(), format!("ok {}", t.id));
+    }
+    // ...but neither stored nor forwarded again.
+    assert_eq!(agent.outbox.depth(), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (id, n) in central.ids("storelink.transaction.v1") {
+        assert_eq!(n, 1, "{id} forwarded {n} times");
+    }
+    agent.stop().await;
+}
