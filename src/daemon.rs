@@ -170,7 +170,10 @@ pub async fn start(
     }
     // "Started" means the local API answers. If its port is taken, the agent still runs (the
     // registers matter more) and the supervisor keeps retrying; status says why.
-    if tokio::time::timeout(API_BIND_PATIENCE, listening).await.is_err() {
+    if tokio::time::timeout(API_BIND_PATIENCE, listening)
+        .await
+        .is_err()
+    {
         tracing::error!(bind = %api_bind, "the local API is not listening yet; see status for why");
     }
     ready.store(true, Ordering::SeqCst);

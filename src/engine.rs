@@ -229,26 +229,28 @@ impl Engine {
         }
         self.outbox.notify();
 
+        // Counted per register once per batch: a label lookup per transaction is measurable.
+        let mut counts: Vec<(String, u64, u64)> = Vec::new();
         for (item, outcome) in batch.into_iter().zip(outcomes) {
             match item {
                 Ingest::Transaction { tx, reply } => {
+                    let (stored, duplicate) = match outcome {
+                        AppendOutcome::Stored => (1, 0),
+                        AppendOutcome::Duplicate => (0, 1),
+                        AppendOutcome::Refused => (0, 0),
+                    };
+                    match counts.iter_mut().find(|(r, ..)| *r == tx.register) {
+                        Some(c) => {
+                            c.1 += stored;
+                            c.2 += duplicate;
+                        }
+                        None => counts.push((tx.register.clone(), stored, duplicate)),
+                    }
                     let result = match outcome {
-                        AppendOutcome::Stored => {
-                            metrics::counter!("storelink_transactions_total", "register" => tx.register.clone())
-                                .increment(1);
-                            Ok(Accepted {
-                                id: tx.id,
-                                duplicate: false,
-                            })
-                        }
-                        AppendOutcome::Duplicate => {
-                            metrics::counter!("storelink_transactions_duplicate_total", "register" => tx.register.clone())
-                                .increment(1);
-                            Ok(Accepted {
-                                id: tx.id,
-                                duplicate: true,
-                            })
-                        }
+                        AppendOutcome::Stored | AppendOutcome::Duplicate => Ok(Accepted {
+                            id: tx.id,
+                            duplicate: outcome == AppendOutcome::Duplicate,
+                        }),
                         AppendOutcome::Refused => Err(IngestError::OutboxFull),
                     };
                     let _ = reply.send(result);
@@ -261,6 +263,16 @@ impl Engine {
                         }));
                     }
                 }
+            }
+        }
+        for (register, stored, duplicate) in counts {
+            if stored > 0 {
+                metrics::counter!("storelink_transactions_total", "register" => register.clone())
+                    .increment(stored);
+            }
+            if duplicate > 0 {
+                metrics::counter!("storelink_transactions_duplicate_total", "register" => register)
+                    .increment(duplicate);
             }
         }
     }

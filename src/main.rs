@@ -12,6 +12,9 @@ use storelink::config::{Config, RegisterConfig, RegisterFormat};
 use storelink::pos::{FrameParser, Identity, capture};
 use storelink::{clock, daemon, demo};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for configuration errors; retail IT scripts and systemd's ExecStartPre rely on it.
 const EXIT_CONFIG: u8 = 2;
 

@@ -3,14 +3,13 @@
 //! Layout, in the `outbox` tree:
 //! - `0x00 ‖ stream ‖ seq (u64 BE)` → entry (header ‖ CloudEvent bytes). Key order is send
 //!   order: streams by priority, then oldest first within a stream.
-//! - `0x01 ‖ event id` → entry key. Append and de-duplication go through one atomic batch, so
-//!   after a crash an entry and its index entry are both there or both gone.
-//! - `0x02 ‖ event id` → first-seen time, and `0x03 ‖ time ‖ event id` for expiry: every id the
-//!   outbox ever accepted, kept after delivery for [`Limits::seen_retention`] (at most
-//!   [`Limits::max_seen`] ids). This is what makes counting exactly-once at the edge: a
+//! - `0x02 ‖ event id` → first-seen time (i64 BE), followed by the entry key while the event is
+//!   held; and `0x03 ‖ time ‖ event id` for expiry. Every id the outbox ever accepted is kept
+//!   after delivery for [`Limits::seen_retention`] (at most [`Limits::max_seen`] ids); an id
+//!   still held never expires. This is what makes counting exactly-once at the edge: a
 //!   transaction a register sends again, even after it reached central and even after a
 //!   restart, is recognised and not stored, counted or forwarded twice. It lives in this tree,
-//!   written in the same batch as the entry, because a "seen" mark that survived a crash
+//!   written in the same atomic batch as the entry, because a "seen" mark that survived a crash
 //!   without its entry would make the register's resend look like a duplicate and lose it.
 //!
 //! Invariants:
@@ -36,13 +35,13 @@ use crate::events::EventKind;
 use crate::store::{Batch, Store, StoreError, Tree, TreeName, Value};
 
 const ENTRY_PREFIX: u8 = 0x00;
-const INDEX_PREFIX: u8 = 0x01;
 const SEEN_PREFIX: u8 = 0x02;
 const SEEN_BY_TIME_PREFIX: u8 = 0x03;
 const FORMAT_V1: u8 = 1;
 const HEADER_LEN: usize = 1 + 1 + 1 + 8 + 2;
-/// Bytes an entry costs beyond its id and payload: keys, header, index.
-const OVERHEAD: u64 = 10 + HEADER_LEN as u64 + 1 + 10;
+/// Bytes an entry costs beyond its id and payload: keys, header, the entry key in its seen
+/// record.
+const OVERHEAD: u64 = 10 + HEADER_LEN as u64 + 10;
 
 /// Outbox streams, in priority order (lower sends first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -220,13 +219,6 @@ fn encode_entry(event: &NewEvent, stream: Stream, now: Timestamp) -> Vec<u8> {
     v
 }
 
-fn index_key(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + id.len());
-    k.push(INDEX_PREFIX);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
 fn seen_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(SEEN_PREFIX);
@@ -234,12 +226,27 @@ fn seen_key(id: &str) -> Vec<u8> {
     k
 }
 
-fn seen_by_time_key(at: Timestamp, id: &str) -> Vec<u8> {
+fn seen_by_time_key(at: Timestamp, id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + id.len());
     k.push(SEEN_BY_TIME_PREFIX);
     k.extend_from_slice(&at.as_microsecond().to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id);
     k
+}
+
+/// A seen record: when the id was first accepted, and its entry while it is held.
+fn seen_value(at: Timestamp, held: Option<&EntryKey>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(18);
+    v.extend_from_slice(&at.as_microsecond().to_be_bytes());
+    if let Some(k) = held {
+        v.extend_from_slice(&k.0);
+    }
+    v
+}
+
+/// Whether a seen record says the event is still held.
+fn seen_is_held(value: &[u8]) -> bool {
+    value.len() >= 8 + 10
 }
 
 /// Splits a `0x03 ‖ time ‖ id` key.
@@ -392,17 +399,14 @@ impl Outbox {
         let mut next = *state;
         let mut total = next.total_bytes();
         let mut batch = Batch::default();
-        let mut in_batch: HashSet<&str> = HashSet::new();
+        let mut in_batch: HashSet<&str> = HashSet::with_capacity(events.len());
         let mut outcomes = Vec::with_capacity(events.len());
         let mut victims = Victims::default();
         let mut refused: HashMap<Stream, u64> = HashMap::new();
 
         for event in events {
             let stream = Stream::of(event.kind);
-            if in_batch.contains(event.id.as_str())
-                || self.tree.contains(index_key(&event.id))?
-                || self.tree.contains(seen_key(&event.id))?
-            {
+            if in_batch.contains(event.id.as_str()) || self.tree.contains(seen_key(&event.id))? {
                 outcomes.push(AppendOutcome::Duplicate);
                 continue;
             }
@@ -413,8 +417,9 @@ impl Outbox {
                 let Some(victim) = victims.next_oldest(&self.tree, stream, &next)? else {
                     break;
                 };
+                // A dropped event stays "seen": the drop was the decision about it.
                 batch.remove(victim.key.0);
-                batch.remove(index_key(&victim.id));
+                batch.insert(seen_key(&victim.id), seen_value(victim.enqueued_at, None));
                 let counts = &mut next.streams[victim.stream() as usize];
                 counts.depth -= 1;
                 counts.bytes -= victim.size();
@@ -432,9 +437,8 @@ impl Outbox {
             let key = EntryKey::new(stream, next.next_seq);
             next.next_seq += 1;
             batch.insert(key.0, encode_entry(event, stream, now));
-            batch.insert(index_key(&event.id), key.0);
-            batch.insert(seen_key(&event.id), now.as_microsecond().to_be_bytes());
-            batch.insert(seen_by_time_key(now, &event.id), []);
+            batch.insert(seen_key(&event.id), seen_value(now, Some(&key)));
+            batch.insert(seen_by_time_key(now, event.id.as_bytes()), []);
             next.seen += 1;
             let counts = &mut next.streams[stream as usize];
             counts.depth += 1;
@@ -516,10 +520,15 @@ impl Outbox {
             let mut sk = Vec::with_capacity(1 + id.len());
             sk.push(SEEN_PREFIX);
             sk.extend_from_slice(id);
-            batch.remove(sk);
-            batch.remove(key);
-            state.seen = state.seen.saturating_sub(1);
+            batch.remove(&key);
             forgotten += 1;
+            if self.tree.get(&sk)?.is_some_and(|v| seen_is_held(&v)) {
+                // Still waiting for central (a long outage): never forget it, look again later.
+                batch.insert(seen_by_time_key(now, id), []);
+                continue;
+            }
+            batch.remove(sk);
+            state.seen = state.seen.saturating_sub(1);
         }
         Ok(())
     }
@@ -581,7 +590,7 @@ impl Outbox {
         };
         let mut batch = Batch::default();
         batch.remove(key.0);
-        batch.remove(index_key(&entry.id));
+        batch.insert(seen_key(&entry.id), seen_value(entry.enqueued_at, None));
         self.tree.apply(batch)?;
         let counts = &mut state.streams[entry.stream() as usize];
         counts.depth = counts.depth.saturating_sub(1);
@@ -597,7 +606,10 @@ impl Outbox {
 
     /// Whether an event id is currently held.
     pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        self.tree.contains(index_key(id))
+        Ok(self
+            .tree
+            .get(seen_key(id))?
+            .is_some_and(|v| seen_is_held(&v)))
     }
 
     pub fn depth(&self) -> u64 {
@@ -831,12 +843,11 @@ mod tests {
             outbox
                 .append(&[ev(EventKind::Presence, &format!("p{i:03}"), 1)])
                 .unwrap();
-        }
-        assert!(outbox.seen_count() <= 51, "{}", outbox.seen_count());
-        // Deliver everything, so only the seen set can say "duplicate".
-        for entry in outbox.peek(usize::MAX, |_| false).unwrap() {
+            // Delivered at once, so only the seen set can say "duplicate".
+            let entry = outbox.peek(1, |_| false).unwrap().remove(0);
             outbox.ack(&entry.key).unwrap();
         }
+        assert!(outbox.seen_count() <= 51, "{}", outbox.seen_count());
         // The newest are remembered, the oldest forgotten.
         assert_eq!(
             outbox
@@ -850,6 +861,38 @@ mod tests {
                 .unwrap(),
             [AppendOutcome::Stored]
         );
+    }
+
+    #[test]
+    fn an_id_still_held_is_never_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            seen_retention: std::time::Duration::from_secs(3600),
+            max_seen: 1_000,
+        };
+        let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
+        outbox
+            .append(&[ev(EventKind::Transaction, "held", 10)])
+            .unwrap();
+        // A week-long outage: far past the retention period, still undelivered.
+        for day in 0..7 {
+            clock.advance(std::time::Duration::from_secs(86_400));
+            outbox
+                .append(&[ev(EventKind::Presence, &format!("p{day}"), 1)])
+                .unwrap();
+        }
+        assert!(outbox.contains("held").unwrap());
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Transaction, "held", 10)])
+                .unwrap(),
+            [AppendOutcome::Duplicate],
+            "a resend during the outage is recognised"
+        );
+        assert_eq!(ids(&outbox).iter().filter(|i| *i == "held").count(), 1);
     }
 
     #[test]
