@@ -444,27 +444,70 @@ impl Env for HashMap<String, String> {
 
 impl Config {
     /// Reads, parses and validates `path`, taking secrets from the process environment.
+    /// Relative file paths in it (receipt templates, certificates) are relative to the
+    /// directory that holds `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
-        Config::parse(&text, &file, &ProcessEnv)
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+        Config::parse_in(&text, &file, base, &ProcessEnv)
     }
 
-    /// Parses and validates `text`; `file` is only used in error messages.
+    /// Parses and validates `text`; `file` is only used in error messages. Relative paths
+    /// stay relative to the working directory.
     pub fn parse(text: &str, file: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        Config::parse_in(text, file, None, env)
+    }
+
+    /// Parses and validates `text`, resolving relative paths against `base`.
+    pub fn parse_in(
+        text: &str,
+        file: &str,
+        base: Option<&Path>,
+        env: &dyn Env,
+    ) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid {
             file: file.to_string(),
             problems,
         };
         let mut config = parse_toml(text).map_err(|p| invalid(vec![p]))?;
+        if let Some(base) = base {
+            config.resolve_paths(base);
+        }
         let problems = config.validate(env);
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(invalid(problems))
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for register in &mut self.registers {
+            if let Some(t) = &mut register.template {
+                resolve(t);
+            }
+        }
+        if let Some(mqtt) = &mut self.central.mqtt {
+            for f in [&mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file]
+                .into_iter()
+                .flatten()
+            {
+                resolve(f);
+            }
+        }
+        if let Some(https) = &mut self.central.https
+            && let Some(f) = &mut https.ca_file
+        {
+            resolve(f);
         }
     }
 
