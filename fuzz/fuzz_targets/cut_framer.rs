@@ -26,7 +26,9 @@ fn frames(framing: &Framing, input: &[u8], chunk: usize) -> Vec<Frame> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, input)) = data.split_first() else { return };
+    let Some((&selector, input)) = data.split_first() else {
+        return;
+    };
     let framing = Framing::Cut {
         trailer: (selector & 1 == 1).then(|| "*** ENDE ***".to_string()),
     };

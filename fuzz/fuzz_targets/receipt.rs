@@ -10,7 +10,10 @@ use storelink::pos::transaction::TransactionKind;
 fn template() -> &'static ReceiptTemplate {
     static T: OnceLock<ReceiptTemplate> = OnceLock::new();
     T.get_or_init(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/receipts/supermarket.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/receipts/supermarket.toml"
+        );
         ReceiptTemplate::load(std::path::Path::new(path)).expect("shipped template loads")
     })
 }
@@ -30,11 +33,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(None) => {}
         Err(e) => {
-            if let Some(n) = e
-                .0
-                .strip_prefix("line ")
-                .and_then(|r| r.split(':').next())
-                .and_then(|n| n.parse::<usize>().ok())
+            if let Some(n) =
+                e.0.strip_prefix("line ")
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|n| n.parse::<usize>().ok())
             {
                 assert!(n >= 1 && n <= lines.len(), "{e}");
             }
