@@ -16,7 +16,10 @@ fn lines(n: usize) -> Vec<Vec<u8>> {
     let mut sim = SimRegister::new("s042", "lane-1", Some("1"), 7);
     let start: jiff::Timestamp = "2026-11-22T08:00:00Z".parse().unwrap();
     (0..n)
-        .map(|i| serde_json::to_vec(&sim.next(start + jiff::SignedDuration::from_secs(i as i64))).unwrap())
+        .map(|i| {
+            serde_json::to_vec(&sim.next(start + jiff::SignedDuration::from_secs(i as i64)))
+                .unwrap()
+        })
         .collect()
 }
 
@@ -33,7 +36,10 @@ fn formats(c: &mut Criterion) {
         })
     });
     g.finish();
-    eprintln!("jsonl: {} bytes per transaction on average", bytes / lines.len());
+    eprintln!(
+        "jsonl: {} bytes per transaction on average",
+        bytes / lines.len()
+    );
 }
 
 fn framers(c: &mut Criterion) {
@@ -48,7 +54,10 @@ fn framers(c: &mut Criterion) {
         covered.push(0x03);
         stx.push(0x02);
         stx.extend_from_slice(&covered);
-        stx.extend(storelink::pos::framing::StxEtxFramer::check_byte(Checksum::Xor, &covered));
+        stx.extend(storelink::pos::framing::StxEtxFramer::check_byte(
+            Checksum::Xor,
+            &covered,
+        ));
         xml.extend_from_slice(b"<Transaction><Note>");
         xml.extend(l.iter().filter(|&&b| b != b'<' && b != b'&'));
         xml.extend_from_slice(b"</Note></Transaction>\n");
@@ -56,7 +65,13 @@ fn framers(c: &mut Criterion) {
     let mut g = c.benchmark_group("framer");
     for (name, framing, stream) in [
         ("newline", Framing::Newline, &newline),
-        ("stx-etx-xor", Framing::StxEtx { checksum: Checksum::Xor }, &stx),
+        (
+            "stx-etx-xor",
+            Framing::StxEtx {
+                checksum: Checksum::Xor,
+            },
+            &stx,
+        ),
         ("xml", Framing::Xml, &xml),
     ] {
         g.throughput(Throughput::Bytes(stream.len() as u64));
