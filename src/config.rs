@@ -399,6 +399,16 @@ pub enum ConfigError {
     },
 }
 
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
 impl ConfigError {
     pub fn problems(&self) -> &[Problem] {
         match self {
@@ -672,9 +682,13 @@ impl Config {
                 );
             }
             if let Some(Framing::Cut { trailer: Some(t) }) = &register.framing
-                && t.is_empty()
+                && (t.is_empty() || !t.is_ascii())
             {
-                v.problem(format!("{at}.framing.trailer"), "must not be empty");
+                // The printer sends its code page, not UTF-8: only ASCII means the same bytes.
+                v.problem(
+                    format!("{at}.framing.trailer"),
+                    "must be non-empty ASCII (the printer's code page differs from UTF-8 elsewhere)",
+                );
             }
             match (register.format, &register.template) {
                 (RegisterFormat::Receipt, None) => v.problem(
@@ -912,6 +926,12 @@ impl MqttEndpoint {
 }
 
 fn parse_toml(text: &str) -> Result<Config, Problem> {
+    deserialize_toml(text)
+}
+
+/// Reads any TOML document strictly; the error names the key (`key.path`) and the line. Shared
+/// by the config and the files it points to (receipt templates).
+pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Problem> {
     let deserializer = toml::Deserializer::parse(text).map_err(|e| syntax_problem(text, &e))?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -1083,6 +1103,41 @@ url = "mqtt://127.0.0.1:1883"
         let p = problems(&text);
         assert_eq!(p[0].key, "registers[1].name");
         assert_eq!(p[1].key, "registers[1].transport.bind");
+    }
+
+    #[test]
+    fn relative_template_paths_resolve_next_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("receipts")).unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/receipts/supermarket.toml"
+            ),
+            dir.path().join("receipts/s.toml"),
+        )
+        .unwrap();
+        let text = format!(
+            "{MINIMAL}\n[[registers]]\nname = \"r\"\nformat = \"receipt\"\ntemplate = \"receipts/s.toml\"\ntransport = {{ kind = \"http\" }}\n"
+        );
+        let file = dir.path().join("storelink.toml");
+        std::fs::write(&file, &text).unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(
+            c.registers[0].template.as_deref(),
+            Some(dir.path().join("receipts/s.toml").as_path())
+        );
+        // The same text, read from elsewhere, does not find the template, and says which key.
+        let p = problems(&text);
+        assert_eq!(p[0].key, "registers[0].template");
+    }
+
+    #[test]
+    fn receipt_trailers_must_be_ascii() {
+        let text = format!(
+            "{MINIMAL}\n[[registers]]\nname = \"r\"\nformat = \"jsonl\"\nframing = {{ kind = \"cut\", trailer = \"Tschüß\" }}\ntransport = {{ kind = \"http\" }}\n"
+        );
+        assert_eq!(problems(&text)[0].key, "registers[0].framing.trailer");
     }
 
     #[test]

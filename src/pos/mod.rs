@@ -221,6 +221,12 @@ impl RegisterContext {
             }
             Err(reason) => (Vec::new(), vec![reason]),
         };
+        if transactions.is_empty() && problems.is_empty() {
+            // A status query, a bare cut, a card-terminal slip: nothing to count, worth a trace.
+            tracing::debug!("frame holds no transaction");
+            metrics::counter!("storelink_register_frames_without_transaction_total", "register" => self.id.register.clone())
+                .increment(1);
+        }
         let mut accepted = Vec::with_capacity(transactions.len());
         for tx in transactions {
             tracing::debug!(id = %tx.id, total = tx.total, "transaction received");

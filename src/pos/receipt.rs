@@ -502,54 +502,7 @@ fn compile_rule(kind: Kind, key: &str, pattern: &str) -> Result<Rule, String> {
 
 /// Reads the TOML into the file structs; the error is `key.path: what is wrong (line N)`.
 fn parse_toml(text: &str) -> Result<TemplateFile, String> {
-    let line_of = |offset: usize| {
-        text.as_bytes()[..offset.min(text.len())]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    };
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-        let at = e
-            .span()
-            .map(|s| format!("line {}: ", line_of(s.start)))
-            .unwrap_or_default();
-        format!("{at}{}", e.message().trim())
-    })?;
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.message().trim();
-        let at = inner
-            .span()
-            .map(|s| format!(" (line {})", line_of(s.start)))
-            .unwrap_or_default();
-        let join = |field: &str| match path.as_str() {
-            "" | "." => field.to_string(),
-            p if p == field || p.ends_with(&format!(".{field}")) => p.to_string(),
-            p => format!("{p}.{field}"),
-        };
-        let backticked = |prefix: &str| {
-            message
-                .strip_prefix(prefix)?
-                .strip_prefix('`')?
-                .split_once('`')
-                .map(|(field, _)| field.to_string())
-        };
-        if let Some(field) = backticked("unknown field ") {
-            let expected = message
-                .split_once(", expected ")
-                .map(|(_, e)| format!(" (expected {})", e.replace('`', "")))
-                .unwrap_or_default();
-            format!("{}: unknown key{expected}{at}", join(&field))
-        } else if let Some(field) = backticked("missing field ") {
-            format!("{}: missing required key", join(&field))
-        } else if path == "." || path.is_empty() {
-            format!("{message}{at}")
-        } else {
-            format!("{path}: {message}{at}")
-        }
-    })
+    crate::config::deserialize_toml(text).map_err(|p| p.to_string())
 }
 
 /// The decoded text lines of a frame; line `n` in a [`parse`] error is `text_lines(..)[n - 1]`.
