@@ -15,6 +15,17 @@ use storelink::{clock, daemon, demo};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Prints a line to stdout; a reader that went away (`| head`) ends the program quietly
+/// instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 /// Exit code for configuration errors; retail IT scripts and systemd's ExecStartPre rely on it.
 const EXIT_CONFIG: u8 = 2;
 
@@ -299,7 +310,7 @@ fn pos(command: PosCommand) -> ExitCode {
                 failed |= !print_verdict(f.index, &parser, &f.frame, &id);
             }
             if frames.is_empty() {
-                println!("{}: no frames found", file.display());
+                out!("{}: no frames found", file.display());
                 failed = true;
             }
             if failed {
@@ -403,7 +414,7 @@ fn print_verdict(
         Frame::Oversized { len, .. } => *len,
     };
     let describe_error = |e: &str| {
-        println!("frame {index} ({bytes} bytes): error: {e}");
+        out!("frame {index} ({bytes} bytes): error: {e}");
         // For receipts, show the decoded line the error names.
         if let (Frame::Data(raw), Some(template)) = (frame, parser.template.as_ref())
             && let Some(n) = e
@@ -414,7 +425,7 @@ fn print_verdict(
         {
             let lines = storelink::pos::receipt::text_lines(raw, template);
             if let Some(text) = n.checked_sub(1).and_then(|i| lines.get(i)) {
-                println!("    line {n}: {text}");
+                out!("    line {n}: {text}");
             }
         }
     };
@@ -424,7 +435,7 @@ fn print_verdict(
             false
         }
         Ok(results) if results.is_empty() => {
-            println!("frame {index} ({bytes} bytes): no transaction");
+            out!("frame {index} ({bytes} bytes): no transaction");
             true
         }
         Ok(results) => {
@@ -432,8 +443,8 @@ fn print_verdict(
             for r in results {
                 match r {
                     Ok(tx) => {
-                        println!("frame {index} ({bytes} bytes): {}", tx.id);
-                        println!(
+                        out!("frame {index} ({bytes} bytes): {}", tx.id);
+                        out!(
                             "{}",
                             serde_json::to_string_pretty(&tx).expect("transactions serialise")
                         );

@@ -326,3 +326,53 @@ async fn demo_without_flags_delivers_transactions_within_ten_seconds() {
     }
     assert!(demo.wait().unwrap().success());
 }
+
+#[test]
+fn pos_parse_prints_a_shipped_receipt_capture_and_names_failures() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let capture = root.join("tests/fixtures/receipts/supermarket_sale.bin");
+    let out = Command::new(binary())
+        .args([
+            "pos",
+            "parse",
+            "--format",
+            "receipt",
+            "--timezone",
+            "Europe/Berlin",
+            "--template",
+        ])
+        .arg(root.join("config/receipts/supermarket.toml"))
+        .arg(&capture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let json_start = text.find('{').unwrap();
+    let tx: storelink::pos::transaction::Transaction =
+        serde_json::from_str(&text[json_start..]).unwrap();
+    assert_eq!(tx.total, 1175);
+    assert_eq!(tx.lines_total(), 1175);
+    assert_eq!(tx.lines.len(), 11);
+    assert_eq!(tx.lines[1].description, "Bananen");
+    assert_eq!(tx.lines[1].quantity.to_string(), "0.532");
+    assert_eq!(
+        tx.started_at.to_string(),
+        "2026-11-22T13:32:05Z",
+        "14:32 in Berlin"
+    );
+
+    // The wrong template: exit 1, and the error says which rule failed.
+    let out = Command::new(binary())
+        .args(["pos", "parse", "--format", "receipt", "--template"])
+        .arg(root.join("config/receipts/electronics.toml"))
+        .arg(&capture)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("frame 1 (1988 bytes): error: "), "{text}");
+}
