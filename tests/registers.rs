@@ -364,3 +364,96 @@ async fn a_transaction_sent_again_after_delivery_and_restart_is_forwarded_once()
     }
     agent.stop().await;
 }
+
+const SALE: &[u8] = include_bytes!("fixtures/receipts/supermarket_sale.bin");
+const MULTI: &[u8] = include_bytes!("fixtures/receipts/supermarket_multi_tender.bin");
+const RETURN: &[u8] = include_bytes!("fixtures/receipts/supermarket_return.bin");
+
+fn receipt_register(name: &str, port: &Path) -> String {
+    format!(
+        r#"
+[[registers]]
+name = "{name}"
+lane = "2"
+format = "receipt"
+template = "{}/config/receipts/supermarket.toml"
+transport = {{ kind = "serial", port = "{}", baud = 9600 }}
+"#,
+        env!("CARGO_MANIFEST_DIR"),
+        port.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_printer_tap_over_serial_with_noise_and_an_unplug_mid_receipt() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serial = FakeSerial::new(dir.path());
+    let agent =
+        TestAgent::start_with(broker, &[], &receipt_register("printer-2", &serial.path)).await;
+    common::eventually("serial port open", Duration::from_secs(10), || {
+        agent.board.get("register.printer-2").map(|c| c.state) == Some(ComponentState::Running)
+    })
+    .await;
+
+    serial.send(SALE).await;
+    serial.send(b"\x00\x00\x10\x04\x01").await; // line noise and a status query between receipts
+    serial.send(MULTI).await;
+    // The cable is pulled halfway through the return receipt.
+    serial.send(&RETURN[..RETURN.len() / 2]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    serial.unplug();
+    common::eventually("degraded while unplugged", Duration::from_secs(10), || {
+        agent.board.get("register.printer-2").map(|c| c.state) == Some(ComponentState::Degraded)
+    })
+    .await;
+    serial.plug_in();
+    common::eventually("reopened", Duration::from_secs(15), || {
+        agent.board.get("register.printer-2").map(|c| c.state) == Some(ComponentState::Running)
+    })
+    .await;
+    // The register prints the return again after the printer comes back.
+    serial.send(RETURN).await;
+
+    central
+        .wait_for_ids("storelink.transaction.v1", 3, Duration::from_secs(15))
+        .await;
+    let totals: std::collections::BTreeMap<String, i64> = central
+        .of_type("storelink.transaction.v1")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["data"]["total"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        totals,
+        [
+            ("s042:printer-2:20261122:4711".to_string(), 1175),
+            ("s042:printer-2:20261122:4802".to_string(), 1347),
+            ("s042:printer-2:20261123:4817".to_string(), 378),
+        ]
+        .into()
+    );
+    let ret = central
+        .of_type("storelink.transaction.v1")
+        .into_iter()
+        .find(|e| e["data"]["kind"] == "return")
+        .unwrap();
+    assert_eq!(ret["data"]["lane"], "2");
+    assert_eq!(ret["data"]["source_format"], "receipt");
+    // The half receipt cut off by the unplug is a dead letter with its bytes.
+    common::eventually("dead letter", Duration::from_secs(5), || {
+        !agent.deadletters.is_empty()
+    })
+    .await;
+    let letters = agent.deadletters.recent(5).unwrap();
+    assert!(
+        letters.iter().any(|d| d.raw == RETURN[..RETURN.len() / 2]),
+        "{letters:?}"
+    );
+    agent.stop().await;
+}
