@@ -391,7 +391,7 @@ async fn pos_record_captures_a_register_and_pos_replay_plays_it_to_an_agent() {
         ),
     );
     let capture = dir.path().join("lane-4.capture");
-    let mut recorder = Command::new(binary())
+    let recorder = Command::new(binary())
         .args([
             "pos",
             "record",
