@@ -11,7 +11,7 @@ use storelink::pos::transaction::{Transaction, TransactionKind};
 const MAX_MESSAGE: usize = 400;
 
 fuzz_target!(|data: &[u8]| {
-    match poslog::parse(data, &jiff::tz::TimeZone::UTC) {
+    match poslog::parse(data, &jiff::tz::TimeZone::UTC, "EUR") {
         Err(e) => assert!(e.0.len() <= MAX_MESSAGE, "{e}"),
         Ok(results) => {
             for result in results {

@@ -92,11 +92,16 @@ impl FrameParser {
         }
     }
 
-    /// The transactions in one frame's bytes, each parsed but not yet normalised.
-    pub fn decode(&self, bytes: &[u8]) -> Result<Vec<Result<Transaction, String>>, String> {
+    /// The transactions in one frame's bytes, each parsed but not yet normalised. `currency`
+    /// is the store's, for sources that do not say.
+    pub fn decode(
+        &self,
+        bytes: &[u8],
+        currency: &str,
+    ) -> Result<Vec<Result<Transaction, String>>, String> {
         match self.format {
             RegisterFormat::Jsonl => Ok(vec![jsonl::parse(bytes).map_err(|e| e.0)]),
-            RegisterFormat::Poslog => poslog::parse(bytes, &self.tz)
+            RegisterFormat::Poslog => poslog::parse(bytes, &self.tz, currency)
                 .map(|txs| txs.into_iter().map(|r| r.map_err(|e| e.0)).collect())
                 .map_err(|e| e.0),
             RegisterFormat::Receipt => {
@@ -120,7 +125,7 @@ impl FrameParser {
         id: &Identity,
     ) -> Result<Vec<Result<Transaction, String>>, String> {
         let results = match frame {
-            Frame::Data(bytes) => self.decode(bytes)?,
+            Frame::Data(bytes) => self.decode(bytes, &id.currency)?,
             Frame::Oversized { len, .. } => {
                 return Err(format!(
                     "frame of {len} bytes exceeds the {} byte limit",

@@ -26,8 +26,8 @@
 //!
 //! Mapping decisions that are not obvious from the element names:
 //! - Store is left empty (the agent's config says which store it is); `RetailStoreID` is
-//!   ignored. A missing `CurrencyCode` leaves the currency empty for the config to fill, and
-//!   amounts are then read with 2 decimals.
+//!   ignored. A missing `CurrencyCode` means the store's currency, which also decides how
+//!   many decimals amounts may have.
 //! - Kind and signs: a transaction flagged void or cancelled (`TransactionStatus` Voided,
 //!   PostVoided, Canceled; `CancelFlag`/`VoidFlag`), or left suspended (Suspended,
 //!   SuspendedDeleted: the sale is completed, and counted, in the transaction that retrieves
@@ -73,6 +73,7 @@ use super::transaction::{
 pub fn parse(
     doc: &[u8],
     tz: &TimeZone,
+    currency: &str,
 ) -> Result<Vec<Result<Transaction, ParseError>>, ParseError> {
     if doc.starts_with(&[0xFF, 0xFE]) || doc.starts_with(&[0xFE, 0xFF]) {
         return Err(ParseError(
@@ -86,7 +87,7 @@ pub fn parse(
         None => (doc, 0),
     };
     let mut reader = Reader::from_reader(body);
-    let mut walker = Walker::new(tz);
+    let mut walker = Walker::new(tz, currency);
     loop {
         let at = base + reader.buffer_position();
         let event = reader
@@ -441,6 +442,8 @@ enum Root {
 
 struct Walker<'t> {
     tz: &'t TimeZone,
+    /// The store's currency, for documents that name none: it decides the decimal places.
+    currency: &'t str,
     stack: Vec<Open>,
     /// The tags of `stack`, for matching element paths with slice patterns.
     tags: Vec<Tag>,
@@ -453,9 +456,10 @@ struct Walker<'t> {
 }
 
 impl<'t> Walker<'t> {
-    fn new(tz: &'t TimeZone) -> Self {
+    fn new(tz: &'t TimeZone, currency: &'t str) -> Self {
         Walker {
             tz,
+            currency,
             stack: Vec::new(),
             tags: Vec::new(),
             root: Root::None,
@@ -522,7 +526,8 @@ impl<'t> Walker<'t> {
         if let Some(tx) = &mut self.tx {
             if self.stack.len() == tx.depth + 1 {
                 if let Some(tx) = self.tx.take()
-                    && let Some(result) = tx.finish(self.root_currency.as_deref(), self.tz)
+                    && let Some(result) =
+                        tx.finish(self.root_currency.as_deref(), self.currency, self.tz)
                 {
                     self.out.push(result);
                 }
@@ -1072,17 +1077,13 @@ impl Currency<'_> {
     fn exact(&self, n: &Num) -> Result<Money, String> {
         let value = n.value.normalize();
         if value.scale() > self.digits {
-            let currency = if self.code.is_empty() {
-                "assumed without a CurrencyCode".to_string()
-            } else {
-                format!("for {}", self.code)
-            };
             return Err(format!(
-                "{} at byte {} has {} decimal places, more than the {} {currency}",
+                "{} at byte {} has {} decimal places, more than the {} for {}",
                 n.path,
                 n.at,
                 value.scale(),
-                self.digits
+                self.digits,
+                self.code
             ));
         }
         to_minor(value, self.digits).ok_or_else(|| out_of_range(n))
@@ -1124,6 +1125,7 @@ impl Draft {
     fn finish(
         self,
         root_currency: Option<&str>,
+        store_currency: &str,
         tz: &TimeZone,
     ) -> Option<Result<Transaction, ParseError>> {
         if !self.retail {
@@ -1131,12 +1133,17 @@ impl Draft {
         }
         let number = self.number;
         Some(
-            self.build(root_currency, tz)
+            self.build(root_currency, store_currency, tz)
                 .map_err(|why| ParseError(format!("transaction {number}: {why}"))),
         )
     }
 
-    fn build(self, root_currency: Option<&str>, tz: &TimeZone) -> Result<Transaction, String> {
+    fn build(
+        self,
+        root_currency: Option<&str>,
+        store_currency: &str,
+        tz: &TimeZone,
+    ) -> Result<Transaction, String> {
         if let Some(why) = self.error {
             return Err(why);
         }
@@ -1149,7 +1156,9 @@ impl Draft {
             (None, Some(code)) => {
                 checked_currency(&code.trim().to_ascii_uppercase(), "POSLog/@CurrencyCode")?
             }
-            (None, None) => String::new(),
+            // The document names no currency: it is in the store's, and its decimal places
+            // must be the store's (a JPY store's 1500 is not 15.00).
+            (None, None) => store_currency.to_string(),
         };
         let cur = Currency {
             code: &currency,
@@ -1472,7 +1481,7 @@ mod tests {
     }
 
     fn all(doc: &[u8]) -> Vec<Result<Transaction, ParseError>> {
-        parse(doc, &berlin()).unwrap()
+        parse(doc, &berlin(), "EUR").unwrap()
     }
 
     fn one(doc: &[u8]) -> Transaction {
@@ -1488,7 +1497,7 @@ mod tests {
     }
 
     fn outer_error(doc: &[u8]) -> String {
-        parse(doc, &berlin()).unwrap_err().0
+        parse(doc, &berlin(), "EUR").unwrap_err().0
     }
 
     fn ts(s: &str) -> Timestamp {
@@ -1545,6 +1554,23 @@ mod tests {
     const BAD_MISSING_SEQUENCE: &[u8] =
         include_bytes!("../../tests/fixtures/poslog/bad_missing_sequence.xml");
     const BAD_DECIMALS: &[u8] = include_bytes!("../../tests/fixtures/poslog/bad_decimals.xml");
+
+    #[test]
+    fn a_document_without_a_currency_is_read_in_the_stores_currency() {
+        let doc = br#"<POSLog><Transaction><WorkstationID>1</WorkstationID><SequenceNumber>9</SequenceNumber>
+<BusinessDayDate>2026-11-22</BusinessDayDate><BeginDateTime>2026-11-22T10:00:00</BeginDateTime>
+<RetailTransaction><LineItem><Sale><ItemID>1</ItemID><Quantity>1</Quantity>
+<RegularSalesUnitPrice>1500</RegularSalesUnitPrice><ExtendedAmount>1500</ExtendedAmount></Sale></LineItem>
+<Total TotalType="TransactionGrandAmount">1500</Total></RetailTransaction></Transaction></POSLog>"#;
+        let yen = parse(doc, &berlin(), "JPY").unwrap().remove(0).unwrap();
+        assert_eq!(
+            (yen.currency.as_str(), yen.total),
+            ("JPY", 1500),
+            "¥1500, not ¥15.00"
+        );
+        let euro = parse(doc, &berlin(), "EUR").unwrap().remove(0).unwrap();
+        assert_eq!((euro.currency.as_str(), euro.total), ("EUR", 150_000));
+    }
 
     #[test]
     fn a_sale_maps_every_field() {
@@ -1605,7 +1631,10 @@ mod tests {
     fn a_voided_transaction_is_a_void_and_keeps_its_lines() {
         let tx = one(VOID);
         assert_eq!(tx.kind, TransactionKind::Void);
-        assert_eq!(tx.currency, "", "left for the config to fill");
+        assert_eq!(
+            tx.currency, "EUR",
+            "the store's currency when the document names none"
+        );
         assert_eq!(tx.started_at, ts("2026-11-22T10:00:00Z"));
         assert_eq!(tx.ended_at, ts("2026-11-22T10:02:00Z"));
         assert_eq!(tx.lines, vec![line("100234", "1", 119, 119)]);
@@ -1912,7 +1941,7 @@ mod tests {
         assert!(outer_error(latin1).contains("not UTF-8"));
         // Declared Latin-1 but plain ASCII reads the same in UTF-8.
         let ascii = b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><POSLog/>";
-        assert_eq!(parse(ascii, &berlin()).unwrap(), vec![]);
+        assert_eq!(parse(ascii, &berlin(), "EUR").unwrap(), vec![]);
         // A BOM is fine, and counted in byte positions.
         let bom = b"\xEF\xBB\xBF<POSLog><Transaction></POSLog>";
         let err = outer_error(bom);
@@ -2138,10 +2167,7 @@ mod tests {
             120
         );
         let err = inner_error(&doc("", &fils));
-        assert!(
-            err.contains("more than the 2 assumed without a CurrencyCode"),
-            "{err}"
-        );
+        assert!(err.contains("more than the 2 for EUR"), "{err}");
         // The root's currency attribute applies when a transaction has none.
         let text = String::from_utf8(doc("", &fils)).unwrap().replacen(
             "<POSLog ",
@@ -2524,17 +2550,22 @@ mod tests {
         fn written_as_poslog_it_reads_back_the_same(case in arb_case()) {
             let xml = write(&case);
             let tz = TimeZone::fixed(jiff::tz::offset(case.offset_hours));
-            let parsed = parse(xml.as_bytes(), &tz);
+            let parsed = parse(xml.as_bytes(), &tz, "EUR");
             prop_assert!(parsed.is_ok(), "{parsed:?}\n{xml}");
             let mut txs = parsed.unwrap();
             prop_assert_eq!(txs.len(), 1);
             let back = txs.remove(0);
-            prop_assert_eq!(back.as_ref(), Ok(&case.tx), "{}", xml);
+            // Written without a CurrencyCode, it is read in the store's currency.
+            let mut expected = case.tx.clone();
+            if expected.currency.is_empty() {
+                expected.currency = "EUR".into();
+            }
+            prop_assert_eq!(back.as_ref(), Ok(&expected), "{}", xml);
         }
 
         #[test]
         fn any_bytes_give_transactions_or_errors(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse(&bytes, &TimeZone::UTC);
+            let _ = parse(&bytes, &TimeZone::UTC, "EUR");
         }
     }
 }
