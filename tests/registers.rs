@@ -37,8 +37,12 @@ struct FakeSerial {
 
 impl FakeSerial {
     fn new(dir: &Path) -> FakeSerial {
+        Self::named(dir, "ttyUSB0")
+    }
+
+    fn named(dir: &Path, name: &str) -> FakeSerial {
         let mut s = FakeSerial {
-            path: dir.join("ttyUSB0"),
+            path: dir.join(name),
             master: None,
             slave: None,
         };
@@ -455,5 +459,191 @@ async fn receipt_printer_tap_over_serial_with_noise_and_an_unplug_mid_receipt() 
         letters.iter().any(|d| d.raw == RETURN[..RETURN.len() / 2]),
         "{letters:?}"
     );
+    agent.stop().await;
+}
+
+fn poslog_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/poslog/{name}.xml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// POSLog fixtures with their totals, as written in the documents (checked by hand in the
+/// POSLog unit tests).
+const POSLOG: &[(&str, &str, i64)] = &[
+    ("sale", "s042:lane-3:20261122:4711", 587),
+    ("return", "s042:lane-3:20261122:4712", 2499),
+    ("void", "s042:lane-3:20261122:4713", 119),
+    ("loyalty", "s042:lane-3:20261122:4715", 398),
+    ("weighted", "s042:lane-3:20261122:4716", 324),
+    ("multi_tender", "s042:lane-3:20261122:4717", 2749),
+    ("discount", "s042:lane-3:20261122:4718", 1110),
+    ("prefixed", "s042:lane-3:20261122:4719", 890),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_fleet_ends_as_correct_transactions_on_the_broker() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut till = FakeSerial::named(dir.path(), "ttyS0");
+    let mut printer = FakeSerial::named(dir.path(), "ttyUSB1");
+    let poslog_port = free_port();
+    let extra = format!(
+        r#"
+[[registers]]
+name = "till-1"
+lane = "1"
+format = "jsonl"
+framing = {{ kind = "stx-etx", checksum = "xor" }}
+transport = {{ kind = "serial", port = "{}", baud = 9600 }}
+
+[[registers]]
+name = "pos-3"
+lane = "3"
+format = "poslog"
+transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{poslog_port}" }}
+{}"#,
+        till.path.display(),
+        receipt_register("printer-2", &printer.path)
+    );
+    let agent = TestAgent::start_with(broker, &[], &extra).await;
+    for r in ["register.till-1", "register.printer-2"] {
+        common::eventually(r, Duration::from_secs(10), || {
+            agent.board.get(r).map(|c| c.state) == Some(ComponentState::Running)
+        })
+        .await;
+    }
+    let mut expected: std::collections::BTreeMap<String, i64> = Default::default();
+
+    // Serial till: JSON lines in STX/ETX frames.
+    for tx in transactions("till-1", 10, 61) {
+        till.send(&stx_xor(&serde_json::to_vec(&tx).unwrap())).await;
+        expected.insert(tx.id.clone(), tx.total);
+    }
+    // POSLog register: documents back to back in awkward pieces, with garbage in between.
+    let mut stream = Vec::new();
+    for (name, id, total) in POSLOG {
+        stream.extend(poslog_fixture(name));
+        stream.extend(b"\r\n");
+        expected.insert(id.to_string(), *total);
+    }
+    stream.extend(b"not xml at all\n<Broken><Doc></Oops>\n");
+    let mut pos =
+        storelink::sim::JsonlClient::connect_patiently(local(poslog_port), Duration::from_secs(5))
+            .await
+            .unwrap();
+    for piece in stream.chunks(333) {
+        pos.send_raw(piece).await.unwrap();
+    }
+    for (_, id, _) in POSLOG {
+        assert_eq!(pos.reply().await.unwrap(), format!("ok {id}"));
+    }
+    let garbage = pos.reply().await.unwrap();
+    assert!(
+        garbage.starts_with("err text outside an XML document"),
+        "{garbage}"
+    );
+    // Receipt printer tap.
+    for (capture, id, total) in [
+        (SALE, "s042:printer-2:20261122:4711", 1175),
+        (MULTI, "s042:printer-2:20261122:4802", 1347),
+        (RETURN, "s042:printer-2:20261123:4817", 378),
+    ] {
+        printer.send(capture).await;
+        expected.insert(id.to_string(), total);
+    }
+
+    central
+        .wait_for_ids(
+            "storelink.transaction.v1",
+            expected.len(),
+            Duration::from_secs(20),
+        )
+        .await;
+    let arrived: std::collections::BTreeMap<String, i64> = central
+        .of_type("storelink.transaction.v1")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["data"]["total"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        arrived, expected,
+        "every transaction, each total to the cent"
+    );
+    let sum = |m: &std::collections::BTreeMap<String, i64>| m.values().sum::<i64>();
+    assert_eq!(sum(&arrived), sum(&expected));
+    // Each source format is labelled, and the lanes come from config.
+    for e in central.of_type("storelink.transaction.v1") {
+        let (format, lane) = match e["data"]["register"].as_str().unwrap() {
+            "till-1" => ("jsonl", "1"),
+            "lane-3" => ("poslog", "3"),
+            "printer-2" => ("receipt", "2"),
+            other => panic!("unexpected register {other}"),
+        };
+        assert_eq!(e["data"]["source_format"], format);
+        assert_eq!(e["data"]["lane"], lane);
+    }
+    // The garbage reached central as dead letters, not as transactions.
+    central
+        .wait_for_ids("storelink.deadletter.v1", 1, Duration::from_secs(5))
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_poslog_sent_twice_and_after_a_restart_is_stored_and_forwarded_once() {
+    let broker = start_rumqttd();
+    let central = Central::subscribe(broker, "storelink/v1/acme/#").await;
+    let port = free_port();
+    let extra = format!(
+        "\n[[registers]]\nname = \"pos-3\"\nformat = \"poslog\"\ntransport = {{ kind = \"tcp-listen\", bind = \"127.0.0.1:{port}\" }}\n"
+    );
+    let doc = poslog_fixture("several");
+    let send_twice = |doc: Vec<u8>| async move {
+        let mut c =
+            storelink::sim::JsonlClient::connect_patiently(local(port), Duration::from_secs(5))
+                .await
+                .unwrap();
+        c.send_raw(&doc).await.unwrap();
+        let first = c.reply().await.unwrap();
+        c.send_raw(&doc).await.unwrap();
+        let second = c.reply().await.unwrap();
+        (first, second)
+    };
+    let agent = TestAgent::start_with(broker, &[], &extra).await;
+    let (first, second) = send_twice(doc.clone()).await;
+    assert!(first.starts_with("ok "), "{first}");
+    assert_eq!(first, second, "acknowledged again with the same ids");
+    let ids: Vec<String> = first[3..].split(' ').map(String::from).collect();
+    assert!(ids.len() >= 2, "{ids:?}");
+    central
+        .wait_for_ids(
+            "storelink.transaction.v1",
+            ids.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+    common::eventually("delivered", Duration::from_secs(10), || {
+        agent.outbox.depth() == 0
+    })
+    .await;
+    let dir = agent.stop_keep().await;
+
+    let agent = TestAgent::start_in(dir, broker, &[], &extra).await;
+    let (again, _) = send_twice(doc).await;
+    assert_eq!(again, first);
+    assert_eq!(agent.outbox.depth(), 0, "nothing stored again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = central.ids("storelink.transaction.v1");
+    for id in &ids {
+        assert_eq!(got.get(id), Some(&1), "{id} forwarded once");
+    }
     agent.stop().await;
 }
