@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         match f {
             Frame::Data(d) => assert!(d.len() <= MAX),
             Frame::Oversized { head, len } => assert!(head.len() == MAX && *len > MAX as u64),
+            Frame::Rejected { .. } => panic!("the line framer rejects nothing"),
         }
     }
 });

@@ -319,23 +319,38 @@ impl Decoder for StxEtxFramer {
         if let Some(frame) = self.decode(buf)? {
             return Ok(Some(frame));
         }
+        // Lengths are payload lengths: up to an ETX whose check byte never came, or the end.
         if let Some((head, len)) = self.discarding.take() {
-            let len = len + buf.len() as u64;
+            let rest = buf.iter().position(|&b| b == ETX).unwrap_or(buf.len());
             buf.clear();
-            return Ok(Some(Frame::Oversized { head, len }));
+            return Ok(Some(Frame::Oversized {
+                head,
+                len: len + rest as u64,
+            }));
         }
         if buf.is_empty() {
             return Ok(None);
         }
         let raw = buf.split().freeze();
-        let reason = if raw[0] == STX {
-            "frame cut off: stream ended before ETX"
-        } else {
-            "noise outside an STX/ETX frame"
-        };
+        if raw[0] != STX {
+            return Ok(Some(Frame::Rejected {
+                raw,
+                reason: "noise outside an STX/ETX frame".into(),
+            }));
+        }
+        let payload = raw[1..]
+            .iter()
+            .position(|&b| b == ETX)
+            .unwrap_or(raw.len() - 1);
+        if payload > self.max {
+            return Ok(Some(Frame::Oversized {
+                head: raw.slice(1..1 + self.max),
+                len: payload as u64,
+            }));
+        }
         Ok(Some(Frame::Rejected {
             raw,
-            reason: reason.into(),
+            reason: "frame cut off: stream ended before ETX".into(),
         }))
     }
 }
@@ -657,7 +672,10 @@ impl Decoder for XmlFramer {
             let b = buf[at];
             self.fed += 1;
             match self.step(b, at) {
-                Some(Markup::XmlDeclaration) if self.markup_at > 0 || self.opened => {
+                // Content came before it in this frame (kept, dropped, or a root opened).
+                Some(Markup::XmlDeclaration)
+                    if self.markup_at > 0 || self.opened || self.discarding.is_some() =>
+                {
                     // A new document began: the one before it was cut off.
                     let cut = self.markup_at;
                     let frame = self.finish(buf, cut, false);
@@ -897,6 +915,46 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(got[1], data("<?xml version=\"1.0\"?><b/>"));
+    }
+
+    fn from_hex(h: &str) -> Vec<u8> {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Replays a fuzzer input: the first byte picks the checksum (low 2 bits) and the read size
+    /// (the rest); whole and split must give the same frames.
+    fn assert_split_invariant(framing: &Framing, data: &[u8]) {
+        let (&selector, input) = data.split_first().unwrap();
+        let chunk = ((selector >> 2) as usize).max(1);
+        let cuts: Vec<usize> = (chunk..input.len()).step_by(chunk).collect();
+        assert_eq!(
+            frames_with(framing, input, &[], 64),
+            frames_with(framing, input, &cuts, 64)
+        );
+    }
+
+    #[test]
+    fn fuzz_regression_stx_etx_oversized_frame_whose_check_byte_never_came() {
+        let data = from_hex(
+            "0360020e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e03",
+        );
+        assert_split_invariant(
+            &Framing::StxEtx {
+                checksum: Checksum::Lrc,
+            },
+            &data,
+        );
+    }
+
+    #[test]
+    fn fuzz_regression_xml_declaration_while_skipping_an_oversized_document() {
+        let data = from_hex(
+            "03d4deef2dd03c622fffffffffffffffff3e003c3f786d6c20766572dfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdfdf73223f3e3c3e003c3f786d6c2076657273223f3e3c08000064c427613e",
+        );
+        assert_split_invariant(&Framing::Xml, &data);
     }
 
     proptest! {
