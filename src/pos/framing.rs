@@ -399,12 +399,14 @@ enum Lex {
         last_slash: bool,
         quote: Option<u8>,
     },
-    /// After `<?`: how much of `xml` matched (3 = matched; 4 = a declaration), and whether the
-    /// last byte was `?`.
+    /// After `<?`: how much of `xml` matched (3 = matched; 4 = past it), whether it reads as a
+    /// declaration, whether the last byte was `?`, and its length so far (counted here, not
+    /// from buffer offsets, which skipping invalidates).
     Pi {
         matched: u8,
         decl: bool,
         last_q: bool,
+        len: u32,
     },
     /// After `<!`: how much of `--` or `[CDATA[` matched.
     Bang {
@@ -473,6 +475,7 @@ impl XmlFramer {
                         matched: 0,
                         decl: false,
                         last_q: false,
+                        len: 2,
                     },
                     None,
                 ),
@@ -536,9 +539,11 @@ impl XmlFramer {
                 matched,
                 decl,
                 last_q,
+                len,
             } => {
+                let len = len.saturating_add(1);
                 if last_q && b == b'>' {
-                    let kind = if decl && at + 1 - self.markup_at <= MAX_DECLARATION {
+                    let kind = if decl && len as usize <= MAX_DECLARATION {
                         Markup::XmlDeclaration
                     } else {
                         Markup::Other
@@ -555,6 +560,7 @@ impl XmlFramer {
                             matched,
                             decl,
                             last_q: b == b'?',
+                            len,
                         },
                         None,
                     )
@@ -697,9 +703,8 @@ impl Decoder for XmlFramer {
         // The document is not complete yet. Past the cap, keep its head and drop what has been
         // lexed, except a declaration in progress, which may be where the next document starts.
         let keep_from = match self.lex {
-            Lex::Lt | Lex::Pi { .. } if self.fed - self.markup_at <= MAX_DECLARATION => {
-                self.markup_at
-            }
+            Lex::Lt => self.markup_at,
+            Lex::Pi { len, .. } if len as usize <= MAX_DECLARATION => self.markup_at,
             _ => self.fed,
         };
         if self.discarding.is_none() && keep_from > self.max {
@@ -947,6 +952,23 @@ mod tests {
             },
             &data,
         );
+    }
+
+    #[test]
+    fn fuzz_regression_a_long_processing_instruction_is_never_a_declaration() {
+        // `<?xml …?>` longer than MAX_DECLARATION, inside an oversized document, read whole and
+        // in 1-byte reads.
+        let mut input = b"<a>".to_vec();
+        input.extend(b"<?xml v");
+        input.extend(vec![b'x'; MAX_DECLARATION + 10]);
+        input.extend(b"?><b/></a><c/>");
+        let whole = frames_with(&Framing::Xml, &input, &[], 64);
+        let cuts: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(whole, frames_with(&Framing::Xml, &input, &cuts, 64));
+        assert!(
+            matches!(&whole[0], Frame::Oversized { len, .. } if *len as usize == input.len() - 4)
+        );
+        assert_eq!(whole[1], data("<c/>"));
     }
 
     #[test]
