@@ -16,6 +16,8 @@ pub mod demo;
 pub mod engine;
 pub mod events;
 pub mod pos;
+pub mod presence;
+pub mod profiles;
 pub mod sim;
 pub mod store;
 pub mod supervisor;

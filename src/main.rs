@@ -71,6 +71,27 @@ enum Command {
     /// Register tools: record a register's output, replay it, check a format or template.
     #[command(subcommand)]
     Pos(PosCommand),
+    /// Bluetooth LE presence tools.
+    #[command(subcommand)]
+    Ble(BleCommand),
+}
+
+#[derive(Subcommand)]
+enum BleCommand {
+    /// Print the rotating identifier (EID) a presence key yields at a time, so app developers
+    /// can check their implementation: the EID, the service data to advertise, and the
+    /// iBeacon major and minor.
+    Eid {
+        /// The customer's presence key, 64 hex digits.
+        #[arg(long)]
+        key: String,
+        /// RFC 3339 time, e.g. 2026-11-22T10:00:00Z.
+        #[arg(long)]
+        at: String,
+        /// Rotation period in seconds (presence.rotation_s).
+        #[arg(long, default_value_t = 900)]
+        rotation_s: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +198,48 @@ fn main() -> ExitCode {
             })
         })),
         Command::Pos(command) => pos(command),
+        Command::Ble(command) => ble(command),
+    }
+}
+
+fn ble(command: BleCommand) -> ExitCode {
+    use storelink::presence::identity;
+    match command {
+        BleCommand::Eid {
+            key,
+            at,
+            rotation_s,
+        } => {
+            let key = match identity::parse_key(&key) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("--key: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let at: jiff::Timestamp = match at.parse() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("--at: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if rotation_s == 0 {
+                eprintln!("--rotation-s: must be at least 1");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let window = identity::window_of(at, rotation_s);
+            let eid = identity::eid(&key, window);
+            out!("window {window} ({rotation_s} s)");
+            out!("eid {}", identity::hex(&eid));
+            out!("service data 01{}", identity::hex(&eid));
+            out!(
+                "ibeacon major {} minor {}",
+                u16::from_be_bytes([eid[0], eid[1]]),
+                u16::from_be_bytes([eid[2], eid[3]])
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -41,7 +41,11 @@ const APPLE: u16 = 0x004c;
 
 /// A presence payload in BLE service data: `0x01 ‖ EID` under the tenant's service UUID.
 /// Anything else (another UUID, another version byte, another length) is not ours.
-pub fn from_service_data(service: &uuid::Uuid, data: &[u8], tenant: &uuid::Uuid) -> Option<Payload> {
+pub fn from_service_data(
+    service: &uuid::Uuid,
+    data: &[u8],
+    tenant: &uuid::Uuid,
+) -> Option<Payload> {
     if service != tenant {
         return None;
     }
@@ -68,7 +72,10 @@ pub fn from_manufacturer_data(
         return None;
     }
     let major_minor: [u8; 4] = rest[16..20].try_into().ok()?;
-    Some((Payload::IBeacon(major_minor), Some(i16::from(rest[20] as i8))))
+    Some((
+        Payload::IBeacon(major_minor),
+        Some(i16::from(rest[20] as i8)),
+    ))
 }
 
 /// A presence payload in an ESPresense device id: `iBeacon:{uuid}-{major}-{minor}` with the
@@ -93,10 +100,13 @@ pub fn from_espresense_id(id: &str, tenant: &uuid::Uuid) -> Option<Payload> {
 /// base UUID.
 pub fn parse_service_uuid(text: &str) -> Result<uuid::Uuid, String> {
     let t = text.trim();
-    let short = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+    let short = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
     if short.len() == 4 {
-        let v = u16::from_str_radix(short, 16)
-            .map_err(|_| format!("{text:?} is not a 16-bit UUID"))?;
+        let v =
+            u16::from_str_radix(short, 16).map_err(|_| format!("{text:?} is not a 16-bit UUID"))?;
         return Ok(uuid::Uuid::from_u128(
             0x0000_0000_0000_1000_8000_0080_5f9b_34fb | (u128::from(v) << 96),
         ));
@@ -144,10 +154,19 @@ mod tests {
     fn espresense_ids() {
         let t = tenant();
         let id = format!("iBeacon:{t}-43981-258");
-        assert_eq!(from_espresense_id(&id, &t), Some(Payload::IBeacon([0xab, 0xcd, 0x01, 0x02])));
-        assert_eq!(from_espresense_id("iBeacon:e5ca1ade-f007-ba11-0000-000000000000-1-2", &t), None);
+        assert_eq!(
+            from_espresense_id(&id, &t),
+            Some(Payload::IBeacon([0xab, 0xcd, 0x01, 0x02]))
+        );
+        assert_eq!(
+            from_espresense_id("iBeacon:e5ca1ade-f007-ba11-0000-000000000000-1-2", &t),
+            None
+        );
         assert_eq!(from_espresense_id("apple:1005:9-26", &t), None);
-        assert_eq!(from_espresense_id(&format!("iBeacon:{t}-70000-1"), &t), None);
+        assert_eq!(
+            from_espresense_id(&format!("iBeacon:{t}-70000-1"), &t),
+            None
+        );
     }
 
     #[test]
@@ -156,7 +175,10 @@ mod tests {
             parse_service_uuid("0xFEAA").unwrap().to_string(),
             "0000feaa-0000-1000-8000-00805f9b34fb"
         );
-        assert_eq!(parse_service_uuid("6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11").unwrap(), tenant());
+        assert_eq!(
+            parse_service_uuid("6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11").unwrap(),
+            tenant()
+        );
         assert!(parse_service_uuid("nope").is_err());
     }
 }

@@ -115,8 +115,11 @@ impl Resolver {
         };
         for (idx, key) in self.keys.iter().enumerate() {
             let idx = idx as u32;
-            for window in [self.window.wrapping_sub(1), self.window, self.window.wrapping_add(1)]
-            {
+            for window in [
+                self.window.wrapping_sub(1),
+                self.window,
+                self.window.wrapping_add(1),
+            ] {
                 let e = eid(key, window);
                 match eids.get_mut(&e) {
                     None => {
@@ -213,13 +216,29 @@ mod tests {
     fn resolves_current_and_neighbouring_windows_only() {
         let now = at(1_795_000_000);
         let w = window_of(now, 900);
-        let r = Resolver::new([(Arc::from("c1"), key(1)), (Arc::from("c2"), key(2))], now, 900);
+        let r = Resolver::new(
+            [(Arc::from("c1"), key(1)), (Arc::from("c2"), key(2))],
+            now,
+            900,
+        );
         for window in [w - 1, w, w + 1] {
-            assert_eq!(r.resolve(&Payload::Eid(eid(&key(2), window))), Resolution::Customer(1));
+            assert_eq!(
+                r.resolve(&Payload::Eid(eid(&key(2), window))),
+                Resolution::Customer(1)
+            );
         }
-        assert_eq!(r.resolve(&Payload::Eid(eid(&key(2), w + 2))), Resolution::Unknown);
-        assert_eq!(r.resolve(&Payload::Eid(eid(&key(2), w - 2))), Resolution::Unknown);
-        assert_eq!(r.resolve(&Payload::Eid(eid(&key(3), w))), Resolution::Unknown);
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&key(2), w + 2))),
+            Resolution::Unknown
+        );
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&key(2), w - 2))),
+            Resolution::Unknown
+        );
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&key(3), w))),
+            Resolution::Unknown
+        );
         let short: [u8; 4] = eid(&key(1), w)[..4].try_into().unwrap();
         assert_eq!(r.resolve(&Payload::IBeacon(short)), Resolution::Customer(0));
         assert_eq!(&**r.customer(0), "c1");
@@ -229,12 +248,21 @@ mod tests {
     fn refresh_moves_with_the_window() {
         let r0 = at(1_994_444 * 900);
         let mut r = Resolver::new([(Arc::from("c1"), key(1))], r0, 900);
-        assert!(!r.refresh(r0 + jiff::SignedDuration::from_secs(899)), "same window");
+        assert!(
+            !r.refresh(r0 + jiff::SignedDuration::from_secs(899)),
+            "same window"
+        );
         let later = r0 + jiff::SignedDuration::from_secs(3 * 900);
         assert!(r.refresh(later));
         let w = window_of(later, 900);
-        assert_eq!(r.resolve(&Payload::Eid(eid(&key(1), w))), Resolution::Customer(0));
-        assert_eq!(r.resolve(&Payload::Eid(eid(&key(1), w - 3))), Resolution::Unknown);
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&key(1), w))),
+            Resolution::Customer(0)
+        );
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&key(1), w - 3))),
+            Resolution::Unknown
+        );
     }
 
     #[test]
@@ -261,7 +289,10 @@ mod tests {
         let short: [u8; 4] = eid(&mk(a), w)[..4].try_into().unwrap();
         assert_eq!(r.resolve(&Payload::IBeacon(short)), Resolution::Ambiguous);
         // The full EID still tells them apart.
-        assert_eq!(r.resolve(&Payload::Eid(eid(&mk(b), w))), Resolution::Customer(1));
+        assert_eq!(
+            r.resolve(&Payload::Eid(eid(&mk(b), w))),
+            Resolution::Customer(1)
+        );
         assert!(r.ambiguous_ibeacons() >= 1);
     }
 
