@@ -223,14 +223,62 @@ pub enum Checksum {
 pub struct PresenceSection {
     #[serde(default)]
     pub source: PresenceSource,
+    /// The tenant's service UUID the loyalty app advertises under (128-bit, or 16-bit such as
+    /// `FEAA`). Required unless `source = "none"`.
+    #[serde(default)]
+    pub service_uuid: Option<String>,
+    /// Filled in by validation from `service_uuid`.
+    #[serde(skip)]
+    pub service: Option<uuid::Uuid>,
+    /// Seconds per EID rotation window; the app must use the same value.
+    #[serde(default = "default_rotation_s")]
+    pub rotation_s: u32,
+    /// Days presence history is kept in the store.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Seconds without any sighting after which a customer has left the store.
+    #[serde(default = "default_store_away_s")]
+    pub store_away_s: u32,
+    #[serde(default)]
+    pub replay: Option<crate::presence::source::ReplaySettings>,
+    #[serde(default)]
+    pub scanners: Option<crate::presence::source::ScannerSettings>,
+    #[serde(default)]
+    pub btleplug: Option<crate::presence::source::BtleSettings>,
+    #[serde(default)]
+    pub calibration: Vec<ScannerCalibration>,
+    #[serde(default)]
+    pub zones: Vec<crate::presence::zones::ZoneSpec>,
 }
 
 impl Default for PresenceSection {
     fn default() -> Self {
         Self {
             source: PresenceSource::None,
+            service_uuid: None,
+            service: None,
+            rotation_s: default_rotation_s(),
+            retention_days: default_retention_days(),
+            store_away_s: default_store_away_s(),
+            replay: None,
+            scanners: None,
+            btleplug: None,
+            calibration: Vec::new(),
+            zones: Vec::new(),
         }
     }
+}
+
+fn default_rotation_s() -> u32 {
+    900
+}
+
+fn default_retention_days() -> u32 {
+    30
+}
+
+fn default_store_away_s() -> u32 {
+    60
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -238,6 +286,27 @@ impl Default for PresenceSection {
 pub enum PresenceSource {
     #[default]
     None,
+    /// The gateway's own Bluetooth adapter, through BlueZ.
+    Btleplug,
+    /// A JSON-lines file of advertisements (tests, demos, recorded sessions).
+    Replay,
+    /// Remote ESPresense room scanners publishing to an MQTT broker.
+    MqttScanners,
+}
+
+/// Signal calibration of one scanner: what it reads at 1 m, and how fast the signal falls off
+/// in that spot (2 in open space, 2.5-4 among shelves and people).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScannerCalibration {
+    pub scanner: String,
+    pub ref_rssi_1m: f32,
+    #[serde(default = "default_path_loss_exponent")]
+    pub path_loss_exponent: f32,
+}
+
+fn default_path_loss_exponent() -> f32 {
+    2.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -519,6 +588,9 @@ impl Config {
         {
             resolve(f);
         }
+        if let Some(replay) = &mut self.presence.replay {
+            resolve(&mut replay.file);
+        }
     }
 
     /// The MQTT topic prefix in force.
@@ -719,6 +791,8 @@ impl Config {
             }
         }
 
+        self.validate_presence(&mut v);
+
         match (&mut self.central.mqtt, &mut self.central.https) {
             (None, _) => v.problem(
                 "central.mqtt",
@@ -785,6 +859,166 @@ impl Config {
         }
 
         v.problems
+    }
+}
+
+impl Config {
+    fn validate_presence(&mut self, v: &mut Validator) {
+        let p = &mut self.presence;
+        match (&p.service_uuid, p.source) {
+            (None, PresenceSource::None) => {}
+            (None, _) => v.problem(
+                "presence.service_uuid",
+                "missing required key: the loyalty app's service UUID is how its phones are found",
+            ),
+            (Some(text), _) => match crate::presence::advert::parse_service_uuid(text) {
+                Ok(u) => p.service = Some(u),
+                Err(e) => v.problem("presence.service_uuid", e),
+            },
+        }
+        if !(30..=86_400).contains(&p.rotation_s) {
+            v.problem(
+                "presence.rotation_s",
+                format!("{} is out of range 30-86400", p.rotation_s),
+            );
+        }
+        if !(1..=3650).contains(&p.retention_days) {
+            v.problem(
+                "presence.retention_days",
+                format!("{} is out of range 1-3650", p.retention_days),
+            );
+        }
+        if !(5..=86_400).contains(&p.store_away_s) {
+            v.problem(
+                "presence.store_away_s",
+                format!("{} is out of range 5-86400", p.store_away_s),
+            );
+        }
+        let tables = [
+            ("replay", p.replay.is_some(), PresenceSource::Replay),
+            ("scanners", p.scanners.is_some(), PresenceSource::MqttScanners),
+            ("btleplug", p.btleplug.is_some(), PresenceSource::Btleplug),
+        ];
+        for (table, present, wants) in tables {
+            if present && p.source != wants {
+                v.problem(
+                    format!("presence.{table}"),
+                    format!("only used when presence.source = {:?}", source_name(wants)),
+                );
+            }
+        }
+        match p.source {
+            PresenceSource::Replay => match &p.replay {
+                None => v.problem(
+                    "presence.replay",
+                    "missing required table: source = \"replay\" needs [presence.replay] with a file",
+                ),
+                Some(r) => {
+                    if let Err(e) = std::fs::metadata(&r.file) {
+                        v.problem(
+                            "presence.replay.file",
+                            format!("cannot read {}: {e}", r.file.display()),
+                        );
+                    }
+                    if !(r.speed >= 0.0 && r.speed <= 1000.0) {
+                        v.problem(
+                            "presence.replay.speed",
+                            format!("{} is out of range 0-1000 (0 = as fast as possible)", r.speed),
+                        );
+                    }
+                }
+            },
+            PresenceSource::MqttScanners => {
+                if let Some(s) = &p.scanners {
+                    v.mqtt_url("presence.scanners.url", &s.url);
+                }
+            }
+            PresenceSource::Btleplug | PresenceSource::None => {}
+        }
+
+        let mut scanners: HashMap<&str, usize> = HashMap::new();
+        for (i, c) in p.calibration.iter().enumerate() {
+            let at = format!("presence.calibration[{i}]");
+            v.name(&format!("{at}.scanner"), &c.scanner, 64);
+            if let Some(previous) = scanners.insert(&c.scanner, i) {
+                v.problem(
+                    format!("{at}.scanner"),
+                    format!("{:?} is already calibrated in presence.calibration[{previous}]", c.scanner),
+                );
+            }
+            if !(-120.0..=0.0).contains(&c.ref_rssi_1m) {
+                v.problem(
+                    format!("{at}.ref_rssi_1m"),
+                    format!("{} dBm is out of range -120 to 0", c.ref_rssi_1m),
+                );
+            }
+            if !(1.0..=6.0).contains(&c.path_loss_exponent) {
+                v.problem(
+                    format!("{at}.path_loss_exponent"),
+                    format!("{} is out of range 1-6", c.path_loss_exponent),
+                );
+            }
+        }
+
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, z) in p.zones.iter().enumerate() {
+            let at = format!("presence.zones[{i}]");
+            v.name(&format!("{at}.name"), &z.name, 64);
+            if z.name == "store" {
+                v.problem(
+                    format!("{at}.name"),
+                    "\"store\" is reserved for store-level presence",
+                );
+            }
+            if let Some(previous) = names.insert(&z.name, i) {
+                v.problem(
+                    format!("{at}.name"),
+                    format!("{:?} is already used by presence.zones[{previous}]", z.name),
+                );
+            }
+            if let Some(lane) = &z.lane {
+                v.name(&format!("{at}.lane"), lane, 32);
+            }
+            if z.scanners.is_empty() {
+                v.problem(
+                    format!("{at}.scanners"),
+                    "must name at least one scanner that covers the zone",
+                );
+            }
+            for (j, s) in z.scanners.iter().enumerate() {
+                v.name(&format!("{at}.scanners[{j}]"), s, 64);
+            }
+            if !(z.enter_m > 0.0 && z.enter_m <= 100.0) {
+                v.problem(
+                    format!("{at}.enter_m"),
+                    format!("{} is out of range (0, 100] metres", z.enter_m),
+                );
+            }
+            if !(z.exit_m > z.enter_m && z.exit_m <= 100.0) {
+                v.problem(
+                    format!("{at}.exit_m"),
+                    format!(
+                        "{} must be greater than enter_m ({}) and at most 100: the gap is what stops a zone from flapping",
+                        z.exit_m, z.enter_m
+                    ),
+                );
+            }
+            if z.dwell_s > 86_400 {
+                v.problem(format!("{at}.dwell_s"), format!("{} is out of range 0-86400", z.dwell_s));
+            }
+            if !(1..=86_400).contains(&z.away_s) {
+                v.problem(format!("{at}.away_s"), format!("{} is out of range 1-86400", z.away_s));
+            }
+        }
+    }
+}
+
+fn source_name(source: PresenceSource) -> &'static str {
+    match source {
+        PresenceSource::None => "none",
+        PresenceSource::Btleplug => "btleplug",
+        PresenceSource::Replay => "replay",
+        PresenceSource::MqttScanners => "mqtt-scanners",
     }
 }
 

@@ -14,10 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cashier::api::{self, AgentInfo, ApiState};
 use crate::clock::SharedClock;
-use crate::config::{Config, parse_socket_addr};
+use crate::config::{Config, PresenceSource, parse_socket_addr};
 use crate::deadletter::DeadLetters;
 use crate::engine::{self, Engine};
 use crate::pos::{self, RegisterContext};
+use crate::presence::history::History;
+use crate::presence::pipeline::{self, Pipeline, PresenceEvent};
+use crate::presence::source;
+use crate::profiles::ProfileStore;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::supervisor::{StatusBoard, Supervisor};
 use crate::uplink::mqtt::{self, MqttSettings};
@@ -45,6 +49,9 @@ pub struct Agent {
     pub deadletters: Arc<DeadLetters>,
     pub board: StatusBoard,
     pub api: ApiState,
+    pub profiles: ProfileStore,
+    /// Presence changes for the core (offers, prompts); subscribe to follow them.
+    pub presence: tokio::sync::broadcast::Sender<PresenceEvent>,
     supervisor: Supervisor,
 }
 
@@ -55,6 +62,8 @@ pub async fn start(
     token: CancellationToken,
 ) -> Result<Agent, DaemonError> {
     let api_bind = parse_socket_addr(&config.cashier.bind).map_err(DaemonError::Setup)?;
+    // Installed before any task runs, so no early count is lost to the no-op recorder.
+    let metrics = api::metrics_handle();
     let store = {
         let path = config.storage.path.clone();
         let options = StoreOptions {
@@ -135,6 +144,8 @@ pub async fn start(
             pos::run(register.clone(), ctx.clone(), component, token.clone())
         });
     }
+    let profiles = ProfileStore::open(&store)?;
+    let presence = start_presence(&config, &store, &profiles, &supervisor, &ingest, &clock)?;
     drop(ingest);
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -150,7 +161,7 @@ pub async fn start(
         deadletters: deadletters.clone(),
         ready: ready.clone(),
         clock: clock.clone(),
-        metrics: api::metrics_handle(),
+        metrics,
         registers: Arc::new(http_registers),
     };
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
@@ -185,8 +196,69 @@ pub async fn start(
         deadletters,
         board,
         api: api_state,
+        profiles,
+        presence,
         supervisor,
     })
+}
+
+/// Starts the presence pipeline and, when one is configured, its advertisement source.
+fn start_presence(
+    config: &Config,
+    store: &Store,
+    profiles: &ProfileStore,
+    supervisor: &Supervisor,
+    ingest: &engine::IngestHandle,
+    clock: &SharedClock,
+) -> Result<tokio::sync::broadcast::Sender<PresenceEvent>, DaemonError> {
+    let section = &config.presence;
+    let (events, _) = tokio::sync::broadcast::channel(pipeline::EVENT_BROADCAST);
+    let (ads_tx, ads_rx) = tokio::sync::mpsc::channel(pipeline::ADVERT_CHANNEL);
+    let ads_rx = Arc::new(tokio::sync::Mutex::new(ads_rx));
+    let pipeline = Pipeline {
+        store_id: config.store.id.clone(),
+        section: section.clone(),
+        profiles: profiles.clone(),
+        history: History::open(store, section.retention_days)?,
+        ingest: ingest.clone(),
+        events: events.clone(),
+        clock: clock.clone(),
+    };
+    // The pipeline runs even without a source: it expires history, which retention promises
+    // whatever the source setting is today.
+    let token = supervisor.token().clone();
+    supervisor.spawn("presence", move |component| {
+        let pipeline = pipeline.clone();
+        let ads_rx = ads_rx.clone();
+        let token = token.clone();
+        async move { pipeline.run(ads_rx, component, token).await }
+    });
+
+    let settings = match section.source {
+        PresenceSource::None => return Ok(events),
+        PresenceSource::Replay => section.replay.clone().map(source::SourceSettings::Replay),
+        PresenceSource::MqttScanners => Some(source::SourceSettings::Scanners(
+            section.scanners.clone().unwrap_or_default(),
+        )),
+        PresenceSource::Btleplug => Some(source::SourceSettings::Btleplug(
+            section.btleplug.clone().unwrap_or_default(),
+        )),
+    };
+    let (Some(settings), Some(tenant)) = (settings, section.service) else {
+        return Err(DaemonError::Setup(
+            "presence source settings were not validated".into(),
+        ));
+    };
+    let clock = clock.clone();
+    let token = supervisor.token().clone();
+    supervisor.spawn("presence.source", move |component| {
+        let settings = settings.clone();
+        let ads_tx = ads_tx.clone();
+        let clock = clock.clone();
+        let token = token.clone();
+        async move { source::run(&settings, tenant, ads_tx, clock, component, token).await }
+    });
+    Ok(events)
 }
 
 impl Agent {

@@ -39,6 +39,9 @@ pub enum Ingest {
         letter: Box<DeadLetter>,
         reply: Option<oneshot::Sender<IngestReply>>,
     },
+    /// An event the core produced (presence, offers, prompts), already encoded. Nothing waits
+    /// on it: a refusal under a full outbox is the drop policy at work and is counted there.
+    Event { event: Box<NewEvent> },
 }
 
 /// A durable acceptance.
@@ -90,6 +93,17 @@ impl IngestHandle {
         rx
     }
 
+    /// Queues a core event for the outbox. Waits only for room in the channel, which is the
+    /// backpressure a producer should feel.
+    pub async fn event(&self, event: NewEvent) -> Result<(), IngestError> {
+        self.tx
+            .send(Ingest::Event {
+                event: Box::new(event),
+            })
+            .await
+            .map_err(|_| IngestError::ShuttingDown)
+    }
+
     async fn send(&self, item: Ingest) {
         if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
             reply_all(item, Err(IngestError::ShuttingDown));
@@ -105,7 +119,7 @@ fn reply_all(item: Ingest, reply: IngestReply) {
         Ingest::DeadLetter { reply: Some(r), .. } => {
             let _ = r.send(reply);
         }
-        Ingest::DeadLetter { reply: None, .. } => {}
+        Ingest::DeadLetter { reply: None, .. } | Ingest::Event { .. } => {}
     }
 }
 
@@ -199,6 +213,7 @@ impl Engine {
                     });
                     letters.push(letter.as_ref().clone());
                 }
+                Ingest::Event { event } => events.push(event.as_ref().clone()),
             }
         }
 
@@ -254,6 +269,11 @@ impl Engine {
                         AppendOutcome::Refused => Err(IngestError::OutboxFull),
                     };
                     let _ = reply.send(result);
+                }
+                Ingest::Event { event } => {
+                    if outcome == AppendOutcome::Refused {
+                        tracing::debug!(kind = event.kind.name(), "outbox full; event not kept");
+                    }
                 }
                 Ingest::DeadLetter { letter, reply } => {
                     if let Some(reply) = reply {

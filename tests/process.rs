@@ -481,3 +481,70 @@ async fn pos_record_captures_a_register_and_pos_replay_plays_it_to_an_agent() {
         assert!(got.contains_key(&t.id));
     }
 }
+
+/// CI has no Bluetooth adapter and no system D-Bus: the agent must keep running, with presence
+/// reported as degraded and a reason an admin can act on, and must still do its other jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_btleplug_and_no_adapter_keeps_running_and_reports_presence_degraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_rumqttd();
+    let api_port = free_port();
+    let register_port = free_port();
+    let text = config_text(dir.path(), broker, api_port, &[("lane-1", register_port)])
+        + r#"
+[presence]
+source = "btleplug"
+service_uuid = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11"
+
+[[presence.zones]]
+name = "lane-1"
+lane = "1"
+scanners = ["local"]
+enter_m = 1.5
+exit_m = 2.5
+"#;
+    let config = write_config(dir.path(), &text);
+    let mut agent = Agent::spawn(&config);
+    let url = format!("http://127.0.0.1:{api_port}/api/v1/status");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let source = loop {
+        assert!(
+            agent.child.try_wait().unwrap().is_none(),
+            "the agent exited without an adapter"
+        );
+        if let Ok(r) = reqwest::get(&url).await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+            && let Some(s) = v["components"].get("presence.source")
+            && s["state"] == "degraded"
+        {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence.source never became degraded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reason = source["detail"].as_str().unwrap_or_default().to_string()
+        + source["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("adapter") || reason.contains("D-Bus"),
+        "the reason names what is missing: {source}"
+    );
+
+    // Still alive a while later, and still taking transactions.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(agent.child.try_wait().unwrap().is_none());
+    let mut client = JsonlClient::connect_patiently(local(register_port), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut register = SimRegister::new("s042", "lane-1", Some("1"), 11);
+    let reply = client.submit(&register.next(Timestamp::now())).await.unwrap();
+    assert!(reply.starts_with("ok"), "{reply}");
+    let _ = nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while agent.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no clean stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -13,3 +13,5 @@
 
 pub mod advert;
 pub mod identity;
+pub mod history;
+pub mod pipeline;
