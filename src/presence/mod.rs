@@ -13,3 +13,4 @@
 
 pub mod advert;
 pub mod identity;
+pub mod source;
