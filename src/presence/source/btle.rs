@@ -288,6 +288,29 @@ impl Tracked {
     }
 }
 
+/// Why the scan should be restarted now, if it should: the watchdog (silence for `watchdog`
+/// while customers were about, at most once per `watchdog`), or a refresh that lets BlueZ forget
+/// the devices it heard (when no customer is tracked, or after a long time regardless).
+fn restart_reason(
+    now: Instant,
+    last_event: Instant,
+    last_restart: Instant,
+    watchdog: Duration,
+    tracked: &Tracked,
+) -> Option<&'static str> {
+    let silent = now.saturating_duration_since(last_event) >= watchdog;
+    let since_restart = now.saturating_duration_since(last_restart);
+    if silent && tracked.customers_recently(now) && since_restart >= watchdog {
+        Some("watchdog")
+    } else if (tracked.last_seen.is_empty() && since_restart >= REFRESH_WHEN_IDLE)
+        || since_restart >= REFRESH_ALWAYS
+    {
+        Some("refresh")
+    } else {
+        None
+    }
+}
+
 /// Stops and starts discovery; BlueZ keeps scanning meanwhile if another client also scans.
 async fn restart_scan(
     adapter: &Adapter,
@@ -376,26 +399,19 @@ pub async fn run(
             _ = tick.tick() => {
                 let now = Instant::now();
                 tracked.age_out(now);
-                let silent = now.saturating_duration_since(last_event) >= watchdog;
-                let since_restart = now.saturating_duration_since(last_restart);
-                let reason = if silent && tracked.customers_recently(now) && since_restart >= watchdog {
-                    tracing::warn!(adapter = %name, silent_s = watchdog.as_secs(), "no BLE events while customers were about; restarting the scan");
-                    Some("watchdog")
-                } else if (tracked.last_seen.is_empty() && since_restart >= REFRESH_WHEN_IDLE)
-                    || since_restart >= REFRESH_ALWAYS
-                {
-                    Some("refresh")
-                } else {
-                    None
+                let Some(reason) = restart_reason(now, last_event, last_restart, watchdog, &tracked)
+                else {
+                    continue;
                 };
-                if let Some(reason) = reason {
-                    if let Err(e) = restart_scan(&adapter, &name, reason).await {
-                        component.degraded(&e);
-                        return Err(e);
-                    }
-                    last_restart = now;
-                    last_event = now;
+                if reason == "watchdog" {
+                    tracing::warn!(adapter = %name, silent_s = watchdog.as_secs(), "no BLE events while customers were about; restarting the scan");
                 }
+                if let Err(e) = restart_scan(&adapter, &name, reason).await {
+                    component.degraded(&e);
+                    return Err(e);
+                }
+                last_restart = now;
+                last_event = now;
                 continue;
             }
             event = events.next() => event,
@@ -585,6 +601,56 @@ mod tests {
         assert_eq!(a, device_hash(&[1; 32], &address));
         assert_ne!(a, device_hash(&[2; 32], &address));
         assert!(!a.contains("aabb"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_fires_on_silence_only_while_customers_were_about() {
+        let watchdog = Duration::from_secs(120);
+        let start = Instant::now();
+        let mut tracked = Tracked::new(Duration::from_secs(30));
+        let at = |s: u64| start + Duration::from_secs(s);
+        // Silence in an empty store is not a fault, and a refresh waits for ten minutes.
+        assert_eq!(
+            restart_reason(at(300), start, start, watchdog, &tracked),
+            None
+        );
+        assert_eq!(
+            restart_reason(at(601), start, start, watchdog, &tracked),
+            Some("refresh")
+        );
+        // A customer at 10 s, then nothing at all for two minutes.
+        tracked.touch(&"phone", at(10));
+        assert_eq!(
+            restart_reason(at(100), at(10), start, watchdog, &tracked),
+            None
+        );
+        assert_eq!(
+            restart_reason(at(130), at(10), start, watchdog, &tracked),
+            Some("watchdog")
+        );
+        // Not again before another watchdog period has passed since that restart.
+        assert_eq!(
+            restart_reason(at(200), at(10), at(130), watchdog, &tracked),
+            None
+        );
+        // Customers long gone: silence is normal again; a tracked customer holds off a refresh
+        // until the hour is up.
+        tracked.touch(&"phone", at(3000));
+        let later = at(3000) + RECENT_CUSTOMERS + Duration::from_secs(1);
+        assert_eq!(
+            restart_reason(later, at(3000), at(3000), watchdog, &tracked),
+            None
+        );
+        assert_eq!(
+            restart_reason(
+                at(3000) + REFRESH_ALWAYS,
+                at(3000),
+                at(3000),
+                watchdog,
+                &tracked
+            ),
+            Some("refresh")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,7 +43,8 @@ pub struct ScannerSettings {
     /// The broker the scanners publish to, `mqtt://host:port`.
     #[serde(default = "default_url")]
     pub url: String,
-    /// What to subscribe to; the topic's last two levels must stay `{id}/{room}`.
+    /// What to subscribe to. Reports are recognised by their topic ending in
+    /// `devices/{id}/{room}`, so a bridged prefix (`store-42/espresense/devices/#`) works too.
     #[serde(default = "default_topic")]
     pub topic: String,
     /// Defaults to `storelink-scanners-` and a random suffix (the session is clean anyway).
@@ -149,8 +150,11 @@ pub fn parse(
     tenant: &uuid::Uuid,
     now: Timestamp,
 ) -> Result<Option<Advertisement>, EspresenseError> {
-    let levels: Vec<&str> = topic.split('/').collect();
-    let [_, "devices", id, room] = levels[..] else {
+    // `…/devices/{id}/{room}`, whatever the prefix; a sub-report (`…/{room}/{report}`) or a
+    // room's own topic does not end that way.
+    let mut levels = topic.rsplitn(4, '/');
+    let (Some(room), Some(id), Some("devices")) = (levels.next(), levels.next(), levels.next())
+    else {
         return Ok(None);
     };
     let Some(payload_id) = advert::from_espresense_id(id, tenant) else {
@@ -323,6 +327,10 @@ mod tests {
         let sub = format!("{}/battery", topic("lane-3"));
         assert_eq!(parse(&sub, b"97", &t, now()), Ok(None));
         assert!(parse(&topic("lane-3"), body, &t, now()).unwrap().is_some());
+        let bridged = format!("store-42/{}", topic("lane-3"));
+        assert!(parse(&bridged, body, &t, now()).unwrap().is_some());
+        let short = format!("devices/iBeacon:{t}-1-2/lane-3");
+        assert!(parse(&short, body, &t, now()).unwrap().is_some());
     }
 
     #[test]
