@@ -15,3 +15,4 @@ pub mod advert;
 pub mod identity;
 pub mod history;
 pub mod pipeline;
+pub mod source;
