@@ -920,17 +920,14 @@ impl Config {
                             format!("cannot read {}: {e}", r.file.display()),
                         );
                     }
-                    if !(r.speed >= 0.0 && r.speed <= 1000.0) {
-                        v.problem(
-                            "presence.replay.speed",
-                            format!("{} is out of range 0-1000 (0 = as fast as possible)", r.speed),
-                        );
+                    if let Err(e) = r.validate() {
+                        v.source_problem("presence.replay", e);
                     }
                 }
             },
             PresenceSource::MqttScanners => {
-                if let Some(s) = &p.scanners {
-                    v.mqtt_url("presence.scanners.url", &s.url);
+                if let Some(Err(e)) = p.scanners.as_ref().map(|s| s.validate()) {
+                    v.source_problem("presence.scanners", e);
                 }
             }
             PresenceSource::Btleplug | PresenceSource::None => {}
@@ -1028,6 +1025,14 @@ struct Validator {
 }
 
 impl Validator {
+    /// A source's own check, under its config key.
+    fn source_problem(&mut self, table: &str, e: crate::presence::source::SourceError) {
+        match e {
+            crate::presence::source::SourceError::Config { key, reason } => self.problem(key, reason),
+            other => self.problem(table, other.to_string()),
+        }
+    }
+
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),

@@ -14,12 +14,19 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SharedClock, system};
-use crate::config::{Config, ProcessEnv, Transport};
+use crate::config::{Config, PresenceSource, ProcessEnv, Transport};
 use crate::daemon;
+use crate::presence::phones::{self, Phone};
+use crate::presence::source::ReplaySettings;
+use crate::presence::walk::{self, SimConfig, Walk};
+use crate::profiles::Profile;
 use crate::sim::{JsonlClient, SimRegister};
 
 /// The demo's configuration, compiled in.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+/// The service UUID of the demo's loyalty app (also in config/demo.toml).
+const DEMO_SERVICE_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
 
 #[derive(Debug, Clone, Default)]
 pub struct DemoOptions {
@@ -119,6 +126,8 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
         .map_err(DemoError::Storage)?;
     let mut config = Config::parse(DEMO_CONFIG, "config/demo.toml", &ProcessEnv)?;
     config.storage.path = data.path().to_path_buf();
+    let clock: SharedClock = system();
+    let phones = demo_presence(&mut config, data.path(), clock.now())?;
     config.cashier.bind = format!("127.0.0.1:{http_port}");
     if let Some(mqtt) = &mut config.central.mqtt {
         mqtt.url = format!("mqtt://{broker}");
@@ -153,8 +162,21 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
     );
     println!("Press Ctrl-C to stop.\n");
 
-    let clock: SharedClock = system();
+    println!(
+        "  phones     {} customers with the app walk entrance -> aisle -> lane -> exit",
+        phones.len()
+    );
     let agent = daemon::start(config, clock.clone(), token.clone()).await?;
+    for phone in &phones {
+        let mut profile = Profile::new(phone.customer_id.clone());
+        profile.consents.presence = true;
+        profile.consents.personalised_offers = true;
+        profile.presence_key = Some(phone.key);
+        agent
+            .profiles
+            .upsert(profile)
+            .map_err(|e| DemoError::Storage(std::io::Error::other(e.to_string())))?;
+    }
 
     let central = tokio::spawn(print_central(broker, prefix, token.clone()));
     let mut sims = Vec::new();
@@ -267,6 +289,12 @@ async fn print_central(broker: SocketAddr, prefix: String, token: CancellationTo
                         v["data"]["currency"].as_str().unwrap_or("")
                     ),
                     "storelink.status.v1" => v["data"]["state"].as_str().unwrap_or("").to_string(),
+                    "storelink.presence.v1" => format!(
+                        "{} {} {}",
+                        v["data"]["customer_id"].as_str().unwrap_or(""),
+                        v["data"]["event"].as_str().unwrap_or(""),
+                        v["data"]["zone"].as_str().unwrap_or("")
+                    ),
                     "storelink.deadletter.v1" => {
                         v["data"]["reason"].as_str().unwrap_or("").to_string()
                     }
@@ -283,6 +311,74 @@ async fn print_central(broker: SocketAddr, prefix: String, token: CancellationTo
             }
         }
     }
+}
+
+/// How long the demo's phones keep walking; one walk takes a few minutes.
+const DEMO_PHONE_HOURS: u32 = 1;
+
+/// Turns presence on for the demo: the demo store's zones, and simulated phones whose walks
+/// are written as a replay file the real replay source plays. The file covers
+/// [`DEMO_PHONE_HOURS`] with the scenario repeated, each phone's EIDs computed for the time
+/// it is played, so recognition works exactly as with real phones.
+fn demo_presence(
+    config: &mut Config,
+    dir: &std::path::Path,
+    start: jiff::Timestamp,
+) -> Result<Vec<Phone>, DemoError> {
+    let tenant = config.presence.service.unwrap_or_else(|| {
+        crate::presence::advert::parse_service_uuid(DEMO_SERVICE_UUID).expect("a valid UUID")
+    });
+    let (layout, zones) = walk::demo_store();
+    let scenario = walk::demo_walks();
+    let period = scenario
+        .iter()
+        .flat_map(|w| w.waypoints.last().map(|(t, _)| *t))
+        .fold(0.0, f64::max)
+        + 20.0;
+    let rounds = (f64::from(DEMO_PHONE_HOURS) * 3600.0 / period).ceil() as usize;
+    let per_round = scenario.iter().map(|w| w.phone).max().unwrap_or(0) + 1;
+    // Each round brings other customers, so central sees a stream of visits, not one phone
+    // looping; phone i of round r is customer r * per_round + i.
+    let walks: Vec<Walk> = (0..rounds)
+        .flat_map(|round| {
+            scenario.iter().map(move |w| Walk {
+                phone: round * per_round + w.phone,
+                waypoints: w
+                    .waypoints
+                    .iter()
+                    .map(|(t, p)| (t + round as f64 * period, *p))
+                    .collect(),
+            })
+        })
+        .collect();
+    let samples = walk::simulate(
+        &layout,
+        &walks,
+        &SimConfig {
+            sigma_db: 4.0,
+            loss: 0.3,
+            interval_ms: 500,
+            seed: 0x5eed,
+            ..SimConfig::default()
+        },
+        start,
+    );
+    let phones = phones::phones("demo", rounds * per_round);
+    let file = dir.join("demo-phones.jsonl");
+    phones::write_replay(
+        &file,
+        &phones::adverts(&samples, &phones, &tenant, config.presence.rotation_s),
+    )
+    .map_err(DemoError::Storage)?;
+    config.presence.source = PresenceSource::Replay;
+    config.presence.service = Some(tenant);
+    config.presence.zones = zones;
+    config.presence.replay = Some(ReplaySettings {
+        // The file's times are already those of this run.
+        rebase_to_now: false,
+        ..ReplaySettings::new(file)
+    });
+    Ok(phones)
 }
 
 fn format_money(minor: i64) -> String {

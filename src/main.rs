@@ -92,6 +92,20 @@ enum BleCommand {
         #[arg(long, default_value_t = 900)]
         rotation_s: u32,
     },
+    /// Record every advertisement the local adapter hears, in the replay format
+    /// (`[presence.replay]`), for calibration and for app developers. Device addresses are
+    /// never written: each device gets a salted hash that changes with every recording.
+    /// Ctrl-C ends the recording.
+    Record {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Adapter name as BlueZ calls it (hci0); default the first one.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,6 +219,31 @@ fn main() -> ExitCode {
 fn ble(command: BleCommand) -> ExitCode {
     use storelink::presence::identity;
     match command {
+        BleCommand::Record {
+            out,
+            adapter,
+            seconds,
+        } => exit_with(runtime().and_then(|rt| {
+            rt.block_on(async {
+                let token = CancellationToken::new();
+                tokio::spawn(daemon::cancel_on_signal(token.clone()));
+                let settings = storelink::presence::source::BtleSettings {
+                    adapter,
+                    ..Default::default()
+                };
+                eprintln!("recording advertisements into {} (Ctrl-C to stop)", out.display());
+                let lines = storelink::presence::source::btle::record(
+                    &settings,
+                    out,
+                    seconds.map(std::time::Duration::from_secs),
+                    storelink::clock::system(),
+                    token,
+                )
+                .await?;
+                eprintln!("recorded {lines} advertisements");
+                Ok(())
+            })
+        })),
         BleCommand::Eid {
             key,
             at,

@@ -305,6 +305,7 @@ impl Pipeline {
                         let keys = self.load_keys().await?;
                         let resolver = build_resolver(keys, now, rotation_s).await?;
                         recogniser.replace(resolver);
+                        self.report(&component, &recogniser);
                     }
                     recogniser.tick(now, &mut changes);
                     flush_counts(&mut recogniser);

@@ -381,7 +381,29 @@ pub async fn run(
     component: Component,
     token: CancellationToken,
 ) -> Result<(), SourceError> {
-    let (adapter, name, mut events) = open_and_scan(settings, Some(&component)).await?;
+    // A gateway without an adapter (or without BlueZ) stays degraded, not failed: the rest of
+    // the agent runs, status says why, and the adapter is looked for again with backoff, so a
+    // dongle plugged in later is picked up without a restart.
+    let mut backoff = crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+    let mut warned = false;
+    let (adapter, name, mut events) = loop {
+        match open_and_scan(settings, Some(&component)).await {
+            Ok(opened) => break opened,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if warned {
+                    tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "BLE adapter still unavailable");
+                } else {
+                    tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "BLE presence degraded: no usable adapter; retrying");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
     component.running(Some(format!("scanning on {name}")));
     tracing::info!(adapter = %name, "BLE presence scan started");
 
