@@ -33,12 +33,14 @@ fuzz_target!(|data: &[u8]| {
                 assert!(advert.tx_power.is_none_or(|p| RSSI_RANGE.contains(&p)));
                 assert!(advert.distance_m.is_none_or(|d| d.is_finite() && d >= 0.0));
                 assert!(!advert.scanner.is_empty() && advert.scanner.len() <= MAX_ROOM);
+                assert!(!advert.scanner.chars().any(char::is_control));
                 assert!(topic.ends_with(&format!("/{}", advert.scanner)));
             }
             Ok(None) => {}
             Err(e) => {
-                // Errors name the room (at most MAX_ROOM bytes) and a category, nothing else.
-                assert!(e.to_string().len() <= 200 + MAX_ROOM, "{e}");
+                // Errors name the room (at most MAX_ROOM bytes, Debug-escaped: at most ten
+                // characters a byte) and a category, nothing else.
+                assert!(e.to_string().len() <= 200 + 10 * MAX_ROOM, "{e}");
             }
         }
     }

@@ -57,7 +57,8 @@ fuzz_target!(|data: &[u8]| {
                     panic!("an iBeacon yields four bytes, got {payload:?}");
                 };
                 assert_eq!(company, APPLE);
-                assert_eq!(body.len(), 25);
+                // 0x02 0x15, UUID, major, minor, power: the company id is not in the value.
+                assert_eq!(body.len(), 23);
                 assert_eq!(&body[..2], &[0x02, 0x15]);
                 assert_eq!(&body[2..18], tenant.as_bytes());
                 assert_eq!(&body[18..22], &mm[..]);

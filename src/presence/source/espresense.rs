@@ -124,6 +124,8 @@ pub enum EspresenseError {
     EmptyRoom,
     #[error("report with a room name longer than {MAX_ROOM} bytes")]
     RoomTooLong,
+    #[error("report with control characters in its room name")]
+    RoomNotPrintable,
 }
 
 /// Room names are scanner ids in every presence event; a longer one is a misconfigured or
@@ -165,6 +167,10 @@ pub fn parse(
     }
     if room.len() > MAX_ROOM {
         return Err(EspresenseError::RoomTooLong);
+    }
+    // The room becomes the scanner id of presence events and appears in logs.
+    if room.chars().any(char::is_control) {
+        return Err(EspresenseError::RoomNotPrintable);
     }
     let report: Report = serde_json::from_slice(payload).map_err(|e| EspresenseError::Payload {
         room: room.to_string(),
@@ -383,6 +389,10 @@ mod tests {
         assert_eq!(
             parse(&topic(&"r".repeat(MAX_ROOM + 1)), body, &t, now()),
             Err(EspresenseError::RoomTooLong)
+        );
+        assert_eq!(
+            parse(&topic("lane-3\u{1b}[2J"), body, &t, now()),
+            Err(EspresenseError::RoomNotPrintable)
         );
     }
 
