@@ -481,7 +481,9 @@ pub async fn run(
             at: clock.now(),
             scanner: scanner.clone(),
             rssi,
-            tx_power: calibrated.or(props.tx_power_level),
+            // BlueZ's TxPower is power at the antenna, some 40 dB above what a phone reads at
+            // 1 m; only an iBeacon's calibrated byte means "RSSI at 1 m".
+            tx_power: calibrated,
             distance_m: None,
             payload,
         };
@@ -582,7 +584,8 @@ pub async fn record(
             t: clock.now(),
             scanner: SCANNER.to_string(),
             rssi,
-            tx_power: props.tx_power_level,
+            // The replay format's tx_power is RSSI at 1 m; BlueZ's TxPower is not (see run).
+            tx_power: None,
             distance: None,
             service_data,
             manufacturer_data,
