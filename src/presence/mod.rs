@@ -13,3 +13,6 @@
 
 pub mod advert;
 pub mod identity;
+pub mod signal;
+pub mod walk;
+pub mod zones;
