@@ -14,5 +14,9 @@
 pub mod advert;
 pub mod identity;
 pub mod history;
+pub mod phones;
 pub mod pipeline;
+pub mod signal;
 pub mod source;
+pub mod walk;
+pub mod zones;
