@@ -116,22 +116,21 @@ async fn a_replayed_walk_reaches_central_as_the_expected_event_sequence() {
     phones::write_replay(&file, &phones::adverts(&samples, &phones, &tenant(), 900)).unwrap();
 
     let agent = TestAgent::start_in(dir, broker, &[], &presence_config(&file)).await;
-    let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        events = central.of_type("storelink.presence.v1");
+    let mut events = loop {
+        let events = central.of_type("storelink.presence.v1");
         if events
             .iter()
             .any(|e| e["data"]["zone"] == "store" && e["data"]["event"] == "left")
         {
-            break;
+            break events;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "no store-level left within 45 s: {events:#?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     agent.stop().await;
 
     events.sort_by_key(|e| e["time"].as_str().unwrap().to_string());

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestAgent, eventually, local, free_port};
+use common::{TestAgent, free_port, local};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use storelink::presence::identity;
@@ -183,8 +183,7 @@ exit_m = 2.5
 
     // No random token (device hash, EID, iBeacon major/minor, foreign payload) in any log
     // line or metric.
-    let store_dir = agent.dir.path().to_path_buf();
-    agent.stop().await;
+    let store_dir = agent.stop_keep().await;
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
     assert!(logs.contains("storelink"), "the log capture works");
     // Any 8 hex digits of a token in a log line or metric would be a trace.
@@ -207,7 +206,7 @@ exit_m = 2.5
     }
     // And none in the database files: the flood's tokens are not anywhere on disk, in any form.
     let mut on_disk = Vec::new();
-    for entry in walk(&store_dir) {
+    for entry in walk(store_dir.path()) {
         if entry.extension().is_some_and(|e| e == "jsonl") {
             continue; // the replay file itself
         }
@@ -227,10 +226,21 @@ exit_m = 2.5
         .collect();
     assert!(wanted.len() > FLOOD / 2);
     assert!(on_disk.len() > 1000, "the store has files");
+    // As raw bytes, and as hex text (which is how JSON in the store would carry them).
+    let wanted_hex: HashSet<Vec<u8>> = wanted
+        .iter()
+        .map(|b| hex(b).into_bytes())
+        .collect();
     for w in on_disk.windows(8) {
         assert!(
             !wanted.contains(<&[u8; 8]>::try_from(w).unwrap()),
             "the store holds bytes of an unknown device"
+        );
+    }
+    for w in on_disk.windows(16) {
+        assert!(
+            !wanted_hex.contains(w),
+            "the store holds the hex of an unknown device's bytes"
         );
     }
 }

@@ -17,7 +17,7 @@ use storelink::presence::source::replay::{
     Hex, ParsedLine, RecordedAdvert, ReplaySettings, parse_line, read_line, write_line,
 };
 use storelink::presence::source::{self, BtleSettings, SourceError, SourceSettings};
-use storelink::supervisor::{Component, ComponentState, StatusBoard, Supervisor};
+use storelink::supervisor::{Component, ComponentState, StatusBoard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

@@ -196,18 +196,10 @@ impl Recogniser {
         let current: HashSet<&str> = (0..resolver.len() as u32)
             .map(|i| &**resolver.customer(i))
             .collect();
-        let gone: Vec<Arc<str>> = self
-            .tracker
-            .customers()
-            .filter(|c| !current.contains(&***c))
-            .cloned()
-            .collect();
-        for c in &gone {
-            self.tracker.forget(c);
-        }
-        if !gone.is_empty() {
+        let gone = self.tracker.retain_customers(|c| current.contains(&**c));
+        if gone > 0 {
             tracing::info!(
-                forgotten = gone.len(),
+                forgotten = gone,
                 "stopped following customers whose presence consent or key is gone"
             );
         }

@@ -429,6 +429,14 @@ impl<K: Clone + Eq + Hash> Tracker<K> {
         self.customers.remove(customer);
     }
 
+    /// Forgets, as [`Tracker::forget`] does, every customer for whom `keep` is false; returns
+    /// how many went.
+    pub fn retain_customers(&mut self, mut keep: impl FnMut(&K) -> bool) -> usize {
+        let before = self.customers.len();
+        self.customers.retain(|k, _| keep(k));
+        before - self.customers.len()
+    }
+
     /// Customers with state.
     pub fn tracked(&self) -> usize {
         self.customers.len()
