@@ -1272,6 +1272,72 @@ url = "mqtt://127.0.0.1:1883"
         }
     }
 
+    fn keys(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn presence_defaults_and_a_valid_zone() {
+        let text = format!(
+            "{MINIMAL}\n[presence]\nsource = \"btleplug\"\nservice_uuid = \"FEAA\"\n\
+             [[presence.zones]]\nname = \"lane-3\"\nlane = \"3\"\nscanners = [\"local\"]\nenter_m = 1.5\nexit_m = 2.5\n"
+        );
+        let c = Config::parse(&text, "t.toml", &env()).unwrap();
+        assert_eq!(c.presence.rotation_s, 900);
+        assert_eq!(c.presence.retention_days, 30);
+        assert_eq!(
+            c.presence.service.unwrap().to_string(),
+            "0000feaa-0000-1000-8000-00805f9b34fb"
+        );
+        assert_eq!(c.presence.zones[0].lane.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn presence_problems_name_their_keys() {
+        let p = problems(&format!("{MINIMAL}\n[presence]\nsource = \"btleplug\"\n"));
+        assert_eq!(keys(&p), ["presence.service_uuid"]);
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[presence]\nsource = \"replay\"\nservice_uuid = \"nope\"\nrotation_s = 5\n"
+        ));
+        assert_eq!(
+            keys(&p),
+            ["presence.service_uuid", "presence.rotation_s", "presence.replay"]
+        );
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[presence]\nsource = \"none\"\n[presence.replay]\nfile = \"x.jsonl\"\n"
+        ));
+        assert_eq!(keys(&p), ["presence.replay"]);
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[presence]\nsource = \"replay\"\nservice_uuid = \"FEAA\"\n\
+             [presence.replay]\nfile = \"/nonexistent/walk.jsonl\"\nspeed = -1.0\n"
+        ));
+        assert_eq!(keys(&p), ["presence.replay.file", "presence.replay.speed"]);
+
+        let zone = "[[presence.zones]]\nname = \"a\"\nscanners = [\"s\"]\nenter_m = 2.0\nexit_m = 1.0\n\
+                    [[presence.zones]]\nname = \"a\"\nscanners = []\nenter_m = 1.0\nexit_m = 2.0\n\
+                    [[presence.calibration]]\nscanner = \"s\"\nref_rssi_1m = 10\npath_loss_exponent = 9\n";
+        let p = problems(&format!("{MINIMAL}\n{zone}"));
+        assert_eq!(
+            keys(&p),
+            [
+                "presence.calibration[0].ref_rssi_1m",
+                "presence.calibration[0].path_loss_exponent",
+                "presence.zones[0].exit_m",
+                "presence.zones[1].name",
+                "presence.zones[1].scanners",
+            ]
+        );
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[[presence.zones]]\nname = \"a\"\nscanners = [\"s\"]\nenter_m = 1.0\nexit_m = 2.0\nradius = 3\n"
+        ));
+        assert_eq!(keys(&p), ["presence.zones[0].radius"]);
+        assert!(p[0].message.starts_with("unknown key"), "{p:?}");
+    }
+
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = Config::parse(MINIMAL, "t.toml", &env()).unwrap();

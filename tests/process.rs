@@ -287,7 +287,7 @@ fn version_flag_prints_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_without_flags_delivers_transactions_within_ten_seconds() {
+async fn demo_without_flags_delivers_transactions_within_ten_seconds_and_presence() {
     let started = Instant::now();
     let mut demo = Command::new(binary())
         .arg("demo")
@@ -315,6 +315,12 @@ async fn demo_without_flags_delivers_transactions_within_ten_seconds() {
     central
         .wait_for_ids("storelink.transaction.v1", 1, remaining)
         .await;
+    // The demo's phones walk in from the start: presence arrives too.
+    central
+        .wait_for_ids("storelink.presence.v1", 1, Duration::from_secs(15))
+        .await;
+    let presence = central.of_type("storelink.presence.v1");
+    assert_eq!(presence[0]["data"]["event"], "entered", "{presence:?}");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),
         nix::sys::signal::Signal::SIGINT,
