@@ -124,7 +124,8 @@ fn adverts(
     (0..args.adverts)
         .map(|i| {
             let phone = i % args.phones;
-            let payload = if i % 5 < foreign {
+            // Whole rounds of the 300 phones are foreign, so every phone is still seen.
+            let payload = if (i / args.phones) % 5 < foreign {
                 if rng.random_bool(0.5) {
                     Payload::Eid(rng.random())
                 } else {

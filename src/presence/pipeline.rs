@@ -337,6 +337,12 @@ impl Pipeline {
         metrics::gauge!("storelink_presence_tracked").set(recogniser.tracked() as f64);
         metrics::gauge!("storelink_presence_recognisable_customers")
             .set(recogniser.recognisable() as f64);
+        if self.section.source == crate::config::PresenceSource::None {
+            component.running(Some(
+                "off (presence.source = \"none\"); history still expires".to_string(),
+            ));
+            return;
+        }
         component.running(Some(format!(
             "{} customers recognisable, {} present",
             recogniser.recognisable(),
