@@ -54,9 +54,11 @@ pub const ENTER_CONFIDENCE: f32 = 0.4;
 /// Confidence the first estimate needs for store presence.
 pub const STORE_CONFIDENCE: f32 = 0.4;
 /// How long a zone must stay the winner before a customer not in any zone enters it.
-pub const ENTER_HOLD_S: f32 = 1.0;
+pub const ENTER_HOLD_S: f32 = 0.5;
 /// How long a zone must stay the winner before a customer moves to it from another zone.
-pub const SWITCH_HOLD_S: f32 = 1.5;
+pub const SWITCH_HOLD_S: f32 = 1.0;
+/// Readings from a zone's own scanners, while it wins, before it is entered.
+pub const MIN_SUPPORT: u16 = 2;
 /// A switch needs the new zone's distance below this fraction of the current zone's.
 pub const SWITCH_RATIO: f32 = 0.75;
 
@@ -263,6 +265,9 @@ struct Visit {
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     zone: u16,
+    /// Readings from the zone's own scanners while it kept winning. Other scanners' readings
+    /// re-evaluate too, but bring no news about this zone.
+    support: u16,
     since_us: i64,
 }
 
@@ -635,23 +640,32 @@ impl Site {
             st.pending = None;
             return;
         };
-        let hold_us = secs_to_us(if current.is_some() {
-            SWITCH_HOLD_S
+        // Only a customer still heard within the current zone's exit_m is torn between two
+        // zones; one who has not been for a while has walked out and is entering afresh.
+        let switch_hold_us = secs_to_us(SWITCH_HOLD_S);
+        let torn = st
+            .visit
+            .is_some_and(|v| at_us.saturating_sub(v.last_inside_us) < switch_hold_us);
+        let hold_us = if torn {
+            switch_hold_us
         } else {
-            ENTER_HOLD_S
-        });
-        match st.pending {
+            secs_to_us(ENTER_HOLD_S)
+        };
+        let fresh = u16::from(self.covers(s, zone));
+        match st.pending.as_mut() {
             Some(p) if p.zone == zone => {
-                if at_us.saturating_sub(p.since_us) < hold_us {
+                p.support = p.support.saturating_add(fresh);
+                if at_us.saturating_sub(p.since_us) < hold_us || p.support < MIN_SUPPORT {
                     return;
                 }
             }
             _ => {
                 st.pending = Some(Pending {
                     zone,
+                    support: fresh,
                     since_us: at_us,
                 });
-                if hold_us > 0 {
+                if hold_us > 0 || fresh < MIN_SUPPORT {
                     return;
                 }
             }
