@@ -7,6 +7,8 @@
 //! 30% loss and 8 dB the readings carry too little information for every entry to be sure
 //! within 3 s; `at_250_ms_most_entries_are_detected_within_3_s` pins down how close we get.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use jiff::{SignedDuration, Timestamp};
@@ -19,6 +21,34 @@ use storelink::presence::zones::{
 };
 
 const TICK_MS: i64 = 250;
+
+/// Counts allocations per thread, so a test can show that the hot path makes none while the
+/// other tests run alongside.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above, i.e. from the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(Cell::get)
+}
 
 fn start() -> Timestamp {
     "2026-11-22T08:00:00Z".parse().unwrap()
@@ -156,8 +186,18 @@ struct Scored {
 fn score_demo(sigma_db: f32, interval_ms: u32, seed: u64) -> Scored {
     let (layout, zones) = demo_store();
     let walks = demo_walks();
-    let samples = simulate(&layout, &walks, &radio(sigma_db, interval_ms, seed), start());
-    let end = walks.iter().filter_map(Walk::span).map(|s| s.1).fold(0.0, f64::max) + 90.0;
+    let samples = simulate(
+        &layout,
+        &walks,
+        &radio(sigma_db, interval_ms, seed),
+        start(),
+    );
+    let end = walks
+        .iter()
+        .filter_map(Walk::span)
+        .map(|s| s.1)
+        .fold(0.0, f64::max)
+        + 90.0;
     let events = replay(&zones, &samples, end);
     assert_causal(&zones, &events);
     let truth = ground_truth(&layout, &zones, &walks);
@@ -224,7 +264,10 @@ fn at_250_ms_most_entries_are_detected_within_3_s() {
         let n = all.len() as f64;
         let fast = all.iter().filter(|l| l.is_some_and(|l| l <= 3.0)).count() as f64;
         assert!(fast / n >= within, "σ={sigma}: {fast} of {n} within 3 s");
-        assert!(all.iter().all(Option::is_some), "σ={sigma}: a visit was missed");
+        assert!(
+            all.iter().all(Option::is_some),
+            "σ={sigma}: a visit was missed"
+        );
         assert!(wrong.len() <= wrong_at_most, "σ={sigma}: {wrong:?}");
     }
 }
@@ -351,7 +394,10 @@ fn store_presence_opens_before_and_closes_after_zones() {
         let mine: Vec<_> = events.iter().filter(|e| e.customer == walk.phone).collect();
         let first = mine.first().unwrap();
         let last = mine.last().unwrap();
-        assert_eq!((first.kind, first.place), (PresenceKind::Entered, Place::Store));
+        assert_eq!(
+            (first.kind, first.place),
+            (PresenceKind::Entered, Place::Store)
+        );
         assert_eq!((last.kind, last.place), (PresenceKind::Left, Place::Store));
         // The store is left store_away_s after the phone was last heard.
         let heard = samples
@@ -371,6 +417,48 @@ fn store_presence_opens_before_and_closes_after_zones() {
             "one visit to the store"
         );
     }
+}
+
+#[test]
+fn observing_tracked_customers_allocates_nothing() {
+    let (layout, zones) = demo_store();
+    // 300 phones spread over the floor, drifting 2 m and back.
+    let walks: Vec<Walk> = (0..300)
+        .map(|phone| {
+            let (x, y) = ((phone % 20) as f32 * 0.8, (phone / 20) as f32 * 0.8);
+            Walk {
+                phone,
+                waypoints: vec![(0.0, (x, y)), (30.0, (x + 2.0, y)), (60.0, (x, y))],
+            }
+        })
+        .collect();
+    let samples = simulate(&layout, &walks, &radio(8.0, 250, 1), start());
+    let (warm, hot): (Vec<_>, Vec<_>) = samples.iter().partition(|s| secs(s.at) < 20.0);
+    let mut tracker: Tracker<usize> = Tracker::new(TrackerConfig {
+        zones: zones.to_vec(),
+        ..TrackerConfig::default()
+    });
+    let mut out = Vec::with_capacity(4096);
+    for s in &warm {
+        tracker.observe(&s.phone, &s.scanner, s.rssi, None, None, s.at, &mut out);
+    }
+    assert_eq!(tracker.tracked(), 300);
+    out.clear();
+    let before = allocations();
+    let mut events = 0;
+    let mut tick = hot[0].at;
+    for s in &hot {
+        if s.at >= tick {
+            tracker.tick(tick, &mut out);
+            tick += SignedDuration::from_millis(TICK_MS);
+        }
+        tracker.observe(&s.phone, &s.scanner, s.rssi, None, None, s.at, &mut out);
+        events += out.len();
+        out.clear();
+    }
+    assert_eq!(allocations() - before, 0, "{} observations", hot.len());
+    assert!(hot.len() > 100_000 && events > 0);
+    assert!(tracker.approx_bytes_per_customer() <= 320);
 }
 
 /// One step of a random stream.

@@ -96,7 +96,11 @@ impl Walk {
         let Some(&(t1, p1)) = self.waypoints.get(next) else {
             return Some(p0);
         };
-        let f = if t1 > t0 { ((t - t0) / (t1 - t0)) as f32 } else { 1.0 };
+        let f = if t1 > t0 {
+            ((t - t0) / (t1 - t0)) as f32
+        } else {
+            1.0
+        };
         Some((p0.0 + (p1.0 - p0.0) * f, p0.1 + (p1.1 - p0.1) * f))
     }
 
@@ -257,8 +261,7 @@ pub fn simulate(layout: &Layout, walks: &[Walk], cfg: &SimConfig, start: Timesta
                 if d > cfg.range_m || rng.random::<f64>() >= heard {
                     continue;
                 }
-                let model =
-                    cfg.ref_rssi_1m - 10.0 * cfg.path_loss_exponent * d.max(0.1).log10();
+                let model = cfg.ref_rssi_1m - 10.0 * cfg.path_loss_exponent * d.max(0.1).log10();
                 let rssi = (model + cfg.sigma_db * gaussian(&mut rng)).round();
                 let Some(at) = at_offset(start_us, t) else {
                     continue;
@@ -301,11 +304,9 @@ pub fn ground_truth(
             let mut k = 0u64;
             loop {
                 let t = (first + k as f64 * STEP).min(last);
-                let inside = walk.position(t).is_some_and(|p| {
-                    scanners
-                        .iter()
-                        .any(|&sp| distance(p, sp) <= zone.enter_m)
-                });
+                let inside = walk
+                    .position(t)
+                    .is_some_and(|p| scanners.iter().any(|&sp| distance(p, sp) <= zone.enter_m));
                 match (inside, entered) {
                     (true, None) => entered = Some(t),
                     (false, Some(e)) => {
@@ -463,10 +464,7 @@ mod tests {
         assert_eq!(visits(3), ["entrance", "aisle-1", "lane-1"]);
         assert_eq!(visits(4), ["entrance", "aisle-1", "lane-3"]);
         assert_eq!(visits(5), ["entrance", "entrance", "aisle-1"]);
-        let lane = truth
-            .iter()
-            .find(|v| v.0 == 0 && v.1 == "lane-1")
-            .unwrap();
+        let lane = truth.iter().find(|v| v.0 == 0 && v.1 == "lane-1").unwrap();
         // In from y = 8.5 (t = 52) to y = 11.5 (t = 115).
         assert!((lane.2 - 52.0).abs() < 0.1, "{lane:?}");
         assert!((lane.3 - 115.0).abs() < 0.1, "{lane:?}");
