@@ -145,7 +145,11 @@ impl Calibration {
         let n10 = 10.0 * self.exponent();
         // log10(0.1) = -1 and log10(50) ≈ 1.699.
         let (lo, hi) = (-n10, n10 * MAX_DISTANCE_M.log10());
-        if loss.is_nan() { hi } else { loss.clamp(lo, hi) }
+        if loss.is_nan() {
+            hi
+        } else {
+            loss.clamp(lo, hi)
+        }
     }
 }
 
@@ -381,7 +385,10 @@ mod tests {
         assert!(f.estimate(&c, t0()).is_none());
         f.update(0.0, t0());
         let one = f.estimate(&c, t0()).unwrap().confidence;
-        assert!((one - 0.25).abs() < 1e-6, "one reading scores 1/2 · 1/2: {one}");
+        assert!(
+            (one - 0.25).abs() < 1e-6,
+            "one reading scores 1/2 · 1/2: {one}"
+        );
         let mut last = one;
         // Irregular intervals, as lost packets make them.
         let mut ms = 0;
