@@ -896,7 +896,11 @@ impl Config {
         }
         let tables = [
             ("replay", p.replay.is_some(), PresenceSource::Replay),
-            ("scanners", p.scanners.is_some(), PresenceSource::MqttScanners),
+            (
+                "scanners",
+                p.scanners.is_some(),
+                PresenceSource::MqttScanners,
+            ),
             ("btleplug", p.btleplug.is_some(), PresenceSource::Btleplug),
         ];
         for (table, present, wants) in tables {
@@ -940,7 +944,10 @@ impl Config {
             if let Some(previous) = scanners.insert(&c.scanner, i) {
                 v.problem(
                     format!("{at}.scanner"),
-                    format!("{:?} is already calibrated in presence.calibration[{previous}]", c.scanner),
+                    format!(
+                        "{:?} is already calibrated in presence.calibration[{previous}]",
+                        c.scanner
+                    ),
                 );
             }
             if !(-120.0..=0.0).contains(&c.ref_rssi_1m) {
@@ -1001,10 +1008,16 @@ impl Config {
                 );
             }
             if z.dwell_s > 86_400 {
-                v.problem(format!("{at}.dwell_s"), format!("{} is out of range 0-86400", z.dwell_s));
+                v.problem(
+                    format!("{at}.dwell_s"),
+                    format!("{} is out of range 0-86400", z.dwell_s),
+                );
             }
             if !(1..=86_400).contains(&z.away_s) {
-                v.problem(format!("{at}.away_s"), format!("{} is out of range 1-86400", z.away_s));
+                v.problem(
+                    format!("{at}.away_s"),
+                    format!("{} is out of range 1-86400", z.away_s),
+                );
             }
         }
     }
@@ -1028,7 +1041,9 @@ impl Validator {
     /// A source's own check, under its config key.
     fn source_problem(&mut self, table: &str, e: crate::presence::source::SourceError) {
         match e {
-            crate::presence::source::SourceError::Config { key, reason } => self.problem(key, reason),
+            crate::presence::source::SourceError::Config { key, reason } => {
+                self.problem(key, reason)
+            }
             other => self.problem(table, other.to_string()),
         }
     }
@@ -1302,7 +1317,11 @@ url = "mqtt://127.0.0.1:1883"
         ));
         assert_eq!(
             keys(&p),
-            ["presence.service_uuid", "presence.rotation_s", "presence.replay"]
+            [
+                "presence.service_uuid",
+                "presence.rotation_s",
+                "presence.replay"
+            ]
         );
 
         let p = problems(&format!(

@@ -231,7 +231,10 @@ fn ble(command: BleCommand) -> ExitCode {
                     adapter,
                     ..Default::default()
                 };
-                eprintln!("recording advertisements into {} (Ctrl-C to stop)", out.display());
+                eprintln!(
+                    "recording advertisements into {} (Ctrl-C to stop)",
+                    out.display()
+                );
                 let lines = storelink::presence::source::btle::record(
                     &settings,
                     out,

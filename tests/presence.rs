@@ -162,7 +162,8 @@ async fn a_replayed_walk_reaches_central_as_the_expected_event_sequence() {
     }
     // No lane other than the one walked to.
     assert!(
-        !seq.iter().any(|(z, _)| z.starts_with("lane-") && z != "lane-2"),
+        !seq.iter()
+            .any(|(z, _)| z.starts_with("lane-") && z != "lane-2"),
         "{seq:?}"
     );
     // The lane zone's events carry its lane, for the cashier display.
@@ -187,7 +188,12 @@ async fn withdrawn_consent_ends_tracking_at_once_and_silently() {
     seed(dir.path(), &phones);
     // The phone stands at lane 2 for 12 seconds, then is gone.
     let (layout, _) = walk::demo_store();
-    let lane = layout.scanners.iter().find(|(s, _)| s == "lane-2").unwrap().1;
+    let lane = layout
+        .scanners
+        .iter()
+        .find(|(s, _)| s == "lane-2")
+        .unwrap()
+        .1;
     let stand = Walk {
         phone: 0,
         waypoints: vec![(0.0, lane), (12.0, lane)],
@@ -267,8 +273,10 @@ fn demo_walks_give_each_phone_its_lane_in_order() {
         },
         start,
     );
-    let mut section = storelink::config::PresenceSection::default();
-    section.zones = zones.clone();
+    let section = storelink::config::PresenceSection {
+        zones: zones.clone(),
+        ..Default::default()
+    };
     let mut r = Recogniser::new(
         phones
             .iter()
@@ -309,7 +317,7 @@ fn demo_walks_give_each_phone_its_lane_in_order() {
     for (i, phone) in phones.iter().enumerate() {
         let mine: Vec<_> = out
             .iter()
-            .filter(|c| &*c.customer == phone.customer_id)
+            .filter(|c| *c.customer == phone.customer_id)
             .collect();
         let lanes_truth: std::collections::BTreeSet<&str> = truth
             .iter()
@@ -326,7 +334,13 @@ fn demo_walks_give_each_phone_its_lane_in_order() {
             })
             .collect();
         assert_eq!(lanes_seen, lanes_truth, "phone {i}");
-        assert_eq!(mine.first().map(|c| (c.place, c.kind)), Some((Place::Store, PresenceKind::Entered)));
-        assert_eq!(mine.last().map(|c| (c.place, c.kind)), Some((Place::Store, PresenceKind::Left)));
+        assert_eq!(
+            mine.first().map(|c| (c.place, c.kind)),
+            Some((Place::Store, PresenceKind::Entered))
+        );
+        assert_eq!(
+            mine.last().map(|c| (c.place, c.kind)),
+            Some((Place::Store, PresenceKind::Left))
+        );
     }
 }

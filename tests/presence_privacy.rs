@@ -60,7 +60,8 @@ fn flood(rng: &mut StdRng, start: jiff::Timestamp) -> (String, HashSet<String>) 
             0 => {
                 let eid: [u8; 8] = rng.random();
                 tokens.insert(hex(&eid));
-                line["service_data"] = serde_json::json!({ ours.to_string(): format!("01{}", hex(&eid)) });
+                line["service_data"] =
+                    serde_json::json!({ ours.to_string(): format!("01{}", hex(&eid)) });
             }
             1 => {
                 let data: [u8; 12] = rng.random();
@@ -162,8 +163,14 @@ exit_m = 2.5
     // Exactly the half under our UUID reached the resolver (the source drops the rest at the
     // edge), and none of it was recognised.
     assert_eq!(unrecognised, (FLOOD / 2) as f64);
-    assert_eq!(metric(&metrics_text, "storelink_presence_recognised_total"), None);
-    assert_eq!(metric(&metrics_text, "storelink_presence_tracked"), Some(0.0));
+    assert_eq!(
+        metric(&metrics_text, "storelink_presence_recognised_total"),
+        None
+    );
+    assert_eq!(
+        metric(&metrics_text, "storelink_presence_tracked"),
+        Some(0.0)
+    );
 
     // Let a few ticks pass, so anything time-based would have had its chance.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -177,7 +184,11 @@ exit_m = 2.5
     );
     assert_eq!(agent.store.tree(TreeName::Presence).unwrap().len(), 0);
     let stats = agent.outbox.stats().unwrap();
-    let presence = stats.streams.iter().find(|s| s.stream == "presence").unwrap();
+    let presence = stats
+        .streams
+        .iter()
+        .find(|s| s.stream == "presence")
+        .unwrap();
     assert_eq!(presence.counts.depth, 0, "{stats:?}");
     assert_eq!(agent.store.tree(TreeName::DeadLetter).unwrap().len(), 0);
 
@@ -227,10 +238,7 @@ exit_m = 2.5
     assert!(wanted.len() > FLOOD / 2);
     assert!(on_disk.len() > 1000, "the store has files");
     // As raw bytes, and as hex text (which is how JSON in the store would carry them).
-    let wanted_hex: HashSet<Vec<u8>> = wanted
-        .iter()
-        .map(|b| hex(b).into_bytes())
-        .collect();
+    let wanted_hex: HashSet<Vec<u8>> = wanted.iter().map(|b| hex(b).into_bytes()).collect();
     for w in on_disk.windows(8) {
         assert!(
             !wanted.contains(<&[u8; 8]>::try_from(w).unwrap()),

@@ -513,7 +513,10 @@ async fn without_bluetooth_the_adapter_source_stays_degraded_and_stops_on_cancel
         token.cancel();
         return;
     }
-    assert!(!task.is_finished(), "the source gave up instead of waiting for an adapter");
+    assert!(
+        !task.is_finished(),
+        "the source gave up instead of waiting for an adapter"
+    );
     assert_eq!(status.state, ComponentState::Degraded, "{status:?}");
     let last = status.last_error.unwrap_or_default();
     assert!(is_clear_bluetooth_error(&last), "{last}");

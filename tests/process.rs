@@ -545,7 +545,10 @@ exit_m = 2.5
         .await
         .unwrap();
     let mut register = SimRegister::new("s042", "lane-1", Some("1"), 11);
-    let reply = client.submit(&register.next(Timestamp::now())).await.unwrap();
+    let reply = client
+        .submit(&register.next(Timestamp::now()))
+        .await
+        .unwrap();
     assert!(reply.starts_with("ok"), "{reply}");
     let _ = nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(6);

@@ -161,8 +161,14 @@ mod tests {
             record("c1", "2026-02-05T10:00:00Z"),
         ])
         .unwrap();
-        assert_eq!(h.expire("2026-01-31T09:59:59Z".parse().unwrap()).unwrap(), 0);
-        assert_eq!(h.expire("2026-01-31T10:00:01Z".parse().unwrap()).unwrap(), 1);
+        assert_eq!(
+            h.expire("2026-01-31T09:59:59Z".parse().unwrap()).unwrap(),
+            0
+        );
+        assert_eq!(
+            h.expire("2026-01-31T10:00:01Z".parse().unwrap()).unwrap(),
+            1
+        );
         assert_eq!(h.len(), 2);
         assert_eq!(h.of("c1").unwrap().len(), 1);
         assert_eq!(h.erase("c1").unwrap(), 1);

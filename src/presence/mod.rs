@@ -12,8 +12,8 @@
 //!   device address ever enters this module.
 
 pub mod advert;
-pub mod identity;
 pub mod history;
+pub mod identity;
 pub mod phones;
 pub mod pipeline;
 pub mod signal;

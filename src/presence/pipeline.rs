@@ -378,7 +378,8 @@ impl Pipeline {
                 confidence: round2(change.confidence),
                 distance_m: change.distance_m.map(round2),
             };
-            let payload = events::encode(EventKind::Presence, &id, &self.store_id, change.at, &data);
+            let payload =
+                events::encode(EventKind::Presence, &id, &self.store_id, change.at, &data);
             tracing::debug!(customer = %change.customer, event = kind, zone = place, "presence");
             metrics::counter!("storelink_presence_events_total", "event" => kind).increment(1);
             if self

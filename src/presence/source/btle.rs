@@ -384,7 +384,8 @@ pub async fn run(
     // A gateway without an adapter (or without BlueZ) stays degraded, not failed: the rest of
     // the agent runs, status says why, and the adapter is looked for again with backoff, so a
     // dongle plugged in later is picked up without a restart.
-    let mut backoff = crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+    let mut backoff =
+        crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
     let mut warned = false;
     let (adapter, name, mut events) = loop {
         match open_and_scan(settings, Some(&component)).await {
