@@ -357,7 +357,7 @@ fn demo_presence(
         &SimConfig {
             sigma_db: 4.0,
             loss: 0.3,
-            interval_ms: 500,
+            interval_ms: 200,
             seed: 0x5eed,
             ..SimConfig::default()
         },
