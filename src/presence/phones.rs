@@ -45,12 +45,20 @@ pub fn adverts(
     tenant: &uuid::Uuid,
     rotation_s: u32,
 ) -> Vec<RecordedAdvert> {
+    // One HMAC per phone and window, not per sample: a demo hour is a million samples.
+    let mut eids: std::collections::HashMap<(usize, u32), [u8; 8]> =
+        std::collections::HashMap::new();
     samples
         .iter()
         .map(|s| {
-            let phone = &phones[s.phone % phones.len()];
-            let mut data = vec![0x01];
-            data.extend(eid(&phone.key, window_of(s.at, rotation_s)));
+            let i = s.phone % phones.len();
+            let window = window_of(s.at, rotation_s);
+            let e = *eids
+                .entry((i, window))
+                .or_insert_with(|| eid(&phones[i].key, window));
+            let mut data = Vec::with_capacity(9);
+            data.push(0x01);
+            data.extend(e);
             RecordedAdvert {
                 t: s.at,
                 scanner: s.scanner.to_string(),
