@@ -14,6 +14,8 @@
 //! Layout of the `profiles` tree: `p ‖ customer id` → profile (JSON); `k ‖ customer id` →
 //! presence key (32 bytes).
 
+pub mod kpi;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -1,0 +1,501 @@
+//! Customer KPIs computed at the edge from the store's own transactions.
+//!
+//! Each loyalty transaction becomes one [`LedgerEntry`] in the customer's ledger (sales and
+//! returns; voids change nothing). [`Kpis::compute`] derives the stored KPIs from the ledger:
+//! revenue and purchases per calendar year, mean basket, first and last purchase, the
+//! intervals between purchase days overall and per product group. [`Kpis::view`] adds what
+//! depends on the day it is asked: activity class, this year against last year, expected next
+//! purchase and overdue flags, and the BG/NBD figures.
+//!
+//! Invariants:
+//! - Money is integer minor units. A return's amount counts against revenue of the year it
+//!   happened in; it is not a purchase.
+//! - The ledger is keyed by transaction id, so a re-delivered transaction changes nothing:
+//!   KPIs are idempotent by construction, whatever the delivery does.
+//! - Days are business days in the store's time zone; intervals are whole days between
+//!   distinct purchase days (two baskets on one day are one purchase occasion).
+//!
+//! ## BG/NBD and Gamma-Gamma (Fader, Hardie and Lee 2005; Fader, Hardie 2013)
+//! With `x` repeat purchase days, `t_x` the age of the customer at the last purchase and `T`
+//! the age now (both counted from the first purchase, in the model's time unit), and central's
+//! fitted parameters `r, α, a, b`:
+//!
+//! ```text
+//! P(alive | x, t_x, T) = 1 / (1 + [x > 0] · a / (b + x − 1) · ((α + T) / (α + t_x))^(r + x))
+//!
+//! E[Y(t) | x, t_x, T] = (a + b + x − 1) / (a − 1)
+//!                       · (1 − ((α + T) / (α + T + t))^(r + x) · ₂F₁(r + x, b + x; a + b + x − 1; t / (α + T + t)))
+//!                       / (1 + [x > 0] · a / (b + x − 1) · ((α + T) / (α + t_x))^(r + x))
+//! ```
+//!
+//! With Gamma-Gamma parameters `p, q, γ` and `m̄` the mean value of the repeat purchases, the
+//! expected value of a purchase is `(p (γ + x m̄)) / (p x + q − 1)` (for `x = 0`, the population
+//! mean `p γ / (q − 1)`). CLV over the horizon `H` is `E[Y(H)] · E[M]`, undiscounted.
+//!
+//! Without shipped parameters the fallback is `mean basket × purchases per year × expected
+//! lifetime in years` (config: `expected_lifetime_years`, default 3), and P(alive) is absent.
+
+use std::collections::BTreeMap;
+
+use jiff::civil::Date;
+use serde::{Deserialize, Serialize};
+
+/// One transaction of a customer, as the KPIs need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub day: Date,
+    /// Signed: a sale's total, or minus a return's refund.
+    pub amount: i64,
+    /// Product groups (categories) the basket touched, sorted, without repeats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+impl LedgerEntry {
+    pub fn is_purchase(&self) -> bool {
+        self.amount >= 0
+    }
+}
+
+/// Thresholds of the activity classes and the overdue rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KpiConfig {
+    /// A customer whose first purchase is at most this many days ago is New.
+    #[serde(default = "default_new_days")]
+    pub new_days: u32,
+    /// A customer whose last purchase is more than this many days ago is Passive; otherwise,
+    /// and not New, Loyal.
+    #[serde(default = "default_passive_after_days")]
+    pub passive_after_days: u32,
+    /// Overdue when the days since the last purchase exceed the customer's median interval
+    /// times this factor.
+    #[serde(default = "default_overdue_factor")]
+    pub overdue_factor: f64,
+    /// Fallback CLV: years a customer is expected to stay.
+    #[serde(default = "default_expected_lifetime_years")]
+    pub expected_lifetime_years: f64,
+    /// CLV horizon in days.
+    #[serde(default = "default_clv_horizon_days")]
+    pub clv_horizon_days: u32,
+}
+
+fn default_new_days() -> u32 {
+    90
+}
+fn default_passive_after_days() -> u32 {
+    180
+}
+fn default_overdue_factor() -> f64 {
+    1.5
+}
+fn default_expected_lifetime_years() -> f64 {
+    3.0
+}
+fn default_clv_horizon_days() -> u32 {
+    365
+}
+
+impl Default for KpiConfig {
+    fn default() -> Self {
+        KpiConfig {
+            new_days: default_new_days(),
+            passive_after_days: default_passive_after_days(),
+            overdue_factor: default_overdue_factor(),
+            expected_lifetime_years: default_expected_lifetime_years(),
+            clv_horizon_days: default_clv_horizon_days(),
+        }
+    }
+}
+
+/// BG/NBD and Gamma-Gamma parameters fitted by central.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelParams {
+    pub r: f64,
+    pub alpha: f64,
+    pub a: f64,
+    pub b: f64,
+    /// Gamma-Gamma; absent when central fitted only BG/NBD.
+    #[serde(default)]
+    pub p: Option<f64>,
+    #[serde(default)]
+    pub q: Option<f64>,
+    #[serde(default)]
+    pub gamma: Option<f64>,
+    /// Days per model time unit (7 when central fitted in weeks).
+    #[serde(default = "one")]
+    pub unit_days: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The rhythm of purchases, overall or in one product group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rhythm {
+    /// Distinct purchase days.
+    pub purchase_days: u32,
+    pub first: Option<Date>,
+    pub last: Option<Date>,
+    /// Mean and median days between consecutive purchase days; absent with fewer than two.
+    pub mean_interval_days: Option<f64>,
+    pub median_interval_days: Option<f64>,
+}
+
+impl Rhythm {
+    fn of(days: &[Date]) -> Rhythm {
+        let mut days = days.to_vec();
+        days.sort();
+        days.dedup();
+        let intervals: Vec<f64> = days
+            .windows(2)
+            .map(|w| (w[1] - w[0]).get_days() as f64)
+            .collect();
+        Rhythm {
+            purchase_days: days.len() as u32,
+            first: days.first().copied(),
+            last: days.last().copied(),
+            mean_interval_days: (!intervals.is_empty())
+                .then(|| intervals.iter().sum::<f64>() / intervals.len() as f64),
+            median_interval_days: median(intervals),
+        }
+    }
+
+    /// When the next purchase is due: the last one plus the median interval.
+    pub fn next_due(&self) -> Option<Date> {
+        let last = self.last?;
+        let days = self.median_interval_days?.round() as i64;
+        last.checked_add(jiff::Span::new().days(days)).ok()
+    }
+
+    /// Whether the customer is past their own rhythm by `factor`.
+    pub fn overdue(&self, today: Date, factor: f64) -> bool {
+        match (self.last, self.median_interval_days) {
+            (Some(last), Some(median)) => (today - last).get_days() as f64 > median * factor,
+            _ => false,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// What the ledger says, independent of today.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Kpis {
+    /// Net revenue (sales minus returns) per calendar year.
+    pub revenue_by_year: BTreeMap<i16, i64>,
+    /// Purchases (sale transactions) per calendar year.
+    pub purchases_by_year: BTreeMap<i16, u32>,
+    /// Sales total over sale transactions, in minor units (rounded half away from zero).
+    pub mean_basket: Option<i64>,
+    pub purchases: u32,
+    pub rhythm: Rhythm,
+    pub groups: BTreeMap<String, Rhythm>,
+    /// Mean value of the repeat purchase days (each day's sales summed), for Gamma-Gamma.
+    pub mean_repeat_value: Option<f64>,
+}
+
+impl Kpis {
+    /// Derives every stored KPI from the ledger.
+    pub fn compute<'a>(ledger: impl IntoIterator<Item = &'a LedgerEntry>) -> Kpis {
+        let mut k = Kpis::default();
+        let mut sales_total = 0i64;
+        let mut days = Vec::new();
+        let mut group_days: BTreeMap<String, Vec<Date>> = BTreeMap::new();
+        let mut by_day: BTreeMap<Date, i64> = BTreeMap::new();
+        for e in ledger {
+            *k.revenue_by_year.entry(e.day.year()).or_insert(0) += e.amount;
+            if !e.is_purchase() {
+                continue;
+            }
+            k.purchases += 1;
+            *k.purchases_by_year.entry(e.day.year()).or_insert(0) += 1;
+            sales_total += e.amount;
+            days.push(e.day);
+            *by_day.entry(e.day).or_insert(0) += e.amount;
+            for g in &e.groups {
+                group_days.entry(g.clone()).or_default().push(e.day);
+            }
+        }
+        if k.purchases > 0 {
+            k.mean_basket = Some(div_round(sales_total, i64::from(k.purchases)));
+        }
+        k.rhythm = Rhythm::of(&days);
+        k.groups = group_days
+            .into_iter()
+            .map(|(g, d)| (g, Rhythm::of(&d)))
+            .collect();
+        let repeat: Vec<i64> = by_day.values().skip(1).copied().collect();
+        if !repeat.is_empty() {
+            k.mean_repeat_value = Some(repeat.iter().sum::<i64>() as f64 / repeat.len() as f64);
+        }
+        k
+    }
+
+    /// The KPIs as of `today`.
+    pub fn view(&self, today: Date, config: &KpiConfig, model: Option<&ModelParams>) -> KpiView {
+        let year = today.year();
+        let activity = match (self.rhythm.first, self.rhythm.last) {
+            (Some(first), Some(last)) => Some(
+                if (today - first).get_days() <= i32::try_from(config.new_days).unwrap_or(i32::MAX)
+                {
+                    Activity::New
+                } else if (today - last).get_days()
+                    <= i32::try_from(config.passive_after_days).unwrap_or(i32::MAX)
+                {
+                    Activity::Loyal
+                } else {
+                    Activity::Passive
+                },
+            ),
+            _ => None,
+        };
+        let frequency = self.rhythm.purchase_days.saturating_sub(1);
+        let (p_alive, expected_purchases_90d, clv) = match (model, self.rhythm.first) {
+            (Some(m), Some(first)) => {
+                let unit = m.unit_days.max(f64::MIN_POSITIVE);
+                let x = f64::from(frequency);
+                let t_x = (self.rhythm.last.unwrap_or(first) - first).get_days() as f64 / unit;
+                let big_t = (today - first).get_days().max(0) as f64 / unit;
+                let p = bgnbd_p_alive(m, x, t_x, big_t);
+                let e90 = bgnbd_expected(m, 90.0 / unit, x, t_x, big_t);
+                let eh = bgnbd_expected(m, f64::from(config.clv_horizon_days) / unit, x, t_x, big_t);
+                let value = gamma_gamma_value(m, x, self.mean_repeat_value.unwrap_or(0.0))
+                    .or(self.mean_basket.map(|b| b as f64));
+                (Some(p), Some(e90), value.map(|v| (eh * v).round() as i64))
+            }
+            _ => (None, None, self.fallback_clv(today, config)),
+        };
+        KpiView {
+            revenue_this_year: self.revenue_by_year.get(&year).copied().unwrap_or(0),
+            revenue_last_year: self.revenue_by_year.get(&(year - 1)).copied().unwrap_or(0),
+            purchases_this_year: self.purchases_by_year.get(&year).copied().unwrap_or(0),
+            activity,
+            next_purchase_due: self.rhythm.next_due(),
+            overdue: self.rhythm.overdue(today, config.overdue_factor),
+            overdue_groups: self
+                .groups
+                .iter()
+                .filter(|(_, r)| r.overdue(today, config.overdue_factor))
+                .map(|(g, _)| g.clone())
+                .collect(),
+            frequency,
+            p_alive,
+            expected_purchases_90d,
+            clv,
+        }
+    }
+
+    /// mean basket × purchases per year (over the customer's life so far, at least a year) ×
+    /// expected lifetime in years.
+    fn fallback_clv(&self, today: Date, config: &KpiConfig) -> Option<i64> {
+        let basket = self.mean_basket? as f64;
+        let first = self.rhythm.first?;
+        let years = ((today - first).get_days() as f64 / 365.25).max(1.0);
+        let per_year = f64::from(self.purchases) / years;
+        Some((basket * per_year * config.expected_lifetime_years).round() as i64)
+    }
+}
+
+fn div_round(n: i64, d: i64) -> i64 {
+    let q = n / d;
+    let r = n % d;
+    if 2 * r.abs() >= d.abs() {
+        q + n.signum() * d.signum()
+    } else {
+        q
+    }
+}
+
+/// Activity class by recency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activity {
+    New,
+    Loyal,
+    Passive,
+}
+
+/// KPIs as of a day.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KpiView {
+    pub revenue_this_year: i64,
+    pub revenue_last_year: i64,
+    pub purchases_this_year: u32,
+    pub activity: Option<Activity>,
+    pub next_purchase_due: Option<Date>,
+    pub overdue: bool,
+    pub overdue_groups: Vec<String>,
+    /// Repeat purchase days (BG/NBD's x).
+    pub frequency: u32,
+    pub p_alive: Option<f64>,
+    pub expected_purchases_90d: Option<f64>,
+    /// Minor units.
+    pub clv: Option<i64>,
+}
+
+/// `((α + T) / (α + t_x))^(r + x)` and the `a / (b + x − 1)` factor, shared by both formulas.
+fn bgnbd_denominator(m: &ModelParams, x: f64, t_x: f64, big_t: f64) -> f64 {
+    if x > 0.0 {
+        1.0 + m.a / (m.b + x - 1.0) * ((m.alpha + big_t) / (m.alpha + t_x)).powf(m.r + x)
+    } else {
+        1.0
+    }
+}
+
+/// Probability the customer is still active.
+pub fn bgnbd_p_alive(m: &ModelParams, x: f64, t_x: f64, big_t: f64) -> f64 {
+    1.0 / bgnbd_denominator(m, x, t_x, big_t)
+}
+
+/// Expected purchases in the next `t` time units.
+pub fn bgnbd_expected(m: &ModelParams, t: f64, x: f64, t_x: f64, big_t: f64) -> f64 {
+    let z = t / (m.alpha + big_t + t);
+    let hyp = hyp2f1(m.r + x, m.b + x, m.a + m.b + x - 1.0, z);
+    let head = (m.a + m.b + x - 1.0) / (m.a - 1.0);
+    let body = 1.0 - ((m.alpha + big_t) / (m.alpha + big_t + t)).powf(m.r + x) * hyp;
+    head * body / bgnbd_denominator(m, x, t_x, big_t)
+}
+
+/// Gamma-Gamma expected value of a purchase, when its parameters are shipped.
+pub fn gamma_gamma_value(m: &ModelParams, x: f64, mean_value: f64) -> Option<f64> {
+    let (p, q, g) = (m.p?, m.q?, m.gamma?);
+    if q <= 1.0 {
+        return None;
+    }
+    Some((p * (g + x * mean_value)) / (p * x + q - 1.0))
+}
+
+/// Gauss's hypergeometric function by its power series, for `|z| < 1` (BG/NBD's argument is
+/// `t / (α + T + t)`, always in [0, 1)). Sums until terms stop mattering.
+pub fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
+    let mut term = 1.0;
+    let mut sum = 1.0;
+    for j in 0..100_000 {
+        let j = f64::from(j);
+        term *= (a + j) * (b + j) / ((c + j) * (j + 1.0)) * z;
+        sum += term;
+        if term.abs() < 1e-16 * sum.abs() {
+            break;
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::civil::date;
+
+    fn sale(day: Date, amount: i64, groups: &[&str]) -> LedgerEntry {
+        LedgerEntry {
+            day,
+            amount,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    /// Hand-computed: purchases on 2025-01-10 (40.00, fashion), 2025-03-01 (60.00, fashion
+    /// and games), 2025-06-19 (20.00, games), a return of 10.00 on 2025-06-25, and
+    /// 2026-02-04 (90.00, fashion). Today is 2026-05-01.
+    fn fixture() -> Vec<LedgerEntry> {
+        vec![
+            sale(date(2025, 1, 10), 4000, &["fashion"]),
+            sale(date(2025, 3, 1), 6000, &["fashion", "games"]),
+            sale(date(2025, 6, 19), 2000, &["games"]),
+            sale(date(2025, 6, 25), -1000, &[]),
+            sale(date(2026, 2, 4), 9000, &["fashion"]),
+        ]
+    }
+
+    #[test]
+    fn hand_computed_fixture() {
+        let k = Kpis::compute(&fixture());
+        // 40 + 60 + 20 - 10 = 110.00 in 2025; 90.00 in 2026.
+        assert_eq!(k.revenue_by_year, BTreeMap::from([(2025, 11000), (2026, 9000)]));
+        assert_eq!(k.purchases_by_year, BTreeMap::from([(2025, 3), (2026, 1)]));
+        assert_eq!(k.purchases, 4);
+        // (40 + 60 + 20 + 90) / 4 = 52.50.
+        assert_eq!(k.mean_basket, Some(5250));
+        // Intervals: Jan 10 → Mar 1 = 50 days, → Jun 19 = 110, → Feb 4 2026 = 230.
+        assert_eq!(k.rhythm.first, Some(date(2025, 1, 10)));
+        assert_eq!(k.rhythm.last, Some(date(2026, 2, 4)));
+        assert_eq!(k.rhythm.mean_interval_days, Some(130.0));
+        assert_eq!(k.rhythm.median_interval_days, Some(110.0));
+        // Fashion: Jan 10, Mar 1, Feb 4 → 50 and 340 days; games: Mar 1, Jun 19 → 110.
+        assert_eq!(k.groups["fashion"].mean_interval_days, Some(195.0));
+        assert_eq!(k.groups["fashion"].median_interval_days, Some(195.0));
+        assert_eq!(k.groups["games"].median_interval_days, Some(110.0));
+        // Repeat days: 60, 20, 90 → 56.666…
+        assert!((k.mean_repeat_value.unwrap() - 170.0 / 3.0 * 100.0).abs() < 1e-9);
+
+        let today = date(2026, 5, 1);
+        let v = k.view(today, &KpiConfig::default(), None);
+        assert_eq!(v.revenue_this_year, 9000);
+        assert_eq!(v.revenue_last_year, 11000);
+        assert_eq!(v.purchases_this_year, 1);
+        // Last purchase 86 days ago: not new (first was 476 days ago), within 180: Loyal.
+        assert_eq!(v.activity, Some(Activity::Loyal));
+        // Next due Feb 4 + 110 days = May 25; 86 days since ≤ 110 × 1.5: not overdue.
+        assert_eq!(v.next_purchase_due, Some(date(2026, 5, 25)));
+        assert!(!v.overdue);
+        // Games: last Jun 19 2025, 316 days ago > 110 × 1.5 = 165: overdue. Fashion: 86 ≤ 292.5.
+        assert_eq!(v.overdue_groups, vec!["games".to_string()]);
+        assert_eq!(v.frequency, 3);
+        // Fallback CLV: 52.50 × (4 purchases / (476 / 365.25) years) × 3 years.
+        let years: f64 = 476.0 / 365.25;
+        assert_eq!(v.clv, Some((5250.0 * (4.0 / years) * 3.0_f64).round() as i64));
+        assert_eq!(v.p_alive, None);
+    }
+
+    #[test]
+    fn activity_at_the_thresholds_edges() {
+        let k = Kpis::compute(&[sale(date(2026, 1, 1), 100, &[])]);
+        let c = KpiConfig::default();
+        // New up to and including 90 days after the first purchase.
+        assert_eq!(k.view(date(2026, 4, 1), &c, None).activity, Some(Activity::New)); // 90 days
+        assert_eq!(k.view(date(2026, 4, 2), &c, None).activity, Some(Activity::Loyal)); // 91
+        // Loyal up to and including 180 days after the last purchase.
+        assert_eq!(k.view(date(2026, 6, 30), &c, None).activity, Some(Activity::Loyal)); // 180
+        assert_eq!(k.view(date(2026, 7, 1), &c, None).activity, Some(Activity::Passive)); // 181
+        assert_eq!(Kpis::default().view(date(2026, 7, 1), &c, None).activity, None);
+    }
+
+    #[test]
+    fn returns_only_reduce_revenue_and_two_baskets_a_day_are_one_occasion() {
+        let k = Kpis::compute(&[
+            sale(date(2026, 1, 1), 1000, &[]),
+            sale(date(2026, 1, 1), 500, &[]),
+            sale(date(2026, 1, 11), -300, &[]),
+        ]);
+        assert_eq!(k.revenue_by_year[&2026], 1200);
+        assert_eq!(k.purchases, 2);
+        assert_eq!(k.rhythm.purchase_days, 1);
+        assert_eq!(k.rhythm.mean_interval_days, None);
+        assert_eq!(k.mean_basket, Some(750));
+    }
+
+    #[test]
+    fn hypergeometric_series_matches_closed_forms() {
+        // ₂F₁(1, 1; 2; z) = −ln(1 − z) / z.
+        for z in [0.1, 0.5, 0.9] {
+            let closed = -(1.0_f64 - z).ln() / z;
+            assert!((hyp2f1(1.0, 1.0, 2.0, z) - closed).abs() < 1e-12, "{z}");
+        }
+        // ₂F₁(a, b; b; z) = (1 − z)^−a.
+        assert!((hyp2f1(2.5, 3.0, 3.0, 0.3) - 0.7_f64.powf(-2.5)).abs() < 1e-12);
+    }
+}
