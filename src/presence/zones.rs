@@ -400,7 +400,10 @@ impl<K: Clone + Eq + Hash> Tracker<K> {
     /// `scanner_distance_m` is a remote scanner's own distance estimate (ESPresense sends
     /// one); when present and sane it is used instead of our path-loss estimate from `rssi`,
     /// and smoothed the same way.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one sighting's fields, passed apart so that the hot path builds no struct"
+    )]
     pub fn observe(
         &mut self,
         customer: &K,
@@ -515,7 +518,10 @@ impl Site {
         self.zones_of(s).contains(&zone)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the time in both forms saves conversions"
+    )]
     fn observe<K: Clone>(
         &self,
         who: &K,
@@ -597,7 +603,10 @@ impl Site {
     }
 
     /// Zone logic after a reading from zone scanner `s` landed in slot `slot`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the time in both forms saves conversions"
+    )]
     fn place<K: Clone>(
         &self,
         who: &K,
