@@ -44,6 +44,16 @@ pub enum TreeName {
 }
 
 impl TreeName {
+    /// Every tree, for checks that must look everywhere (erasure leaves nothing).
+    pub const ALL: [TreeName; 6] = [
+        TreeName::Meta,
+        TreeName::Outbox,
+        TreeName::DeadLetter,
+        TreeName::Profiles,
+        TreeName::Presence,
+        TreeName::Offers,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TreeName::Meta => "meta",

@@ -272,7 +272,8 @@ impl Kpis {
                 let big_t = (today - first).get_days().max(0) as f64 / unit;
                 let p = bgnbd_p_alive(m, x, t_x, big_t);
                 let e90 = bgnbd_expected(m, 90.0 / unit, x, t_x, big_t);
-                let eh = bgnbd_expected(m, f64::from(config.clv_horizon_days) / unit, x, t_x, big_t);
+                let eh =
+                    bgnbd_expected(m, f64::from(config.clv_horizon_days) / unit, x, t_x, big_t);
                 let value = gamma_gamma_value(m, x, self.mean_repeat_value.unwrap_or(0.0))
                     .or(self.mean_basket.map(|b| b as f64));
                 (Some(p), Some(e90), value.map(|v| (eh * v).round() as i64))
@@ -425,7 +426,10 @@ mod tests {
     fn hand_computed_fixture() {
         let k = Kpis::compute(&fixture());
         // 40 + 60 + 20 - 10 = 110.00 in 2025; 90.00 in 2026.
-        assert_eq!(k.revenue_by_year, BTreeMap::from([(2025, 11000), (2026, 9000)]));
+        assert_eq!(
+            k.revenue_by_year,
+            BTreeMap::from([(2025, 11000), (2026, 9000)])
+        );
         assert_eq!(k.purchases_by_year, BTreeMap::from([(2025, 3), (2026, 1)]));
         assert_eq!(k.purchases, 4);
         // (40 + 60 + 20 + 90) / 4 = 52.50.
@@ -457,7 +461,10 @@ mod tests {
         assert_eq!(v.frequency, 3);
         // Fallback CLV: 52.50 × (4 purchases / (476 / 365.25) years) × 3 years.
         let years: f64 = 476.0 / 365.25;
-        assert_eq!(v.clv, Some((5250.0 * (4.0 / years) * 3.0_f64).round() as i64));
+        assert_eq!(
+            v.clv,
+            Some((5250.0 * (4.0 / years) * 3.0_f64).round() as i64)
+        );
         assert_eq!(v.p_alive, None);
     }
 
@@ -466,12 +473,27 @@ mod tests {
         let k = Kpis::compute(&[sale(date(2026, 1, 1), 100, &[])]);
         let c = KpiConfig::default();
         // New up to and including 90 days after the first purchase.
-        assert_eq!(k.view(date(2026, 4, 1), &c, None).activity, Some(Activity::New)); // 90 days
-        assert_eq!(k.view(date(2026, 4, 2), &c, None).activity, Some(Activity::Loyal)); // 91
+        assert_eq!(
+            k.view(date(2026, 4, 1), &c, None).activity,
+            Some(Activity::New)
+        ); // 90 days
+        assert_eq!(
+            k.view(date(2026, 4, 2), &c, None).activity,
+            Some(Activity::Loyal)
+        ); // 91
         // Loyal up to and including 180 days after the last purchase.
-        assert_eq!(k.view(date(2026, 6, 30), &c, None).activity, Some(Activity::Loyal)); // 180
-        assert_eq!(k.view(date(2026, 7, 1), &c, None).activity, Some(Activity::Passive)); // 181
-        assert_eq!(Kpis::default().view(date(2026, 7, 1), &c, None).activity, None);
+        assert_eq!(
+            k.view(date(2026, 6, 30), &c, None).activity,
+            Some(Activity::Loyal)
+        ); // 180
+        assert_eq!(
+            k.view(date(2026, 7, 1), &c, None).activity,
+            Some(Activity::Passive)
+        ); // 181
+        assert_eq!(
+            Kpis::default().view(date(2026, 7, 1), &c, None).activity,
+            None
+        );
     }
 
     #[test]
