@@ -97,10 +97,12 @@ pub async fn start(
 
     let (ingest, rx) = engine::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let profiles = ProfileStore::open(&store)?;
     let core = Engine::new(
         store.clone(),
         outbox.clone(),
         deadletters.clone(),
+        profiles.clone(),
         config.store.id.clone(),
     );
     {
@@ -144,7 +146,6 @@ pub async fn start(
             pos::run(register.clone(), ctx.clone(), component, token.clone())
         });
     }
-    let profiles = ProfileStore::open(&store)?;
     let presence = start_presence(&config, &store, &profiles, &supervisor, &ingest, &clock)?;
     drop(ingest);
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::events::{self, EventKind};
 use crate::pos::transaction::Transaction;
+use crate::profiles::ProfileStore;
 use crate::store::{Store, StoreError};
 use crate::supervisor::Component;
 use crate::uplink::outbox::{AppendOutcome, NewEvent, Outbox};
@@ -135,6 +136,7 @@ pub struct Engine {
     store: Store,
     outbox: Arc<Outbox>,
     deadletters: Arc<DeadLetters>,
+    profiles: ProfileStore,
     store_id: String,
 }
 
@@ -143,12 +145,14 @@ impl Engine {
         store: Store,
         outbox: Arc<Outbox>,
         deadletters: Arc<DeadLetters>,
+        profiles: ProfileStore,
         store_id: String,
     ) -> Self {
         Self {
             store,
             outbox,
             deadletters,
+            profiles,
             store_id,
         }
     }
@@ -221,6 +225,18 @@ impl Engine {
             .deadletters
             .record(&letters)
             .and_then(|()| self.outbox.append(&events));
+        // A loyalty transaction stored for the first time updates its customer's KPIs before
+        // the flush, so both are durable in the same step; a duplicate changes nothing.
+        let written = written.and_then(|outcomes| {
+            for (item, outcome) in batch.iter().zip(&outcomes) {
+                if let (Ingest::Transaction { tx, .. }, AppendOutcome::Stored) = (item, outcome)
+                    && tx.loyalty_id.is_some()
+                {
+                    self.profiles.record_transaction(tx)?;
+                }
+            }
+            Ok(outcomes)
+        });
         let outcomes = match written {
             Ok(outcomes) => match self.store.flush().await {
                 Ok(()) => Ok(outcomes),

@@ -212,3 +212,26 @@ async fn a_resent_transaction_is_acknowledged_again_but_held_once() {
     assert_eq!(agent.outbox.depth(), 1);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loyalty_transaction_updates_kpis_once_however_often_it_is_sent() {
+    let agent = TestAgent::start(local(free_port()), &["lane-1"]).await;
+    let mut client = agent.client(0).await;
+    let mut register = SimRegister::new("s042", "lane-1", Some("1"), 5);
+    let mut tx = register.next(start_time());
+    tx.kind = storelink::pos::transaction::TransactionKind::Sale;
+    tx.loyalty_id = Some("4711".into());
+    for _ in 0..3 {
+        assert!(client.submit(&tx).await.unwrap().starts_with("ok "));
+    }
+    let kpis = agent.profiles.kpis("4711").unwrap().expect("KPIs recorded");
+    assert_eq!(kpis.purchases, 1);
+    assert_eq!(
+        kpis.revenue_by_year[&tx.business_day.year()],
+        tx.total,
+        "revenue is the transaction's total, once"
+    );
+    // The customer was not known: a stub profile waits for sync.
+    assert_eq!(agent.profiles.get("4711").unwrap().unwrap().version, 0);
+    agent.stop().await;
+}
