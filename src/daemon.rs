@@ -164,6 +164,8 @@ pub async fn start(
         clock: clock.clone(),
         metrics,
         registers: Arc::new(http_registers),
+        profiles: profiles.clone(),
+        tz: config.time_zone(),
     };
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {

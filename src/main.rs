@@ -74,6 +74,26 @@ enum Command {
     /// Bluetooth LE presence tools.
     #[command(subcommand)]
     Ble(BleCommand),
+    /// What the running agent knows about customers, read from its local API.
+    #[command(subcommand)]
+    Profiles(ProfilesCommand),
+}
+
+#[derive(Subcommand)]
+enum ProfilesCommand {
+    /// One customer's profile and KPIs (the presence key is never shown).
+    Show {
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The agent's local API (`cashier.bind`).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// How many profiles, keys, KPI records and tombstones the agent holds.
+    Stats {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,7 +233,31 @@ fn main() -> ExitCode {
         })),
         Command::Pos(command) => pos(command),
         Command::Ble(command) => ble(command),
+        Command::Profiles(command) => profiles(command),
     }
+}
+
+fn profiles(command: ProfilesCommand) -> ExitCode {
+    let (url, path) = match &command {
+        ProfilesCommand::Show { id, url } => (url, format!("/api/v1/profiles/{id}")),
+        ProfilesCommand::Stats { url } => (url, "/api/v1/profiles/stats".to_string()),
+    };
+    let url = format!("{}{path}", url.trim_end_matches('/'));
+    exit_with(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let response = reqwest::get(&url)
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: {e} (is the agent running? --url)"))?;
+            let status = response.status();
+            let body = response.text().await?;
+            if !status.is_success() {
+                anyhow::bail!("{url}: {status}: {}", body.trim());
+            }
+            let value: serde_json::Value = serde_json::from_str(&body)?;
+            out!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        })
+    }))
 }
 
 fn ble(command: BleCommand) -> ExitCode {

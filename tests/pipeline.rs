@@ -233,5 +233,36 @@ async fn a_loyalty_transaction_updates_kpis_once_however_often_it_is_sent() {
     );
     // The customer was not known: a stub profile waits for sync.
     assert_eq!(agent.profiles.get("4711").unwrap().unwrap().version, 0);
+
+    // Support reads it through the CLI, from the running agent's local API.
+    let api = agent.api();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_storelink"))
+            .args(["profiles", "show", "4711", "--url", &api])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["kpis"]["purchases"], 1);
+    assert_eq!(shown["stub"], true);
+    assert_eq!(shown["has_presence_key"], false);
+    assert!(
+        shown["profile"]
+            .get("presence_key")
+            .is_none_or(|k| k.is_null())
+    );
+    // The class depends on how long ago the (fixed) test date is; that it is derived is enough.
+    assert!(["new", "loyal", "passive"].contains(&shown["view"]["activity"].as_str().unwrap()));
+    let missing = reqwest::get(format!("{}/api/v1/profiles/nobody", agent.api()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
     agent.stop().await;
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::deadletter::DeadLetters;
 use crate::pos::RegisterContext;
+use crate::profiles::kpi::{KpiConfig, KpiView, Kpis};
+use crate::profiles::{Profile, ProfileStats, ProfileStore};
 use crate::supervisor::{Component, ComponentState, ComponentStatus, StatusBoard};
 use crate::uplink::outbox::{Outbox, OutboxStats};
 
@@ -59,6 +61,9 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// Registers whose transport is `http`, by name.
     pub registers: Arc<BTreeMap<String, RegisterContext>>,
+    pub profiles: ProfileStore,
+    /// The store's time zone: KPIs are viewed as of the store's today.
+    pub tz: jiff::tz::TimeZone,
 }
 
 /// Overall health, as `storelink status` and monitoring read it.
@@ -129,11 +134,63 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics_text))
+        .route("/api/v1/profiles/stats", get(profile_stats))
+        .route("/api/v1/profiles/{id}", get(profile_show))
         .route(
             "/pos/v1/transactions",
             post(post_transactions).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)),
         )
         .with_state(state)
+}
+
+/// What support sees of one customer: the profile without its presence key, and the KPIs as
+/// of the store's today.
+#[derive(Debug, Serialize)]
+struct ProfileReport {
+    profile: Profile,
+    has_presence_key: bool,
+    /// A stub made from a transaction, waiting for sync.
+    stub: bool,
+    kpis: Option<Kpis>,
+    as_of: jiff::civil::Date,
+    view: Option<KpiView>,
+}
+
+async fn profile_show(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<ProfileReport>, (StatusCode, String)> {
+    let storage = |e: crate::store::StoreError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let Some(mut profile) = state.profiles.get(&id).map_err(storage)? else {
+        return Err(match state.profiles.tombstone(&id).map_err(storage)? {
+            Some(_) => (StatusCode::GONE, "this customer was erased\n".to_string()),
+            None => (StatusCode::NOT_FOUND, "no such customer here\n".to_string()),
+        });
+    };
+    let has_presence_key = profile.presence_key.take().is_some();
+    let kpis = state.profiles.kpis(&id).map_err(storage)?;
+    let as_of = state.clock.now().to_zoned(state.tz.clone()).date();
+    let view = kpis
+        .as_ref()
+        .map(|k| k.view(as_of, &KpiConfig::default(), None));
+    Ok(Json(ProfileReport {
+        stub: profile.version == 0,
+        profile,
+        has_presence_key,
+        kpis,
+        as_of,
+        view,
+    }))
+}
+
+async fn profile_stats(
+    State(state): State<ApiState>,
+) -> Result<Json<ProfileStats>, (StatusCode, String)> {
+    state
+        .profiles
+        .stats()
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// Largest request body a register may post: the largest frame cap config allows.

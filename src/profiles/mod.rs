@@ -121,6 +121,16 @@ pub enum Upserted {
     Erased,
 }
 
+/// What `storelink profiles stats` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileStats {
+    pub profiles: u64,
+    pub with_presence_key: u64,
+    pub with_kpis: u64,
+    pub ledger_entries: u64,
+    pub tombstones: u64,
+}
+
 /// The profile cache in sled.
 #[derive(Clone)]
 pub struct ProfileStore {
@@ -317,6 +327,18 @@ impl ProfileStore {
             .tree
             .get(key(KPIS, customer_id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Counts for support and status.
+    pub fn stats(&self) -> Result<ProfileStats, StoreError> {
+        let count = |prefix: u8| self.tree.scan_prefix([prefix]).count() as u64;
+        Ok(ProfileStats {
+            profiles: count(PROFILE),
+            with_presence_key: count(KEY),
+            with_kpis: count(KPIS),
+            ledger_entries: count(LEDGER),
+            tombstones: count(TOMBSTONE),
+        })
     }
 
     /// Every consenting customer's presence key.
