@@ -30,6 +30,10 @@ use crate::uplink::outbox::{Limits, Outbox};
 /// How long start-up waits for the local API to bind its port.
 const API_BIND_PATIENCE: Duration = Duration::from_secs(2);
 
+/// Messages from central waiting for the core; beyond this the uplink drops (and counts) them
+/// rather than stall, and sync catches up.
+const DOWNLINK_CHANNEL: usize = 1024;
+
 /// Tasks get this long to drain after a stop signal; the final flush follows.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
 
@@ -118,7 +122,24 @@ pub async fn start(
         });
     }
 
-    if let Some(settings) = MqttSettings::from_config(&config) {
+    if let Some(mut settings) = MqttSettings::from_config(&config) {
+        let (down_tx, down_rx) = tokio::sync::mpsc::channel(DOWNLINK_CHANNEL);
+        settings.downlink = Some(down_tx);
+        let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
+        let history = History::open(&store, config.presence.retention_days)?;
+        {
+            let (store, profiles, token) = (store.clone(), profiles.clone(), token.clone());
+            supervisor.spawn("profiles.downlink", move |component| {
+                crate::profiles::downlink::run(
+                    down_rx.clone(),
+                    store.clone(),
+                    profiles.clone(),
+                    history.clone(),
+                    component,
+                    token.clone(),
+                )
+            });
+        }
         let outbox = outbox.clone();
         let clock = clock.clone();
         let token = token.clone();

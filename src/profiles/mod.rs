@@ -22,6 +22,7 @@
 //! `m ‖ customer id` → KPIs (JSON); `t ‖ customer id` → tombstone (u64 version, big-endian).
 //! Customer ids never contain NUL, so `l ‖ id ‖ 0` is a prefix of that customer's ledger only.
 
+pub mod downlink;
 pub mod kpi;
 
 use std::collections::BTreeMap;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
@@ -49,6 +49,17 @@ pub struct MqttSettings {
     pub inflight: u16,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Where messages from central (profile upserts, erasures) go; none, no subscription.
+    pub downlink: Option<mpsc::Sender<Downlink>>,
+}
+
+/// A message central sent down, by the topic it came on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Downlink {
+    /// `…/{store}/profiles`: profile upserts.
+    Profiles(bytes::Bytes),
+    /// `…/erasures`: customer erasure requests.
+    Erasures(bytes::Bytes),
 }
 
 impl MqttSettings {
@@ -63,6 +74,7 @@ impl MqttSettings {
             inflight: mqtt.inflight,
             username: mqtt.username.clone(),
             password: mqtt.password.clone(),
+            downlink: None,
         })
     }
 
@@ -73,6 +85,34 @@ impl MqttSettings {
             self.store,
             kind.name()
         )
+    }
+
+    pub fn profiles_topic(&self) -> String {
+        format!("{}/{}/profiles", self.topic_prefix, self.store)
+    }
+
+    pub fn erasures_topic(&self) -> String {
+        format!("{}/erasures", self.topic_prefix)
+    }
+
+    /// Hands a message from central to the core; a full channel drops it (counted), because
+    /// blocking here would stall acknowledgements, and the HTTPS delta sync catches up.
+    fn deliver_down(&self, topic: &str, payload: &bytes::Bytes) {
+        let Some(tx) = &self.downlink else { return };
+        let message = if topic == self.profiles_topic() {
+            Downlink::Profiles(payload.clone())
+        } else if topic == self.erasures_topic() {
+            Downlink::Erasures(payload.clone())
+        } else {
+            return;
+        };
+        if tx.try_send(message).is_err() {
+            metrics::counter!("storelink_downlink_dropped_total").increment(1);
+            tracing::warn!(
+                topic,
+                "downlink message dropped: the core is not keeping up"
+            );
+        }
     }
 
     pub fn status_topic(&self) -> String {
@@ -301,11 +341,23 @@ pub async fn run(
                         started_at,
                         clock.now(),
                     ));
+                    if settings.downlink.is_some() {
+                        for topic in [settings.profiles_topic(), settings.erasures_topic()] {
+                            if let Err(e) =
+                                link.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
+                            {
+                                tracing::warn!(topic, error = %e, "could not subscribe to central's downlink");
+                            }
+                        }
+                    }
                     backoff.reset();
                     tracing::info!(%broker, "connected to the MQTT broker");
                     metrics::gauge!("storelink_uplink_connected", "path" => "mqtt").set(1.0);
                     component.running(Some(format!("connected to {broker}")));
                     wake.notify_one();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    settings.deliver_down(&p.topic, &p.payload);
                 }
                 Ok(event) => {
                     link.on_event(&event)?;
