@@ -203,16 +203,6 @@ impl ProfileStore {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    /// Removes a profile and its presence key.
-    pub fn remove(&self, customer_id: &str) -> Result<(), StoreError> {
-        let mut batch = Batch::default();
-        batch.remove(key(PROFILE, customer_id));
-        batch.remove(key(KEY, customer_id));
-        self.tree.apply(batch)?;
-        self.changes.send_modify(|g| *g += 1);
-        Ok(())
-    }
-
     /// The version at which a customer was erased, if they were.
     pub fn tombstone(&self, customer_id: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
