@@ -28,6 +28,8 @@ pub struct Config {
     pub registers: Vec<RegisterConfig>,
     #[serde(default)]
     pub presence: PresenceSection,
+    #[serde(default)]
+    pub profiles: ProfilesSection,
     pub central: CentralSection,
     #[serde(default)]
     pub cashier: CashierSection,
@@ -307,6 +309,52 @@ pub struct ScannerCalibration {
 
 fn default_path_loss_exponent() -> f32 {
     2.0
+}
+
+/// Customer profiles: the cache, sync from central, and the KPI settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilesSection {
+    /// Hot profiles kept in memory in front of sled (0 turns the cache off).
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+    /// Seconds between delta syncs from central's HTTPS API once caught up. Needs
+    /// `central.https`; without it, profiles arrive over the MQTT downlink only.
+    #[serde(default = "default_sync_interval_s")]
+    pub sync_interval_s: u64,
+    /// Profiles asked for per page.
+    #[serde(default = "default_sync_page_size")]
+    pub sync_page_size: u32,
+    /// Seconds between recomputations of the store's RFM distribution.
+    #[serde(default = "default_rfm_interval_s")]
+    pub rfm_interval_s: u64,
+    #[serde(default)]
+    pub kpi: crate::profiles::kpi::KpiConfig,
+}
+
+impl Default for ProfilesSection {
+    fn default() -> Self {
+        ProfilesSection {
+            cache_entries: default_cache_entries(),
+            sync_interval_s: default_sync_interval_s(),
+            sync_page_size: default_sync_page_size(),
+            rfm_interval_s: default_rfm_interval_s(),
+            kpi: Default::default(),
+        }
+    }
+}
+
+fn default_cache_entries() -> usize {
+    crate::profiles::DEFAULT_CACHE_ENTRIES
+}
+fn default_sync_interval_s() -> u64 {
+    300
+}
+fn default_sync_page_size() -> u32 {
+    1000
+}
+fn default_rfm_interval_s() -> u64 {
+    6 * 3600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -792,6 +840,7 @@ impl Config {
         }
 
         self.validate_presence(&mut v);
+        self.validate_profiles(&mut v);
 
         match (&mut self.central.mqtt, &mut self.central.https) {
             (None, _) => v.problem(
@@ -856,6 +905,19 @@ impl Config {
                 );
             }
             https.token = v.secret("central.https.token_env", &https.token_env, env);
+            if let Some(ca) = &https.ca_file {
+                match std::fs::read_to_string(ca) {
+                    Err(e) => v.problem(
+                        "central.https.ca_file",
+                        format!("cannot read {}: {e}", ca.display()),
+                    ),
+                    Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => v.problem(
+                        "central.https.ca_file",
+                        format!("{} holds no PEM certificate", ca.display()),
+                    ),
+                    Ok(_) => {}
+                }
+            }
         }
 
         v.problems
@@ -863,6 +925,28 @@ impl Config {
 }
 
 impl Config {
+    fn validate_profiles(&self, v: &mut Validator) {
+        let p = &self.profiles;
+        let mut range = |key: &str, value: f64, lo: f64, hi: f64| {
+            if !(lo..=hi).contains(&value) {
+                v.problem(
+                    format!("profiles.{key}"),
+                    format!("{value} is out of range {lo}-{hi}"),
+                );
+            }
+        };
+        range("cache_entries", p.cache_entries as f64, 0.0, 10_000_000.0);
+        range("sync_interval_s", p.sync_interval_s as f64, 10.0, 86_400.0);
+        range("sync_page_size", f64::from(p.sync_page_size), 1.0, 100_000.0);
+        range("rfm_interval_s", p.rfm_interval_s as f64, 60.0, 7.0 * 86_400.0);
+        let k = &p.kpi;
+        range("kpi.new_days", f64::from(k.new_days), 1.0, 3650.0);
+        range("kpi.passive_after_days", f64::from(k.passive_after_days), 1.0, 3650.0);
+        range("kpi.overdue_factor", k.overdue_factor, 1.0, 10.0);
+        range("kpi.expected_lifetime_years", k.expected_lifetime_years, 0.1, 50.0);
+        range("kpi.clv_horizon_days", f64::from(k.clv_horizon_days), 1.0, 3650.0);
+    }
+
     fn validate_presence(&mut self, v: &mut Validator) {
         let p = &mut self.presence;
         match (&p.service_uuid, p.source) {

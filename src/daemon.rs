@@ -19,6 +19,8 @@ use crate::deadletter::DeadLetters;
 use crate::engine::{self, Engine};
 use crate::pos::{self, RegisterContext};
 use crate::presence::history::History;
+use crate::profiles::erasure::Eraser;
+use crate::profiles::sync::{self, Syncer};
 use crate::presence::pipeline::{self, Pipeline, PresenceEvent};
 use crate::presence::source;
 use crate::profiles::ProfileStore;
@@ -101,7 +103,7 @@ pub async fn start(
 
     let (ingest, rx) = engine::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let profiles = ProfileStore::open(&store)?;
+    let profiles = ProfileStore::open_with(&store, config.profiles.cache_entries)?;
     let core = Engine::new(
         store.clone(),
         outbox.clone(),
@@ -122,19 +124,60 @@ pub async fn start(
         });
     }
 
+    let eraser = Eraser {
+        profiles: profiles.clone(),
+        history: History::open(&store, config.presence.retention_days)?,
+        store_id: config.store.id.clone(),
+        clock: clock.clone(),
+        ingest: Some(ingest.clone()),
+    };
+    if let Some(https) = &config.central.https {
+        let syncer = Syncer {
+            client: sync::client(https.ca_file.as_deref())
+                .map_err(|e| DaemonError::Setup(format!("central.https: {e}")))?,
+            base_url: https.base_url.clone(),
+            store_id: config.store.id.clone(),
+            token: https.token.clone(),
+            page_size: config.profiles.sync_page_size,
+            store: store.clone(),
+            eraser: eraser.clone(),
+        };
+        let interval = Duration::from_secs(config.profiles.sync_interval_s);
+        let token = token.clone();
+        supervisor.spawn("profiles.sync", move |component| {
+            sync::run(syncer.clone(), interval, component, token.clone())
+        });
+    }
+    {
+        let (profiles, clock, tz, token) = (
+            profiles.clone(),
+            clock.clone(),
+            config.time_zone(),
+            token.clone(),
+        );
+        let every = Duration::from_secs(config.profiles.rfm_interval_s);
+        supervisor.spawn("profiles.rfm", move |component| {
+            crate::profiles::run_rfm(
+                profiles.clone(),
+                clock.clone(),
+                tz.clone(),
+                every,
+                component,
+                token.clone(),
+            )
+        });
+    }
     if let Some(mut settings) = MqttSettings::from_config(&config) {
         let (down_tx, down_rx) = tokio::sync::mpsc::channel(DOWNLINK_CHANNEL);
         settings.downlink = Some(down_tx);
         let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
-        let history = History::open(&store, config.presence.retention_days)?;
         {
-            let (store, profiles, token) = (store.clone(), profiles.clone(), token.clone());
+            let (store, eraser, token) = (store.clone(), eraser.clone(), token.clone());
             supervisor.spawn("profiles.downlink", move |component| {
                 crate::profiles::downlink::run(
                     down_rx.clone(),
                     store.clone(),
-                    profiles.clone(),
-                    history.clone(),
+                    eraser.clone(),
                     component,
                     token.clone(),
                 )
@@ -187,6 +230,7 @@ pub async fn start(
         registers: Arc::new(http_registers),
         profiles: profiles.clone(),
         tz: config.time_zone(),
+        kpi: config.profiles.kpi.clone(),
     };
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {

@@ -19,10 +19,13 @@ pub enum EventKind {
     Redemption,
     Status,
     DeadLetter,
+    /// The acknowledgement of a customer erasure.
+    Erasure,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    /// Every kind; the position is the kind's byte in outbox headers, so new kinds go last.
+    pub const ALL: [EventKind; 8] = [
         EventKind::Transaction,
         EventKind::Presence,
         EventKind::Offer,
@@ -30,6 +33,7 @@ impl EventKind {
         EventKind::Redemption,
         EventKind::Status,
         EventKind::DeadLetter,
+        EventKind::Erasure,
     ];
 
     /// The short name: the MQTT topic suffix in `…/{store}/events/{name}`.
@@ -42,6 +46,7 @@ impl EventKind {
             EventKind::Redemption => "redemption",
             EventKind::Status => "status",
             EventKind::DeadLetter => "deadletter",
+            EventKind::Erasure => "erasure",
         }
     }
 
@@ -55,6 +60,7 @@ impl EventKind {
             EventKind::Redemption => "storelink.redemption.v1",
             EventKind::Status => "storelink.status.v1",
             EventKind::DeadLetter => "storelink.deadletter.v1",
+            EventKind::Erasure => "storelink.erasure.v1",
         }
     }
 

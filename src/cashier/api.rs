@@ -64,6 +64,8 @@ pub struct ApiState {
     pub profiles: ProfileStore,
     /// The store's time zone: KPIs are viewed as of the store's today.
     pub tz: jiff::tz::TimeZone,
+    /// Activity thresholds and CLV settings from `[profiles.kpi]`.
+    pub kpi: KpiConfig,
 }
 
 /// Overall health, as `storelink status` and monitoring read it.
@@ -154,6 +156,8 @@ struct ProfileReport {
     kpis: Option<Kpis>,
     as_of: jiff::civil::Date,
     view: Option<KpiView>,
+    /// Whether `view` used central's BG/NBD parameters or the fallback CLV.
+    model_shipped: bool,
 }
 
 async fn profile_show(
@@ -161,6 +165,8 @@ async fn profile_show(
     Path(id): Path<String>,
 ) -> Result<Json<ProfileReport>, (StatusCode, String)> {
     let storage = |e: crate::store::StoreError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // Support often has the card in hand rather than the id.
+    let id = state.profiles.resolve_card(&id).map_err(storage)?;
     let Some(mut profile) = state.profiles.get(&id).map_err(storage)? else {
         return Err(match state.profiles.tombstone(&id).map_err(storage)? {
             Some(_) => (StatusCode::GONE, "this customer was erased\n".to_string()),
@@ -170,9 +176,11 @@ async fn profile_show(
     let has_presence_key = profile.presence_key.take().is_some();
     let kpis = state.profiles.kpis(&id).map_err(storage)?;
     let as_of = state.clock.now().to_zoned(state.tz.clone()).date();
+    let model = state.profiles.model().map_err(storage)?;
+    let rfm = state.profiles.rfm_breakpoints().map_err(storage)?;
     let view = kpis
         .as_ref()
-        .map(|k| k.view(as_of, &KpiConfig::default(), None));
+        .map(|k| k.view(as_of, &state.kpi, model.as_ref(), rfm.as_ref()));
     Ok(Json(ProfileReport {
         stub: profile.version == 0,
         profile,
@@ -180,6 +188,7 @@ async fn profile_show(
         kpis,
         as_of,
         view,
+        model_shipped: model.is_some(),
     }))
 }
 

@@ -4,8 +4,8 @@
 //! Invariants:
 //! - An upsert goes through [`ProfileStore::upsert`], so a stale one loses and one for an
 //!   erased customer (at or below the tombstone) is refused.
-//! - An erasure removes the profile, its KPIs and ledger, and its presence history together,
-//!   and is durable (flushed) before it is counted as done.
+//! - An erasure removes the profile, its KPIs and ledger, and its presence history together
+//!   (see [`super::erasure`]), and is durable (flushed) before it is acknowledged to central.
 //! - Customer ids are logged at debug level only.
 
 use std::sync::Arc;
@@ -14,20 +14,12 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Profile, ProfileStore, Upserted};
-use crate::presence::history::History;
+pub use super::erasure::Erasure;
+use super::erasure::{ErasureAck, Eraser};
+use super::{Profile, Upserted};
 use crate::store::{Store, StoreError};
 use crate::supervisor::Component;
 use crate::uplink::mqtt::Downlink;
-
-/// One erasure request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Erasure {
-    pub customer_id: String,
-    /// The profile version central erased at; later upserts at or below it are refused.
-    #[serde(default)]
-    pub version: u64,
-}
 
 /// A message body: one item or a list of them.
 #[derive(Deserialize)]
@@ -44,37 +36,46 @@ fn items<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<Vec<T>, serde_jso
     })
 }
 
-/// Applies one message. Returns how many items it applied.
-pub fn apply(
-    message: &Downlink,
-    profiles: &ProfileStore,
-    history: &History,
-) -> Result<usize, DownlinkError> {
+/// What one message did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub upserts: usize,
+    /// Erasures carried out, to acknowledge once they are flushed.
+    pub erasures: Vec<ErasureAck>,
+}
+
+/// Applies one message.
+pub fn apply(message: &Downlink, eraser: &Eraser) -> Result<Applied, DownlinkError> {
+    let mut applied = Applied::default();
     match message {
         Downlink::Profiles(bytes) => {
-            let mut applied = 0;
-            for p in items::<Profile>(bytes).map_err(DownlinkError::Malformed)? {
+            let page = items::<Profile>(bytes).map_err(DownlinkError::Malformed)?;
+            for p in &page {
                 tracing::debug!(customer = %p.customer_id, version = p.version, "profile upsert from central");
-                match profiles.upsert(p)? {
-                    Upserted::Applied => applied += 1,
-                    Upserted::Stale | Upserted::Erased => {
-                        metrics::counter!("storelink_profile_upserts_refused_total").increment(1);
-                    }
-                }
             }
-            Ok(applied)
+            applied.upserts = count_applied(&eraser.profiles.upsert_many(page, &[])?);
         }
         Downlink::Erasures(bytes) => {
-            let requests = items::<Erasure>(bytes).map_err(DownlinkError::Malformed)?;
-            for e in &requests {
-                tracing::debug!(customer = %e.customer_id, "erasure from central");
-                profiles.erase(&e.customer_id, e.version)?;
-                history.erase(&e.customer_id)?;
-                metrics::counter!("storelink_erasures_total").increment(1);
+            for e in items::<Erasure>(bytes).map_err(DownlinkError::Malformed)? {
+                applied.erasures.push(eraser.erase(&e)?);
             }
-            Ok(requests.len())
         }
     }
+    Ok(applied)
+}
+
+/// Counts the applied upserts and the refused ones (stale, erased, invalid) in metrics.
+pub fn count_applied(outcomes: &[Upserted]) -> usize {
+    let applied = outcomes
+        .iter()
+        .filter(|o| **o == Upserted::Applied)
+        .count();
+    let refused = outcomes.len() - applied;
+    if refused > 0 {
+        metrics::counter!("storelink_profile_upserts_refused_total").increment(refused as u64);
+    }
+    metrics::counter!("storelink_profile_upserts_total").increment(applied as u64);
+    applied
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +92,7 @@ pub enum DownlinkError {
 pub async fn run(
     rx: Arc<Mutex<mpsc::Receiver<Downlink>>>,
     store: Store,
-    profiles: ProfileStore,
-    history: History,
+    eraser: Eraser,
     component: Component,
     token: CancellationToken,
 ) -> Result<(), StoreError> {
@@ -106,17 +106,19 @@ pub async fn run(
             },
             _ = token.cancelled() => return Ok(()),
         };
-        match apply(&message, &profiles, &history) {
-            Ok(n) => {
-                if matches!(message, Downlink::Erasures(_)) {
+        match apply(&message, &eraser) {
+            Ok(applied) => {
+                let erasures = applied.erasures.len();
+                if erasures > 0 {
                     store.flush().await?;
+                    eraser.acknowledge(applied.erasures).await;
                 }
                 component.success();
-                let kind = match message {
-                    Downlink::Profiles(_) => "profiles",
-                    Downlink::Erasures(_) => "erasures",
-                };
-                tracing::info!(applied = n, kind, "applied central's message");
+                tracing::info!(
+                    upserts = applied.upserts,
+                    erasures,
+                    "applied central's message"
+                );
             }
             Err(DownlinkError::Malformed(e)) => {
                 metrics::counter!("storelink_downlink_malformed_total").increment(1);

@@ -246,7 +246,13 @@ impl Kpis {
     }
 
     /// The KPIs as of `today`.
-    pub fn view(&self, today: Date, config: &KpiConfig, model: Option<&ModelParams>) -> KpiView {
+    pub fn view(
+        &self,
+        today: Date,
+        config: &KpiConfig,
+        model: Option<&ModelParams>,
+        rfm: Option<&RfmBreakpoints>,
+    ) -> KpiView {
         let year = today.year();
         let activity = match (self.rhythm.first, self.rhythm.last) {
             (Some(first), Some(last)) => Some(
@@ -294,10 +300,29 @@ impl Kpis {
                 .map(|(g, _)| g.clone())
                 .collect(),
             frequency,
+            recency_days: self.recency_days(),
+            age_days: self.age_days(today),
+            days_since_last: self.rhythm.last.map(|l| (today - l).get_days()),
             p_alive,
             expected_purchases_90d,
             clv,
+            rfm: rfm.and_then(|b| b.score(self, today)),
         }
+    }
+
+    /// Net revenue over the whole ledger.
+    pub fn net_revenue(&self) -> i64 {
+        self.revenue_by_year.values().sum()
+    }
+
+    /// Days from the first purchase to the last (the `recency` of BG/NBD and lifetimes).
+    pub fn recency_days(&self) -> Option<i32> {
+        Some((self.rhythm.last? - self.rhythm.first?).get_days())
+    }
+
+    /// Days from the first purchase to `today` (the `T` of BG/NBD).
+    pub fn age_days(&self, today: Date) -> Option<i32> {
+        Some((today - self.rhythm.first?).get_days().max(0))
     }
 
     /// mean basket × purchases per year (over the customer's life so far, at least a year) ×
@@ -342,10 +367,86 @@ pub struct KpiView {
     pub overdue_groups: Vec<String>,
     /// Repeat purchase days (BG/NBD's x).
     pub frequency: u32,
+    /// Days from the first purchase to the last (BG/NBD's t_x, lifetimes' `recency`).
+    pub recency_days: Option<i32>,
+    /// Days from the first purchase to today (BG/NBD's T).
+    pub age_days: Option<i32>,
+    pub days_since_last: Option<i32>,
     pub p_alive: Option<f64>,
     pub expected_purchases_90d: Option<f64>,
     /// Minor units.
     pub clv: Option<i64>,
+    /// Scores against the store's distribution; absent before the first recomputation.
+    pub rfm: Option<Rfm>,
+}
+
+/// Recency, frequency and monetary scores, 1 (lowest fifth of the store's customers) to 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rfm {
+    pub r: u8,
+    pub f: u8,
+    pub m: u8,
+}
+
+/// The quintile boundaries (20th, 40th, 60th and 80th percentiles, linear interpolation as in
+/// numpy's default) of the store's customers with a purchase: days since the last purchase,
+/// purchase days, and net revenue. Scores count the boundaries a customer is beyond: for
+/// frequency and money `1 + #{q < v}`; for recency, where fewer days is better,
+/// `5 − #{q < days}`. Recomputed periodically; a customer's score uses their live figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RfmBreakpoints {
+    pub as_of: Date,
+    pub customers: u64,
+    pub recency_days: [f64; 4],
+    pub frequency: [f64; 4],
+    pub monetary: [f64; 4],
+}
+
+impl RfmBreakpoints {
+    /// The breakpoints over the given customers' KPIs; `None` when none has a purchase.
+    pub fn of<'a>(all: impl IntoIterator<Item = &'a Kpis>, today: Date) -> Option<RfmBreakpoints> {
+        let (mut r, mut f, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        for k in all {
+            let Some(last) = k.rhythm.last else { continue };
+            r.push(f64::from((today - last).get_days()));
+            f.push(f64::from(k.rhythm.purchase_days));
+            m.push(k.net_revenue() as f64);
+        }
+        Some(RfmBreakpoints {
+            as_of: today,
+            customers: r.len() as u64,
+            recency_days: quintiles(r)?,
+            frequency: quintiles(f)?,
+            monetary: quintiles(m)?,
+        })
+    }
+
+    /// A customer's scores as of `today`; `None` without a purchase.
+    pub fn score(&self, k: &Kpis, today: Date) -> Option<Rfm> {
+        let last = k.rhythm.last?;
+        let beyond = |qs: &[f64; 4], v: f64| qs.iter().filter(|q| **q < v).count() as u8;
+        Some(Rfm {
+            r: 5 - beyond(&self.recency_days, f64::from((today - last).get_days())),
+            f: 1 + beyond(&self.frequency, f64::from(k.rhythm.purchase_days)),
+            m: 1 + beyond(&self.monetary, k.net_revenue() as f64),
+        })
+    }
+}
+
+/// The 20/40/60/80th percentiles by linear interpolation between closest ranks (numpy's
+/// default method), so central's pandas reproduces them.
+fn quintiles(mut v: Vec<f64>) -> Option<[f64; 4]> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        let h = (v.len() - 1) as f64 * p;
+        let lo = h.floor() as usize;
+        let hi = (lo + 1).min(v.len() - 1);
+        v[lo] + (h - lo as f64) * (v[hi] - v[lo])
+    };
+    Some([at(0.2), at(0.4), at(0.6), at(0.8)])
 }
 
 /// `((α + T) / (α + t_x))^(r + x)` and the `a / (b + x − 1)` factor, shared by both formulas.
@@ -447,7 +548,7 @@ mod tests {
         assert!((k.mean_repeat_value.unwrap() - 170.0 / 3.0 * 100.0).abs() < 1e-9);
 
         let today = date(2026, 5, 1);
-        let v = k.view(today, &KpiConfig::default(), None);
+        let v = k.view(today, &KpiConfig::default(), None, None);
         assert_eq!(v.revenue_this_year, 9000);
         assert_eq!(v.revenue_last_year, 11000);
         assert_eq!(v.purchases_this_year, 1);
@@ -474,24 +575,24 @@ mod tests {
         let c = KpiConfig::default();
         // New up to and including 90 days after the first purchase.
         assert_eq!(
-            k.view(date(2026, 4, 1), &c, None).activity,
+            k.view(date(2026, 4, 1), &c, None, None).activity,
             Some(Activity::New)
         ); // 90 days
         assert_eq!(
-            k.view(date(2026, 4, 2), &c, None).activity,
+            k.view(date(2026, 4, 2), &c, None, None).activity,
             Some(Activity::Loyal)
         ); // 91
         // Loyal up to and including 180 days after the last purchase.
         assert_eq!(
-            k.view(date(2026, 6, 30), &c, None).activity,
+            k.view(date(2026, 6, 30), &c, None, None).activity,
             Some(Activity::Loyal)
         ); // 180
         assert_eq!(
-            k.view(date(2026, 7, 1), &c, None).activity,
+            k.view(date(2026, 7, 1), &c, None, None).activity,
             Some(Activity::Passive)
         ); // 181
         assert_eq!(
-            Kpis::default().view(date(2026, 7, 1), &c, None).activity,
+            Kpis::default().view(date(2026, 7, 1), &c, None, None).activity,
             None
         );
     }

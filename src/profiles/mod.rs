@@ -1,5 +1,5 @@
 //! Customer profiles at the edge: what the agent knows about loyalty customers, kept in the
-//! `profiles` tree.
+//! `profiles` tree with a bounded in-memory cache of hot profiles in front.
 //!
 //! Invariants:
 //! - A profile carries a presence key only while the customer consents to in-store
@@ -10,6 +10,8 @@
 //! - The keys of consenting customers are also kept under their own prefix, so the presence
 //!   resolver is rebuilt without reading every profile.
 //! - Every change bumps a generation that watchers (the presence resolver) follow.
+//! - The cache never serves what sled no longer holds: writers update sled and the cache under
+//!   one lock, and a reader only fills the cache if no write happened since it read sled.
 //!
 //! - KPIs follow the store's own transactions (see [`kpi`]): each loyalty transaction is one
 //!   ledger entry keyed by its id, so a re-delivered transaction changes nothing.
@@ -18,29 +20,42 @@
 //!   cannot bring the customer back.
 //!
 //! Layout of the `profiles` tree: `p ‖ customer id` → profile (JSON); `k ‖ customer id` →
-//! presence key (32 bytes); `l ‖ customer id ‖ 0 ‖ transaction id` → ledger entry (JSON);
-//! `m ‖ customer id` → KPIs (JSON); `t ‖ customer id` → tombstone (u64 version, big-endian).
-//! Customer ids never contain NUL, so `l ‖ id ‖ 0` is a prefix of that customer's ledger only.
+//! presence key (32 bytes); `c ‖ card number` → customer id; `l ‖ customer id ‖ 0 ‖
+//! transaction id` → ledger entry (JSON); `m ‖ customer id` → KPIs (JSON); `t ‖ customer id` →
+//! tombstone (u64 version, big-endian); `x ‖ name` → small facts (sync cursor, model
+//! parameters, RFM breakpoints). Customer ids never contain NUL, so `l ‖ id ‖ 0` is a prefix of
+//! that customer's ledger only.
 
 pub mod downlink;
+pub mod erasure;
 pub mod kpi;
+pub mod sync;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use jiff::civil::Date;
+use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::pos::transaction::{Transaction, TransactionKind};
 use crate::presence::identity::PresenceKey;
 use crate::store::{Batch, Store, StoreError, Tree, TreeName};
-use kpi::{Kpis, LedgerEntry};
+use kpi::{Kpis, LedgerEntry, ModelParams, RfmBreakpoints};
 
 const PROFILE: u8 = b'p';
 const KEY: u8 = b'k';
+const CARD: u8 = b'c';
 const LEDGER: u8 = b'l';
 const KPIS: u8 = b'm';
 const TOMBSTONE: u8 = b't';
+const FACT: u8 = b'x';
+
+/// Hot profiles kept in memory when the config does not say.
+pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 
 /// A customer's consents, one flag per purpose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,26 +69,95 @@ pub struct Consents {
     pub marketing: bool,
 }
 
+/// A birthday without the year, which the agent has no use for: `"MM-DD"` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MonthDay {
+    pub month: i8,
+    pub day: i8,
+}
+
+impl MonthDay {
+    /// Whether `date` is this birthday. 29 February is celebrated on 28 February in other years.
+    pub fn is(&self, date: Date) -> bool {
+        if (self.month, self.day) == (2, 29) && !date.in_leap_year() {
+            return (date.month(), date.day()) == (2, 28);
+        }
+        (date.month(), date.day()) == (self.month, self.day)
+    }
+}
+
+impl std::str::FromStr for MonthDay {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("birthday {s:?} is not MM-DD");
+        let (m, d) = s.split_once('-').ok_or_else(bad)?;
+        if m.len() != 2 || d.len() != 2 {
+            return Err(bad());
+        }
+        let (month, day) = (m.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?);
+        // 2000 is a leap year, so 02-29 is valid and 02-30 is not.
+        Date::new(2000, month, day).map_err(|_| bad())?;
+        Ok(MonthDay { month, day })
+    }
+}
+
+impl Serialize for MonthDay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:02}-{:02}", self.month, self.day))
+    }
+}
+
+impl<'de> Deserialize<'de> for MonthDay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a follow-up recommendation matches or suggests: a category or one article.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Item {
+    Category(String),
+    Sku(String),
+}
+
+/// "Bought a PlayStation, so games are likely": shipped by central per customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowUp {
+    pub if_bought: Item,
+    pub suggest: Item,
+    pub confidence: f64,
+    pub lift: f64,
+}
+
 /// A loyalty customer as central describes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
     /// The loyalty id.
     pub customer_id: String,
+    /// Loyalty card numbers that differ from the id; a scanned card finds the customer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cards: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
     #[serde(default)]
     pub points: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<MonthDay>,
     #[serde(default)]
     pub consents: Consents,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub segments: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub affinities: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub follow_ups: Vec<FollowUp>,
     #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_key")]
     pub presence_key: Option<PresenceKey>,
-    /// Central's version of this profile; higher wins.
+    /// Central's version of this profile; higher wins. 0 is a local stub.
     #[serde(default)]
     pub version: u64,
 }
@@ -82,15 +166,23 @@ impl Profile {
     pub fn new(customer_id: impl Into<String>) -> Profile {
         Profile {
             customer_id: customer_id.into(),
+            cards: Vec::new(),
             first_name: None,
             tier: None,
             points: 0,
+            birthday: None,
             consents: Consents::default(),
             segments: Vec::new(),
             affinities: BTreeMap::new(),
+            follow_ups: Vec::new(),
             presence_key: None,
             version: 0,
         }
+    }
+
+    /// Whether the id can be a key: not empty, no NUL (the ledger's separator), not huge.
+    pub fn valid_id(id: &str) -> bool {
+        !id.is_empty() && id.len() <= 128 && !id.contains('\0')
     }
 }
 
@@ -120,6 +212,8 @@ pub enum Upserted {
     Stale,
     /// The customer was erased at this version or later.
     Erased,
+    /// The customer id is empty, too long or holds a NUL.
+    Invalid,
 }
 
 /// What `storelink profiles stats` shows.
@@ -127,16 +221,35 @@ pub enum Upserted {
 pub struct ProfileStats {
     pub profiles: u64,
     pub with_presence_key: u64,
+    pub cards: u64,
     pub with_kpis: u64,
     pub ledger_entries: u64,
     pub tombstones: u64,
+    pub cached: u64,
+}
+
+/// What an erasure removed from the profiles tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Erased {
+    /// Profile, presence key, KPIs and card index entries.
+    pub records: u64,
+    pub ledger_entries: u64,
+    /// The version of the tombstone left behind.
+    pub version: u64,
 }
 
 /// The profile cache in sled.
 #[derive(Clone)]
 pub struct ProfileStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     tree: Tree,
-    changes: Arc<watch::Sender<u64>>,
+    changes: watch::Sender<u64>,
+    cache: Mutex<LruCache<Arc<str>, Arc<Profile>>>,
+    /// Moves on every write, under the cache lock; see the module invariants.
+    writes: AtomicU64,
 }
 
 impl std::fmt::Debug for ProfileStore {
@@ -158,102 +271,237 @@ fn ledger_prefix(customer_id: &str) -> Vec<u8> {
     k
 }
 
+type Cache<'a> = std::sync::MutexGuard<'a, LruCache<Arc<str>, Arc<Profile>>>;
+
 impl ProfileStore {
     pub fn open(store: &Store) -> Result<ProfileStore, StoreError> {
+        ProfileStore::open_with(store, DEFAULT_CACHE_ENTRIES)
+    }
+
+    /// Opens with an in-memory cache of at most `cache_entries` profiles (0 turns it off).
+    pub fn open_with(store: &Store, cache_entries: usize) -> Result<ProfileStore, StoreError> {
+        let cap = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
         Ok(ProfileStore {
-            tree: store.tree(TreeName::Profiles)?,
-            changes: Arc::new(watch::channel(0).0),
+            inner: Arc::new(Inner {
+                tree: store.tree(TreeName::Profiles)?,
+                changes: watch::channel(0).0,
+                cache: Mutex::new(if cache_entries == 0 {
+                    LruCache::new(NonZeroUsize::MIN)
+                } else {
+                    LruCache::new(cap)
+                }),
+                writes: AtomicU64::new(0),
+            }),
         })
     }
 
-    /// Stores a profile unless a newer version is held. Not durable until the store flushes.
-    pub fn upsert(&self, mut profile: Profile) -> Result<Upserted, StoreError> {
-        if let Some(erased_at) = self.tombstone(&profile.customer_id)?
-            && profile.version <= erased_at
-        {
-            return Ok(Upserted::Erased);
-        }
-        if let Some(held) = self.get(&profile.customer_id)?
-            && held.version > profile.version
-        {
-            return Ok(Upserted::Stale);
-        }
-        if !profile.consents.presence {
-            profile.presence_key = None;
-        }
-        let mut batch = Batch::default();
-        let id = &profile.customer_id;
-        match &profile.presence_key {
-            Some(k) => batch.insert(key(KEY, id), k),
-            None => batch.remove(key(KEY, id)),
-        }
-        batch.insert(
-            key(PROFILE, id),
-            serde_json::to_vec(&profile).expect("profiles serialise"),
-        );
-        self.tree.apply(batch)?;
-        self.changes.send_modify(|g| *g += 1);
-        Ok(Upserted::Applied)
+    fn tree(&self) -> &Tree {
+        &self.inner.tree
     }
 
-    pub fn get(&self, customer_id: &str) -> Result<Option<Profile>, StoreError> {
+    fn cache(&self) -> Cache<'_> {
+        // A panic while holding the lock cannot leave the LRU half-updated in a way that
+        // matters: at worst an entry is missing, and the next lookup reads sled.
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores a profile unless a newer version is held. Not durable until the store flushes.
+    pub fn upsert(&self, profile: Profile) -> Result<Upserted, StoreError> {
+        let outcome = self.upsert_many(vec![profile], &[])?;
+        Ok(outcome[0])
+    }
+
+    /// Stores a page of profiles, and the facts given (the sync cursor), in one atomic batch:
+    /// after a crash either the whole page and its cursor are there or neither is. A profile
+    /// the page holds twice ends at its newer version.
+    pub fn upsert_many(
+        &self,
+        profiles: Vec<Profile>,
+        facts: &[(&str, Vec<u8>)],
+    ) -> Result<Vec<Upserted>, StoreError> {
+        let mut batch = Batch::default();
+        let mut outcomes = Vec::with_capacity(profiles.len());
+        let mut written: HashMap<String, Arc<Profile>> = HashMap::new();
+        let mut cache = self.cache();
+        for mut profile in profiles {
+            let id = profile.customer_id.clone();
+            if !Profile::valid_id(&id) {
+                outcomes.push(Upserted::Invalid);
+                continue;
+            }
+            if let Some(erased_at) = self.tombstone(&id)?
+                && profile.version <= erased_at
+            {
+                outcomes.push(Upserted::Erased);
+                continue;
+            }
+            let held = match written.get(&id) {
+                Some(p) => Some(p.clone()),
+                None => self.read(&id)?.map(Arc::new),
+            };
+            if let Some(held) = &held
+                && held.version > profile.version
+            {
+                outcomes.push(Upserted::Stale);
+                continue;
+            }
+            if !profile.consents.presence {
+                profile.presence_key = None;
+            }
+            match &profile.presence_key {
+                Some(k) => batch.insert(key(KEY, &id), k),
+                None => batch.remove(key(KEY, &id)),
+            }
+            for old in held.iter().flat_map(|h| h.cards.iter()) {
+                if !profile.cards.contains(old) {
+                    batch.remove(key(CARD, old));
+                }
+            }
+            for card in &profile.cards {
+                if Profile::valid_id(card) && card != &id {
+                    batch.insert(key(CARD, card), id.as_bytes());
+                }
+            }
+            batch.insert(
+                key(PROFILE, &id),
+                serde_json::to_vec(&profile).expect("profiles serialise"),
+            );
+            written.insert(id, Arc::new(profile));
+            outcomes.push(Upserted::Applied);
+        }
+        for (name, value) in facts {
+            batch.insert(key(FACT, name), value);
+        }
+        if written.is_empty() && facts.is_empty() {
+            return Ok(outcomes);
+        }
+        self.tree().apply(batch)?;
+        self.inner.writes.fetch_add(1, Ordering::SeqCst);
+        for (id, p) in written {
+            let id: Arc<str> = Arc::from(id);
+            if cache.contains(&id) {
+                cache.put(id, p);
+            }
+        }
+        drop(cache);
+        self.inner.changes.send_modify(|g| *g += 1);
+        Ok(outcomes)
+    }
+
+    fn read(&self, customer_id: &str) -> Result<Option<Profile>, StoreError> {
         Ok(self
-            .tree
+            .tree()
             .get(key(PROFILE, customer_id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// A customer's profile by id, from the cache when it is hot.
+    pub fn lookup(&self, customer_id: &str) -> Result<Option<Arc<Profile>>, StoreError> {
+        let before = {
+            let mut cache = self.cache();
+            if let Some(p) = cache.get(customer_id) {
+                return Ok(Some(p.clone()));
+            }
+            self.inner.writes.load(Ordering::SeqCst)
+        };
+        let Some(profile) = self.read(customer_id)?.map(Arc::new) else {
+            return Ok(None);
+        };
+        let mut cache = self.cache();
+        // A write since the read may have changed this profile; the next lookup reads again.
+        if self.inner.writes.load(Ordering::SeqCst) == before {
+            cache.put(Arc::from(customer_id), profile.clone());
+        }
+        Ok(Some(profile))
+    }
+
+    /// A customer's profile by id (a copy; [`ProfileStore::lookup`] shares it).
+    pub fn get(&self, customer_id: &str) -> Result<Option<Profile>, StoreError> {
+        Ok(self.lookup(customer_id)?.map(|p| (*p).clone()))
+    }
+
+    /// The customer id a scanned loyalty card belongs to: the card index, or the card itself
+    /// when it is the id.
+    pub fn resolve_card(&self, card: &str) -> Result<String, StoreError> {
+        Ok(match self.tree().get(key(CARD, card))? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None => card.to_string(),
+        })
+    }
+
+    /// A customer's profile by a scanned loyalty card.
+    pub fn by_card(&self, card: &str) -> Result<Option<Arc<Profile>>, StoreError> {
+        self.lookup(&self.resolve_card(card)?)
     }
 
     /// The version at which a customer was erased, if they were.
     pub fn tombstone(&self, customer_id: &str) -> Result<Option<u64>, StoreError> {
         Ok(self
-            .tree
+            .tree()
             .get(key(TOMBSTONE, customer_id))?
             .and_then(|v| <[u8; 8]>::try_from(&*v).ok())
             .map(u64::from_be_bytes))
     }
 
-    /// Erases a customer: profile, presence key, ledger and KPIs go in one atomic batch, and a
-    /// tombstone at `version` (at least the held profile's) stays. Returns how many records
-    /// went. Presence and offer history live elsewhere and are erased by their owners.
-    pub fn erase(&self, customer_id: &str, version: u64) -> Result<usize, StoreError> {
+    /// Erases a customer: profile, presence key, card index entries, ledger and KPIs go in one
+    /// atomic batch, and a tombstone at `version` (at least the held profile's) stays. Presence
+    /// and offer history live elsewhere and are erased by their owners (see [`erasure`]).
+    pub fn erase(&self, customer_id: &str, version: u64) -> Result<Erased, StoreError> {
+        let mut cache = self.cache();
         let mut batch = Batch::default();
-        let mut n = 0;
-        let held = self.get(customer_id)?.map(|p| p.version).unwrap_or(0);
+        let mut erased = Erased::default();
+        let held = self.read(customer_id)?;
+        for card in held.iter().flat_map(|p| p.cards.iter()) {
+            let k = key(CARD, card);
+            if self.tree().get(&k)?.is_some_and(|v| *v == *customer_id.as_bytes()) {
+                batch.remove(k);
+                erased.records += 1;
+            }
+        }
         for k in [
             key(PROFILE, customer_id),
             key(KEY, customer_id),
             key(KPIS, customer_id),
         ] {
-            if self.tree.contains(&k)? {
-                n += 1;
+            if self.tree().contains(&k)? {
+                erased.records += 1;
             }
             batch.remove(k);
         }
-        for item in self.tree.scan_prefix(ledger_prefix(customer_id)) {
+        for item in self.tree().scan_prefix(ledger_prefix(customer_id)) {
             let (k, _) = item?;
             batch.remove(&*k);
-            n += 1;
+            erased.ledger_entries += 1;
         }
-        let erased_at = version
-            .max(held)
+        erased.version = version
+            .max(held.map(|p| p.version).unwrap_or(0))
             .max(self.tombstone(customer_id)?.unwrap_or(0));
-        batch.insert(key(TOMBSTONE, customer_id), erased_at.to_be_bytes());
-        self.tree.apply(batch)?;
-        self.changes.send_modify(|g| *g += 1);
-        Ok(n)
+        batch.insert(key(TOMBSTONE, customer_id), erased.version.to_be_bytes());
+        self.tree().apply(batch)?;
+        self.inner.writes.fetch_add(1, Ordering::SeqCst);
+        cache.pop(customer_id);
+        drop(cache);
+        self.inner.changes.send_modify(|g| *g += 1);
+        Ok(erased)
     }
 
-    /// Adds a transaction to its customer's ledger and recomputes their KPIs. Returns false
-    /// (and changes nothing) for a transaction without a loyalty id, a void, one already in
-    /// the ledger, or an erased customer. A customer not known yet gets a stub profile
-    /// (version 0) that sync fills in later.
+    /// Adds a transaction to its customer's ledger and recomputes their KPIs. The loyalty id
+    /// may be a card number; it is resolved to the customer first. Returns false (and changes
+    /// nothing) for a transaction without a loyalty id, a void, one already in the ledger, or
+    /// an erased customer. A customer not known yet gets a stub profile (version 0) that sync
+    /// fills in later.
     pub fn record_transaction(&self, tx: &Transaction) -> Result<bool, StoreError> {
-        let Some(customer) = tx.loyalty_id.as_deref() else {
+        let Some(card) = tx.loyalty_id.as_deref() else {
             return Ok(false);
         };
-        if customer.is_empty() || customer.contains('\0') {
+        if !Profile::valid_id(card) {
             return Ok(false);
         }
+        let customer = self.resolve_card(card)?;
+        let customer = customer.as_str();
         let amount = match tx.kind {
             TransactionKind::Sale => tx.total,
             TransactionKind::Return => -tx.total.abs(),
@@ -261,7 +509,7 @@ impl ProfileStore {
         };
         let mut entry_key = ledger_prefix(customer);
         entry_key.extend_from_slice(tx.id.as_bytes());
-        if self.tree.contains(&entry_key)? || self.tombstone(customer)?.is_some() {
+        if self.tree().contains(&entry_key)? || self.tombstone(customer)?.is_some() {
             return Ok(false);
         }
         let mut groups: Vec<String> = tx
@@ -290,20 +538,23 @@ impl ProfileStore {
             key(KPIS, customer),
             serde_json::to_vec(&kpis).expect("KPIs serialise"),
         );
-        if !self.tree.contains(key(PROFILE, customer))? {
+        let cache = self.cache();
+        if !self.tree().contains(key(PROFILE, customer))? {
             batch.insert(
                 key(PROFILE, customer),
                 serde_json::to_vec(&Profile::new(customer)).expect("profiles serialise"),
             );
         }
-        self.tree.apply(batch)?;
+        self.tree().apply(batch)?;
+        self.inner.writes.fetch_add(1, Ordering::SeqCst);
+        drop(cache);
         Ok(true)
     }
 
     /// A customer's ledger, in key (transaction id) order.
     pub fn ledger(&self, customer_id: &str) -> Result<Vec<LedgerEntry>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(ledger_prefix(customer_id)) {
+        for item in self.tree().scan_prefix(ledger_prefix(customer_id)) {
             let (_, v) = item?;
             if let Ok(e) = serde_json::from_slice(&v) {
                 out.push(e);
@@ -315,27 +566,83 @@ impl ProfileStore {
     /// A customer's KPIs as last computed.
     pub fn kpis(&self, customer_id: &str) -> Result<Option<Kpis>, StoreError> {
         Ok(self
-            .tree
+            .tree()
             .get(key(KPIS, customer_id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
+    /// Every customer's KPIs, in id order.
+    pub fn all_kpis(&self) -> impl Iterator<Item = Result<(String, Kpis), StoreError>> + '_ {
+        self.tree().scan_prefix([KPIS]).filter_map(|item| match item {
+            Err(e) => Some(Err(e)),
+            Ok((k, v)) => {
+                let id = std::str::from_utf8(&k[1..]).ok()?.to_string();
+                serde_json::from_slice(&v).ok().map(|kpis| Ok((id, kpis)))
+            }
+        })
+    }
+
+    /// A small fact kept with the profiles (sync cursor, model parameters, RFM breakpoints).
+    pub fn fact(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree().get(key(FACT, name))?.map(|v| v.to_vec()))
+    }
+
+    pub fn set_fact(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tree().insert(key(FACT, name), value)?;
+        Ok(())
+    }
+
+    fn json_fact<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        Ok(self
+            .fact(name)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The BG/NBD and Gamma-Gamma parameters central shipped last, if any.
+    pub fn model(&self) -> Result<Option<ModelParams>, StoreError> {
+        self.json_fact(MODEL_FACT)
+    }
+
+    pub fn set_model(&self, model: &ModelParams) -> Result<(), StoreError> {
+        self.set_fact(MODEL_FACT, &serde_json::to_vec(model).expect("params serialise"))
+    }
+
+    /// The store's RFM quintile breakpoints as last recomputed.
+    pub fn rfm_breakpoints(&self) -> Result<Option<RfmBreakpoints>, StoreError> {
+        self.json_fact(RFM_FACT)
+    }
+
+    /// Recomputes the store's RFM breakpoints from every customer's KPIs as of `today`.
+    pub fn recompute_rfm(&self, today: Date) -> Result<Option<RfmBreakpoints>, StoreError> {
+        let mut all = Vec::new();
+        for item in self.all_kpis() {
+            all.push(item?.1);
+        }
+        let breakpoints = RfmBreakpoints::of(all.iter(), today);
+        if let Some(b) = &breakpoints {
+            self.set_fact(RFM_FACT, &serde_json::to_vec(b).expect("breakpoints serialise"))?;
+        }
+        Ok(breakpoints)
+    }
+
     /// Counts for support and status.
     pub fn stats(&self) -> Result<ProfileStats, StoreError> {
-        let count = |prefix: u8| self.tree.scan_prefix([prefix]).count() as u64;
+        let count = |prefix: u8| self.tree().scan_prefix([prefix]).count() as u64;
         Ok(ProfileStats {
             profiles: count(PROFILE),
             with_presence_key: count(KEY),
+            cards: count(CARD),
             with_kpis: count(KPIS),
             ledger_entries: count(LEDGER),
             tombstones: count(TOMBSTONE),
+            cached: self.cache().len() as u64,
         })
     }
 
     /// Every consenting customer's presence key.
     pub fn presence_keys(&self) -> Result<Vec<(Arc<str>, PresenceKey)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([KEY]) {
+        for item in self.tree().scan_prefix([KEY]) {
             let (k, v) = item?;
             let (Ok(id), Ok(key)) = (std::str::from_utf8(&k[1..]), <PresenceKey>::try_from(&*v))
             else {
@@ -348,15 +655,53 @@ impl ProfileStore {
 
     /// Follows changes: the value is a generation that moves on every upsert and removal.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+        self.inner.changes.subscribe()
     }
 
     pub fn len(&self) -> usize {
-        self.tree.scan_prefix([PROFILE]).count()
+        self.tree().scan_prefix([PROFILE]).count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.scan_prefix([PROFILE]).next().is_none()
+        self.tree().scan_prefix([PROFILE]).next().is_none()
+    }
+}
+
+const MODEL_FACT: &str = "model";
+const RFM_FACT: &str = "rfm";
+
+/// Recomputes the store's RFM distribution now and then every `every`, as of the store's
+/// today. The scan reads every customer's KPIs, so it runs on a blocking thread.
+pub async fn run_rfm(
+    profiles: ProfileStore,
+    clock: crate::clock::SharedClock,
+    tz: jiff::tz::TimeZone,
+    every: std::time::Duration,
+    component: crate::supervisor::Component,
+    token: tokio_util::sync::CancellationToken,
+) -> Result<(), StoreError> {
+    loop {
+        let today = clock.now().to_zoned(tz.clone()).date();
+        let p = profiles.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || p.recompute_rfm(today))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        match result {
+            Some(b) => {
+                tracing::info!(
+                    customers = b.customers,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "RFM distribution recomputed"
+                );
+                component.running(Some(format!("RFM over {} customers", b.customers)));
+            }
+            None => component.running(Some("no purchases yet for RFM".to_string())),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = token.cancelled() => return Ok(()),
+        }
     }
 }
 
@@ -475,7 +820,14 @@ mod tests {
             }])
             .unwrap();
 
-        assert_eq!(profiles.erase("c42", 3).unwrap(), 4);
+        assert_eq!(
+            profiles.erase("c42", 3).unwrap(),
+            Erased {
+                records: 3,
+                ledger_entries: 1,
+                version: 3
+            }
+        );
         assert_eq!(history.erase("c42").unwrap(), 1);
         // Nothing anywhere holds the id but the tombstone.
         let needle = b"c42";

@@ -71,7 +71,8 @@ impl Stream {
     pub fn of(kind: EventKind) -> Stream {
         match kind {
             EventKind::Transaction => Stream::Transaction,
-            EventKind::Redemption => Stream::Redemption,
+            // An erasure acknowledgement is a compliance record: never dropped, sent early.
+            EventKind::Redemption | EventKind::Erasure => Stream::Redemption,
             EventKind::DeadLetter => Stream::DeadLetter,
             EventKind::Offer | EventKind::Prompt => Stream::Offer,
             EventKind::Presence => Stream::Presence,
