@@ -937,14 +937,39 @@ impl Config {
         };
         range("cache_entries", p.cache_entries as f64, 0.0, 10_000_000.0);
         range("sync_interval_s", p.sync_interval_s as f64, 10.0, 86_400.0);
-        range("sync_page_size", f64::from(p.sync_page_size), 1.0, 100_000.0);
-        range("rfm_interval_s", p.rfm_interval_s as f64, 60.0, 7.0 * 86_400.0);
+        range(
+            "sync_page_size",
+            f64::from(p.sync_page_size),
+            1.0,
+            100_000.0,
+        );
+        range(
+            "rfm_interval_s",
+            p.rfm_interval_s as f64,
+            60.0,
+            7.0 * 86_400.0,
+        );
         let k = &p.kpi;
         range("kpi.new_days", f64::from(k.new_days), 1.0, 3650.0);
-        range("kpi.passive_after_days", f64::from(k.passive_after_days), 1.0, 3650.0);
+        range(
+            "kpi.passive_after_days",
+            f64::from(k.passive_after_days),
+            1.0,
+            3650.0,
+        );
         range("kpi.overdue_factor", k.overdue_factor, 1.0, 10.0);
-        range("kpi.expected_lifetime_years", k.expected_lifetime_years, 0.1, 50.0);
-        range("kpi.clv_horizon_days", f64::from(k.clv_horizon_days), 1.0, 3650.0);
+        range(
+            "kpi.expected_lifetime_years",
+            k.expected_lifetime_years,
+            0.1,
+            50.0,
+        );
+        range(
+            "kpi.clv_horizon_days",
+            f64::from(k.clv_horizon_days),
+            1.0,
+            3650.0,
+        );
     }
 
     fn validate_presence(&mut self, v: &mut Validator) {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestAgent, eventually, start_rumqttd};
+use common::{Central, TestAgent, eventually, start_rumqttd};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 async fn central(broker: std::net::SocketAddr) -> AsyncClient {
@@ -29,6 +29,7 @@ async fn upserts_and_erasures_from_central_apply_and_erasure_wins_over_a_stale_u
     // The subscription follows the CONNACK; give the broker a moment to register it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let central = central(broker).await;
+    let events = Central::subscribe(broker, "storelink/v1/acme/s042/events/#").await;
     let profiles_topic = "storelink/v1/acme/s042/profiles";
     let key = "07".repeat(32);
     let upsert = |version: u64| {
@@ -73,6 +74,16 @@ async fn upserts_and_erasures_from_central_apply_and_erasure_wins_over_a_stale_u
     assert!(erased_at.elapsed() < Duration::from_secs(1));
     assert!(agent.profiles.presence_keys().unwrap().is_empty());
     assert_eq!(agent.profiles.tombstone("c77").unwrap(), Some(5));
+    events
+        .wait_for_ids("storelink.erasure.v1", 1, Duration::from_secs(5))
+        .await;
+    let ack = &events.of_type("storelink.erasure.v1")[0]["data"];
+    assert_eq!(
+        ack["customer_ref"],
+        storelink::profiles::erasure::customer_ref("c77")
+    );
+    assert_eq!(ack["version"], 5);
+    assert_eq!(ack["profile_records"], 2, "profile and presence key");
 
     // A stale upsert that was in flight arrives after the erasure, then a malformed message:
     // neither brings the customer back, and the downlink keeps working.

@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use super::erasure::Erasure;
-use super::erasure::{ErasureAck, Eraser};
+use super::erasure::{Eraser, ErasureAck};
 use super::{Profile, Upserted};
 use crate::store::{Store, StoreError};
 use crate::supervisor::Component;
@@ -66,10 +66,7 @@ pub fn apply(message: &Downlink, eraser: &Eraser) -> Result<Applied, DownlinkErr
 
 /// Counts the applied upserts and the refused ones (stale, erased, invalid) in metrics.
 pub fn count_applied(outcomes: &[Upserted]) -> usize {
-    let applied = outcomes
-        .iter()
-        .filter(|o| **o == Upserted::Applied)
-        .count();
+    let applied = outcomes.iter().filter(|o| **o == Upserted::Applied).count();
     let refused = outcomes.len() - applied;
     if refused > 0 {
         metrics::counter!("storelink_profile_upserts_refused_total").increment(refused as u64);

@@ -592,7 +592,9 @@ mod tests {
             Some(Activity::Passive)
         ); // 181
         assert_eq!(
-            Kpis::default().view(date(2026, 7, 1), &c, None, None).activity,
+            Kpis::default()
+                .view(date(2026, 7, 1), &c, None, None)
+                .activity,
             None
         );
     }

@@ -456,7 +456,11 @@ impl ProfileStore {
         let held = self.read(customer_id)?;
         for card in held.iter().flat_map(|p| p.cards.iter()) {
             let k = key(CARD, card);
-            if self.tree().get(&k)?.is_some_and(|v| *v == *customer_id.as_bytes()) {
+            if self
+                .tree()
+                .get(&k)?
+                .is_some_and(|v| *v == *customer_id.as_bytes())
+            {
                 batch.remove(k);
                 erased.records += 1;
             }
@@ -573,13 +577,15 @@ impl ProfileStore {
 
     /// Every customer's KPIs, in id order.
     pub fn all_kpis(&self) -> impl Iterator<Item = Result<(String, Kpis), StoreError>> + '_ {
-        self.tree().scan_prefix([KPIS]).filter_map(|item| match item {
-            Err(e) => Some(Err(e)),
-            Ok((k, v)) => {
-                let id = std::str::from_utf8(&k[1..]).ok()?.to_string();
-                serde_json::from_slice(&v).ok().map(|kpis| Ok((id, kpis)))
-            }
-        })
+        self.tree()
+            .scan_prefix([KPIS])
+            .filter_map(|item| match item {
+                Err(e) => Some(Err(e)),
+                Ok((k, v)) => {
+                    let id = std::str::from_utf8(&k[1..]).ok()?.to_string();
+                    serde_json::from_slice(&v).ok().map(|kpis| Ok((id, kpis)))
+                }
+            })
     }
 
     /// A small fact kept with the profiles (sync cursor, model parameters, RFM breakpoints).
@@ -604,7 +610,10 @@ impl ProfileStore {
     }
 
     pub fn set_model(&self, model: &ModelParams) -> Result<(), StoreError> {
-        self.set_fact(MODEL_FACT, &serde_json::to_vec(model).expect("params serialise"))
+        self.set_fact(
+            MODEL_FACT,
+            &serde_json::to_vec(model).expect("params serialise"),
+        )
     }
 
     /// The store's RFM quintile breakpoints as last recomputed.
@@ -620,7 +629,10 @@ impl ProfileStore {
         }
         let breakpoints = RfmBreakpoints::of(all.iter(), today);
         if let Some(b) = &breakpoints {
-            self.set_fact(RFM_FACT, &serde_json::to_vec(b).expect("breakpoints serialise"))?;
+            self.set_fact(
+                RFM_FACT,
+                &serde_json::to_vec(b).expect("breakpoints serialise"),
+            )?;
         }
         Ok(breakpoints)
     }

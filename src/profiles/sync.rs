@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::downlink::count_applied;
-use super::erasure::{Erasure, Eraser};
+use super::erasure::{Eraser, Erasure};
 use super::kpi::ModelParams;
 use super::{MODEL_FACT, Profile};
 use crate::config::Secret;
@@ -118,8 +118,7 @@ pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, SyncError> {
             message,
         };
         let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(chain(&e)))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(chain(&e)))?;
         if certs.is_empty() {
             return Err(ca_error("no PEM certificate in it".into()));
         }
@@ -313,16 +312,16 @@ pub async fn run(
         let started = Instant::now();
         let mut last_log = Instant::now();
         let sync = syncer.sync(&token, |state| {
-                if initial && last_log.elapsed() >= Duration::from_secs(5) {
-                    last_log = Instant::now();
-                    tracing::info!(
-                        profiles = state.profiles,
-                        pages = state.pages,
-                        elapsed_s = started.elapsed().as_secs(),
-                        "initial profile load in progress"
-                    );
-                }
-            });
+            if initial && last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                tracing::info!(
+                    profiles = state.profiles,
+                    pages = state.pages,
+                    elapsed_s = started.elapsed().as_secs(),
+                    "initial profile load in progress"
+                );
+            }
+        });
         let result = tokio::select! {
             r = sync => r,
             _ = token.cancelled() => return Ok(()),
