@@ -120,12 +120,12 @@ pub fn synthetic_profile(i: usize) -> Value {
         "tier": tier,
         "points": (i * 37) % 5000,
         "birthday": format!("{:02}-{:02}", i % 12 + 1, i % 28 + 1),
-        "consents": {"personalised_offers": i % 2 == 0, "presence": i % 3 == 0, "marketing": i % 4 == 0},
+        "consents": {"personalised_offers": i.is_multiple_of(2), "presence": i.is_multiple_of(3), "marketing": i.is_multiple_of(4)},
         "segments": segments,
         "affinities": {"games": (i % 10) as f64 / 10.0, "toys": (i % 7) as f64 / 7.0},
         "version": 1
     });
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&(i as u64).to_be_bytes());
         p["presence_key"] = Value::String(key.iter().map(|b| format!("{b:02x}")).collect());
