@@ -1417,6 +1417,37 @@ url = "mqtt://127.0.0.1:1883"
     }
 
     #[test]
+    fn profiles_settings_have_defaults_and_named_problems() {
+        let c = Config::parse(MINIMAL, "t.toml", &env()).unwrap();
+        assert_eq!(c.profiles.kpi.new_days, 90);
+        assert_eq!(c.profiles.kpi.passive_after_days, 180);
+        assert_eq!(c.profiles.sync_page_size, 1000);
+        let c = Config::parse(
+            &format!("{MINIMAL}\n[profiles.kpi]\nnew_days = 60\n"),
+            "t.toml",
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(c.profiles.kpi.new_days, 60);
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[profiles]\nsync_interval_s = 1\n[profiles.kpi]\noverdue_factor = 0.5\n"
+        ));
+        assert_eq!(
+            keys(&p),
+            ["profiles.sync_interval_s", "profiles.kpi.overdue_factor"]
+        );
+        let p = problems(&format!("{MINIMAL}\n[profiles.kpi]\nnew_dayz = 3\n"));
+        assert_eq!(keys(&p), ["profiles.kpi.new_dayz"]);
+        assert!(p[0].message.contains("new_dayz"), "{p:?}");
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[central.https]\nbase_url = \"https://c.example\"\nca_file = \"/nonexistent/ca.pem\"\n"
+        ));
+        assert_eq!(keys(&p), ["central.https.ca_file"]);
+    }
+
+    #[test]
     fn presence_problems_name_their_keys() {
         let p = problems(&format!("{MINIMAL}\n[presence]\nsource = \"btleplug\"\n"));
         assert_eq!(keys(&p), ["presence.service_uuid"]);

@@ -891,4 +891,92 @@ mod tests {
         // The neighbour whose id starts the same is untouched.
         assert!(profiles.get("c421").unwrap().is_some());
     }
+
+    #[test]
+    fn cards_find_their_customer_follow_changes_and_go_with_erasure() {
+        let (_d, profiles) = open();
+        let mut p = consenting("c5", 1);
+        p.cards = vec!["9001".into(), "9002".into()];
+        profiles.upsert(p.clone()).unwrap();
+        assert_eq!(profiles.by_card("9001").unwrap().unwrap().customer_id, "c5");
+        assert_eq!(
+            profiles.resolve_card("c5").unwrap(),
+            "c5",
+            "the id is a card too"
+        );
+        p.cards = vec!["9002".into()];
+        p.version = 2;
+        profiles.upsert(p).unwrap();
+        assert_eq!(
+            profiles.resolve_card("9001").unwrap(),
+            "9001",
+            "card withdrawn"
+        );
+        assert_eq!(profiles.by_card("9002").unwrap().unwrap().version, 2);
+
+        // A transaction scanned by card lands in the customer's ledger.
+        let sale = tx("t1", "9002", "2026-01-05", TransactionKind::Sale, 700);
+        assert!(profiles.record_transaction(&sale).unwrap());
+        assert_eq!(profiles.kpis("c5").unwrap().unwrap().purchases, 1);
+        assert!(profiles.kpis("9002").unwrap().is_none());
+
+        let erased = profiles.erase("c5", 2).unwrap();
+        assert_eq!((erased.records, erased.ledger_entries), (4, 1));
+        assert_eq!(profiles.resolve_card("9002").unwrap(), "9002");
+        assert_eq!(profiles.stats().unwrap().cards, 0);
+    }
+
+    #[test]
+    fn the_cache_never_serves_what_sled_no_longer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let profiles = ProfileStore::open_with(&store, 2).unwrap();
+        for v in 1..=3 {
+            profiles.upsert(consenting("hot", v)).unwrap();
+            assert_eq!(profiles.lookup("hot").unwrap().unwrap().version, v);
+        }
+        profiles.upsert(consenting("a", 1)).unwrap();
+        profiles.upsert(consenting("b", 1)).unwrap();
+        profiles.lookup("a").unwrap();
+        profiles.lookup("b").unwrap();
+        assert_eq!(profiles.stats().unwrap().cached, 2, "bounded");
+        profiles.lookup("hot").unwrap();
+        profiles.erase("hot", 3).unwrap();
+        assert!(profiles.lookup("hot").unwrap().is_none());
+        // A stub from a transaction is visible at once.
+        let sale = tx("t1", "new", "2026-01-05", TransactionKind::Sale, 700);
+        assert!(profiles.lookup("new").unwrap().is_none());
+        profiles.record_transaction(&sale).unwrap();
+        assert_eq!(profiles.lookup("new").unwrap().unwrap().version, 0);
+        // A page holding one customer twice ends at the newer version, in either order.
+        let out = profiles
+            .upsert_many(vec![consenting("d", 5), consenting("d", 4)], &[])
+            .unwrap();
+        assert_eq!(out, vec![Upserted::Applied, Upserted::Stale]);
+        assert_eq!(profiles.get("d").unwrap().unwrap().version, 5);
+        assert_eq!(
+            profiles.upsert(Profile::new("bad\0id")).unwrap(),
+            Upserted::Invalid
+        );
+    }
+
+    #[test]
+    fn birthdays_are_month_and_day() {
+        let b: MonthDay = "02-29".parse().unwrap();
+        assert!(b.is("2028-02-29".parse().unwrap()));
+        assert!(
+            b.is("2027-02-28".parse().unwrap()),
+            "celebrated a day early"
+        );
+        assert!(!b.is("2028-02-28".parse().unwrap()));
+        for bad in ["2-29", "02-30", "13-01", "0101", "ab-cd"] {
+            assert!(bad.parse::<MonthDay>().is_err(), "{bad}");
+        }
+        let p: Profile = serde_json::from_str(r#"{"customer_id":"x","birthday":"07-14"}"#).unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap()["birthday"], "07-14");
+        assert!(
+            serde_json::from_str::<Profile>(r#"{"customer_id":"x","birthday":"1990-07-14"}"#)
+                .is_err()
+        );
+    }
 }
