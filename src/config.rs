@@ -1439,7 +1439,7 @@ url = "mqtt://127.0.0.1:1883"
         );
         let p = problems(&format!("{MINIMAL}\n[profiles.kpi]\nnew_dayz = 3\n"));
         assert_eq!(keys(&p), ["profiles.kpi.new_dayz"]);
-        assert!(p[0].message.contains("new_dayz"), "{p:?}");
+        assert!(p[0].message.contains("expected one of new_days"), "{p:?}");
 
         let p = problems(&format!(
             "{MINIMAL}\n[central.https]\nbase_url = \"https://c.example\"\nca_file = \"/nonexistent/ca.pem\"\n"
