@@ -67,6 +67,7 @@ pub async fn start(
     clock: SharedClock,
     token: CancellationToken,
 ) -> Result<Agent, DaemonError> {
+    crate::install_crypto_provider();
     let api_bind = parse_socket_addr(&config.cashier.bind).map_err(DaemonError::Setup)?;
     // Installed before any task runs, so no early count is lost to the no-op recorder.
     let metrics = api::metrics_handle();

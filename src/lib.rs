@@ -22,3 +22,10 @@ pub mod sim;
 pub mod store;
 pub mod supervisor;
 pub mod uplink;
+
+/// Installs ring as the process's rustls provider. reqwest and rustls are built without a
+/// bundled provider (see Cargo.toml), and any HTTP client, even one that only talks plain
+/// HTTP to the local API, needs one. Idempotent; the first install wins.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -185,6 +185,7 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    storelink::install_crypto_provider();
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {

@@ -260,7 +260,7 @@ async fn a_loyalty_transaction_updates_kpis_once_however_often_it_is_sent() {
     );
     // The class depends on how long ago the (fixed) test date is; that it is derived is enough.
     assert!(["new", "loyal", "passive"].contains(&shown["view"]["activity"].as_str().unwrap()));
-    let missing = reqwest::get(format!("{}/api/v1/profiles/nobody", agent.api()))
+    let missing = get(format!("{}/api/v1/profiles/nobody", agent.api()))
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);

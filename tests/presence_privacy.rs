@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestAgent, free_port, local};
+use common::{TestAgent, free_port, get, local};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use storelink::presence::identity;
@@ -156,10 +156,10 @@ exit_m = 2.5
             "the flood was not consumed: {unrecognised} of {FLOOD}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let text = get(&url).await.unwrap().text().await.unwrap();
         unrecognised = metric(&text, "storelink_presence_unrecognised_total").unwrap_or(0.0);
     }
-    let metrics_text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let metrics_text = get(&url).await.unwrap().text().await.unwrap();
     // Exactly the half under our UUID reached the resolver (the source drops the rest at the
     // edge), and none of it was recognised.
     assert_eq!(unrecognised, (FLOOD / 2) as f64);

@@ -518,7 +518,7 @@ exit_m = 2.5
             agent.child.try_wait().unwrap().is_none(),
             "the agent exited without an adapter"
         );
-        if let Ok(r) = reqwest::get(&url).await
+        if let Ok(r) = get(&url).await
             && let Ok(v) = r.json::<serde_json::Value>().await
             && let Some(s) = v["components"].get("presence.source")
             && s["state"] == "degraded"

@@ -229,9 +229,7 @@ impl Drop for Process {
 }
 
 async fn stats(api: &str) -> Option<serde_json::Value> {
-    let r = reqwest::get(format!("{api}/api/v1/profiles/stats"))
-        .await
-        .ok()?;
+    let r = get(format!("{api}/api/v1/profiles/stats")).await.ok()?;
     r.json().await.ok()
 }
 
@@ -312,18 +310,55 @@ async fn an_agent_killed_mid_page_resumes_from_its_cursor_and_acknowledges_erasu
         "profile, presence key and card index entry"
     );
     assert!(!ack.to_string().contains("g0000003"));
-    let profile = reqwest::get(format!("{api}/api/v1/profiles/g0000003"))
+    let profile = get(format!("{api}/api/v1/profiles/g0000003"))
         .await
         .unwrap();
     assert_eq!(profile.status(), 410);
     // A card scanned at a till finds its customer through the index.
-    let by_card: serde_json::Value = reqwest::get(format!("{api}/api/v1/profiles/9000000004242"))
+    let by_card: serde_json::Value = get(format!("{api}/api/v1/profiles/9000000004242"))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(by_card["profile"]["customer_id"], "g0004242");
+
+    // Support's view from the command line: what the agent knows, the key never shown.
+    let out = Command::new(binary())
+        .args(["profiles", "show", "9000000004242", "--url", &api])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["profile"]["customer_id"], "g0004242");
+    assert_eq!(shown["has_presence_key"], true, "4242 = 3 × 1414 consents");
+    let key = synthetic_profile(4242)["presence_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&key));
+    let out = Command::new(binary())
+        .args(["profiles", "show", "g0004242", "--url", &api])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(binary())
+        .args(["profiles", "show", "g0000003", "--url", &api])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an erased customer is not shown");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("erased"));
+    let out = Command::new(binary())
+        .args(["profiles", "stats", "--url", &api])
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["profiles"], 4999);
+    assert_eq!(stats["cards"], 4999);
     assert_eq!(
         by_card["profile"]["first_name"],
         synthetic_profile(4242)["first_name"]

@@ -206,43 +206,75 @@ pub struct Kpis {
     pub groups: BTreeMap<String, Rhythm>,
     /// Mean value of the repeat purchase days (each day's sales summed), for Gamma-Gamma.
     pub mean_repeat_value: Option<f64>,
+    /// The inputs kept so a new transaction updates the KPIs without the ledger: sales per
+    /// purchase day, the days each product group was bought, and the sales total.
+    #[serde(default)]
+    pub sales_by_day: BTreeMap<Date, i64>,
+    #[serde(default)]
+    pub group_days: BTreeMap<String, std::collections::BTreeSet<Date>>,
+    #[serde(default)]
+    pub sales_total: i64,
 }
 
 impl Kpis {
-    /// Derives every stored KPI from the ledger.
+    /// Derives every stored KPI from the ledger: the fold of [`Kpis::add`] over it, so the
+    /// incremental update and a rebuild agree by construction.
     pub fn compute<'a>(ledger: impl IntoIterator<Item = &'a LedgerEntry>) -> Kpis {
         let mut k = Kpis::default();
-        let mut sales_total = 0i64;
-        let mut days = Vec::new();
-        let mut group_days: BTreeMap<String, Vec<Date>> = BTreeMap::new();
-        let mut by_day: BTreeMap<Date, i64> = BTreeMap::new();
         for e in ledger {
-            *k.revenue_by_year.entry(e.day.year()).or_insert(0) += e.amount;
-            if !e.is_purchase() {
-                continue;
-            }
-            k.purchases += 1;
-            *k.purchases_by_year.entry(e.day.year()).or_insert(0) += 1;
-            sales_total += e.amount;
-            days.push(e.day);
-            *by_day.entry(e.day).or_insert(0) += e.amount;
-            for g in &e.groups {
-                group_days.entry(g.clone()).or_default().push(e.day);
-            }
+            k.apply(e);
         }
-        if k.purchases > 0 {
-            k.mean_basket = Some(div_round(sales_total, i64::from(k.purchases)));
-        }
-        k.rhythm = Rhythm::of(&days);
-        k.groups = group_days
-            .into_iter()
-            .map(|(g, d)| (g, Rhythm::of(&d)))
-            .collect();
-        let repeat: Vec<i64> = by_day.values().skip(1).copied().collect();
-        if !repeat.is_empty() {
-            k.mean_repeat_value = Some(repeat.iter().sum::<i64>() as f64 / repeat.len() as f64);
-        }
+        k.derive();
         k
+    }
+
+    /// Adds one ledger entry: what a new loyalty transaction costs, without reading the
+    /// ledger. Work is linear in the customer's purchase days, not their transactions' size.
+    pub fn add(&mut self, e: &LedgerEntry) {
+        self.apply(e);
+        self.derive();
+    }
+
+    /// Whether the record carries the inputs [`Kpis::add`] needs (records written before they
+    /// were kept are rebuilt from the ledger once).
+    pub fn is_incremental(&self) -> bool {
+        self.purchases == 0 || !self.sales_by_day.is_empty()
+    }
+
+    fn apply(&mut self, e: &LedgerEntry) {
+        *self.revenue_by_year.entry(e.day.year()).or_insert(0) += e.amount;
+        if !e.is_purchase() {
+            return;
+        }
+        self.purchases += 1;
+        *self.purchases_by_year.entry(e.day.year()).or_insert(0) += 1;
+        self.sales_total += e.amount;
+        *self.sales_by_day.entry(e.day).or_insert(0) += e.amount;
+        for g in &e.groups {
+            self.group_days.entry(g.clone()).or_default().insert(e.day);
+        }
+    }
+
+    /// Recomputes what follows from the kept inputs.
+    fn derive(&mut self) {
+        if self.purchases > 0 {
+            self.mean_basket = Some(div_round(self.sales_total, i64::from(self.purchases)));
+        }
+        let days: Vec<Date> = self.sales_by_day.keys().copied().collect();
+        self.rhythm = Rhythm::of(&days);
+        self.groups = self
+            .group_days
+            .iter()
+            .map(|(g, d)| {
+                (
+                    g.clone(),
+                    Rhythm::of(&d.iter().copied().collect::<Vec<_>>()),
+                )
+            })
+            .collect();
+        let repeat: Vec<i64> = self.sales_by_day.values().skip(1).copied().collect();
+        self.mean_repeat_value =
+            (!repeat.is_empty()).then(|| repeat.iter().sum::<i64>() as f64 / repeat.len() as f64);
     }
 
     /// The KPIs as of `today`.
@@ -597,6 +629,41 @@ mod tests {
                 .activity,
             None
         );
+    }
+
+    proptest::proptest! {
+        /// A new transaction updates the stored KPIs to exactly what a rebuild from the whole
+        /// ledger gives, in any order of arrival.
+        #[test]
+        fn incremental_update_equals_rebuild(
+            entries in proptest::collection::vec(
+                (0i32..900, -5000i64..20000, proptest::collection::vec(0usize..4, 0..3)),
+                0..40,
+            )
+        ) {
+            let names = ["fashion", "games", "toys", "garden"];
+            let ledger: Vec<LedgerEntry> = entries
+                .iter()
+                .map(|(d, amount, g)| {
+                    let mut groups: Vec<String> = g.iter().map(|i| names[*i].to_string()).collect();
+                    groups.sort();
+                    groups.dedup();
+                    LedgerEntry {
+                        day: date(2024, 1, 1) + jiff::Span::new().days(*d),
+                        amount: *amount,
+                        groups,
+                    }
+                })
+                .collect();
+            let mut incremental = Kpis::default();
+            for (i, e) in ledger.iter().enumerate() {
+                incremental.add(e);
+                let stored: Kpis =
+                    serde_json::from_slice(&serde_json::to_vec(&incremental).unwrap()).unwrap();
+                proptest::prop_assert_eq!(&stored, &Kpis::compute(&ledger[..=i]));
+                incremental = stored;
+            }
+        }
     }
 
     #[test]

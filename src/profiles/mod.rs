@@ -529,9 +529,17 @@ impl ProfileStore {
             amount,
             groups,
         };
-        let mut ledger = self.ledger(customer)?;
-        ledger.push(entry.clone());
-        let kpis = Kpis::compute(&ledger);
+        let kpis = match self.kpis(customer)? {
+            Some(mut k) if k.is_incremental() => {
+                k.add(&entry);
+                k
+            }
+            _ => {
+                let mut ledger = self.ledger(customer)?;
+                ledger.push(entry.clone());
+                Kpis::compute(&ledger)
+            }
+        };
 
         let mut batch = Batch::default();
         batch.insert(

@@ -105,8 +105,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// An HTTPS client on rustls with the ring provider: the system's roots, or only the given CA.
 pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, SyncError> {
-    // Only the first install wins; a second call (tests, other clients) is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .https_only(true)
         .timeout(REQUEST_TIMEOUT)

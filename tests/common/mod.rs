@@ -13,6 +13,12 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+/// An HTTP client for the local API (reqwest needs the rustls provider installed first).
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    storelink::install_crypto_provider();
+    reqwest::get(url).await
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
