@@ -987,4 +987,85 @@ mod tests {
                 .is_err()
         );
     }
+
+    fn arbitrary_profile() -> impl proptest::strategy::Strategy<Value = Profile> {
+        use proptest::prelude::*;
+        let item = prop_oneof![
+            "[a-z]{1,8}".prop_map(Item::Category),
+            "[A-Z0-9-]{1,8}".prop_map(Item::Sku)
+        ];
+        let follow_up = (item.clone(), item, 0.0f64..1.0, 0.0f64..20.0).prop_map(
+            |(if_bought, suggest, confidence, lift)| FollowUp {
+                if_bought,
+                suggest,
+                confidence,
+                lift,
+            },
+        );
+        (
+            "\\PC{1,20}",
+            proptest::collection::vec("[0-9]{4,16}", 0..3),
+            proptest::option::of("\\PC{0,12}"),
+            proptest::option::of((1i8..=12, 1i8..=28)),
+            any::<(bool, bool, bool)>(),
+            proptest::collection::btree_map("[a-z]{1,6}", -1e6f64..1e6, 0..4),
+            proptest::collection::vec(follow_up, 0..3),
+            proptest::option::of(any::<[u8; 32]>()),
+            any::<(u64, i64)>(),
+        )
+            .prop_map(
+                |(
+                    id,
+                    cards,
+                    first_name,
+                    birthday,
+                    (o, pr, m),
+                    affinities,
+                    follow_ups,
+                    key,
+                    (version, points),
+                )| {
+                    let mut p = Profile::new(id);
+                    p.cards = cards;
+                    p.first_name = first_name;
+                    p.birthday = birthday.map(|(month, day)| MonthDay { month, day });
+                    p.consents = Consents {
+                        personalised_offers: o,
+                        presence: pr,
+                        marketing: m,
+                    };
+                    p.affinities = affinities;
+                    p.follow_ups = follow_ups;
+                    p.presence_key = key;
+                    p.version = version;
+                    p.points = points;
+                    p
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Whatever central can express survives the wire and the store unchanged, apart from
+        /// a presence key without consent, which the store drops.
+        #[test]
+        fn profiles_round_trip_through_json_and_the_store(p in arbitrary_profile()) {
+            let json = serde_json::to_vec(&p).unwrap();
+            let back: Profile = serde_json::from_slice(&json).unwrap();
+            proptest::prop_assert_eq!(&back, &p);
+            let (_d, profiles) = open();
+            let outcome = profiles.upsert(p.clone()).unwrap();
+            if !Profile::valid_id(&p.customer_id) {
+                proptest::prop_assert_eq!(outcome, Upserted::Invalid);
+                return Ok(());
+            }
+            let mut expected = p.clone();
+            if !p.consents.presence {
+                expected.presence_key = None;
+            }
+            proptest::prop_assert_eq!(profiles.get(&p.customer_id).unwrap(), Some(expected));
+            for card in p.cards.iter().filter(|c| **c != p.customer_id) {
+                proptest::prop_assert_eq!(profiles.resolve_card(card).unwrap(), p.customer_id.clone());
+            }
+        }
+    }
 }
