@@ -11,12 +11,16 @@ use storelink::profiles::{MonthDay, Profile, ProfileStore, Upserted};
 use storelink::store::{Store, StoreOptions};
 
 fn profiles() -> &'static ProfileStore {
-    static STORE: OnceLock<ProfileStore> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        ProfileStore::open_with(&store, 64).unwrap()
-    })
+    // Held in the static with the store, so the sanitizer sees it as reachable, not leaked.
+    static STORE: OnceLock<(tempfile::TempDir, ProfileStore)> = OnceLock::new();
+    &STORE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let profiles = ProfileStore::open_with(&store, 64).unwrap();
+            (dir, profiles)
+        })
+        .1
 }
 
 fuzz_target!(|data: &[u8]| {

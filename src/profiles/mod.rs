@@ -91,7 +91,9 @@ impl std::str::FromStr for MonthDay {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("birthday {s:?} is not MM-DD");
         let (m, d) = s.split_once('-').ok_or_else(bad)?;
-        if m.len() != 2 || d.len() != 2 {
+        // i8's parser takes a sign ("+3"); a birthday is two digits, nothing else.
+        let digits = |p: &str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(m) || !digits(d) {
             return Err(bad());
         }
         let (month, day) = (m.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?);
@@ -977,7 +979,7 @@ mod tests {
             "celebrated a day early"
         );
         assert!(!b.is("2028-02-28".parse().unwrap()));
-        for bad in ["2-29", "02-30", "13-01", "0101", "ab-cd"] {
+        for bad in ["2-29", "02-30", "13-01", "0101", "ab-cd", "12-+3", "+1-01"] {
             assert!(bad.parse::<MonthDay>().is_err(), "{bad}");
         }
         let p: Profile = serde_json::from_str(r#"{"customer_id":"x","birthday":"07-14"}"#).unwrap();
