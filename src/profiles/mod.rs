@@ -10,8 +10,10 @@
 //! - The keys of consenting customers are also kept under their own prefix, so the presence
 //!   resolver is rebuilt without reading every profile.
 //! - Every change bumps a generation that watchers (the presence resolver) follow.
-//! - The cache never serves what sled no longer holds: writers update sled and the cache under
-//!   one lock, and a reader only fills the cache if no write happened since it read sled.
+//! - The cache never serves what sled no longer holds: a writer updates sled, then (under the
+//!   cache lock) moves a write counter and updates the cache; a reader fills the cache only if
+//!   the counter did not move since before it read sled. Writers are serialised among
+//!   themselves by a separate lock that lookups never wait for.
 //!
 //! - KPIs follow the store's own transactions (see [`kpi`]): each loyalty transaction is one
 //!   ledger entry keyed by its id, so a re-delivered transaction changes nothing.
@@ -250,8 +252,12 @@ struct Inner {
     tree: Tree,
     changes: watch::Sender<u64>,
     cache: Mutex<LruCache<Arc<str>, Arc<Profile>>>,
-    /// Moves on every write, under the cache lock; see the module invariants.
+    /// Moves after every write to sled, under the cache lock; see the module invariants.
     writes: AtomicU64,
+    /// Serialises writers (sync, downlink, engine), so each one's read-check-write on a
+    /// profile (versions, tombstones, the ledger) sees no other writer in between. Readers
+    /// never take it, so a long page does not hold up lookups.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for ProfileStore {
@@ -293,6 +299,7 @@ impl ProfileStore {
                     LruCache::new(cap)
                 }),
                 writes: AtomicU64::new(0),
+                writer: Mutex::new(()),
             }),
         })
     }
@@ -306,6 +313,13 @@ impl ProfileStore {
         // matters: at worst an entry is missing, and the next lookup reads sled.
         self.inner
             .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -327,7 +341,7 @@ impl ProfileStore {
         let mut batch = Batch::default();
         let mut outcomes = Vec::with_capacity(profiles.len());
         let mut written: HashMap<String, Arc<Profile>> = HashMap::new();
-        let mut cache = self.cache();
+        let _writer = self.writer();
         for mut profile in profiles {
             let id = profile.customer_id.clone();
             if !Profile::valid_id(&id) {
@@ -381,6 +395,7 @@ impl ProfileStore {
             return Ok(outcomes);
         }
         self.tree().apply(batch)?;
+        let mut cache = self.cache();
         self.inner.writes.fetch_add(1, Ordering::SeqCst);
         for (id, p) in written {
             let id: Arc<str> = Arc::from(id);
@@ -452,7 +467,7 @@ impl ProfileStore {
     /// atomic batch, and a tombstone at `version` (at least the held profile's) stays. Presence
     /// and offer history live elsewhere and are erased by their owners (see [`erasure`]).
     pub fn erase(&self, customer_id: &str, version: u64) -> Result<Erased, StoreError> {
-        let mut cache = self.cache();
+        let _writer = self.writer();
         let mut batch = Batch::default();
         let mut erased = Erased::default();
         let held = self.read(customer_id)?;
@@ -487,6 +502,7 @@ impl ProfileStore {
             .max(self.tombstone(customer_id)?.unwrap_or(0));
         batch.insert(key(TOMBSTONE, customer_id), erased.version.to_be_bytes());
         self.tree().apply(batch)?;
+        let mut cache = self.cache();
         self.inner.writes.fetch_add(1, Ordering::SeqCst);
         cache.pop(customer_id);
         drop(cache);
@@ -506,6 +522,7 @@ impl ProfileStore {
         if !Profile::valid_id(card) {
             return Ok(false);
         }
+        let _writer = self.writer();
         let customer = self.resolve_card(card)?;
         let customer = customer.as_str();
         let amount = match tx.kind {
@@ -552,7 +569,6 @@ impl ProfileStore {
             key(KPIS, customer),
             serde_json::to_vec(&kpis).expect("KPIs serialise"),
         );
-        let cache = self.cache();
         if !self.tree().contains(key(PROFILE, customer))? {
             batch.insert(
                 key(PROFILE, customer),
@@ -560,8 +576,8 @@ impl ProfileStore {
             );
         }
         self.tree().apply(batch)?;
+        let _cache = self.cache();
         self.inner.writes.fetch_add(1, Ordering::SeqCst);
-        drop(cache);
         Ok(true)
     }
 
@@ -968,6 +984,38 @@ mod tests {
             profiles.upsert(Profile::new("bad\0id")).unwrap(),
             Upserted::Invalid
         );
+    }
+
+    #[test]
+    fn concurrent_lookups_never_go_back_in_versions_or_end_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let profiles = ProfileStore::open_with(&store, 4).unwrap();
+        profiles.upsert(consenting("x", 1)).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (profiles, done) = (profiles.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut last = 0;
+                    while !done.load(Ordering::SeqCst) {
+                        let v = profiles.lookup("x").unwrap().unwrap().version;
+                        assert!(v >= last, "went back from {last} to {v}");
+                        last = v;
+                        // Churn the small cache so misses and fills race the writer.
+                        profiles.lookup("y").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for v in 2..=2000 {
+            profiles.upsert(consenting("x", v)).unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(profiles.lookup("x").unwrap().unwrap().version, 2000);
     }
 
     #[test]
