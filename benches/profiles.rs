@@ -177,6 +177,7 @@ fn main() {
                 eraser: Eraser {
                     profiles: profiles.clone(),
                     history: storelink::presence::history::History::open(&store, 30).unwrap(),
+                    offers: storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
                     store_id: "s1".into(),
                     clock: storelink::clock::system(),
                     ingest: None,

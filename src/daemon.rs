@@ -128,6 +128,7 @@ pub async fn start(
     let eraser = Eraser {
         profiles: profiles.clone(),
         history: History::open(&store, config.presence.retention_days)?,
+        offers: crate::offers::ledger::OfferLedger::open(&store)?,
         store_id: config.store.id.clone(),
         clock: clock.clone(),
         ingest: Some(ingest.clone()),

@@ -347,6 +347,19 @@ impl Tree {
             .map_err(|e| self.error(e))
     }
 
+    /// Atomically replaces the value at `key` with what `f` makes of the current one (`None`
+    /// removes it); `f` may run more than once under contention. Returns the new value.
+    pub fn update_and_fetch(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: impl FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
+    ) -> Result<Option<Value>, StoreError> {
+        self.inner
+            .update_and_fetch(key, f)
+            .map(|v| v.map(Value))
+            .map_err(|e| self.error(e))
+    }
+
     /// Applies all writes in `batch` atomically: after a crash, all or none are there.
     pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.inner

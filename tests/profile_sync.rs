@@ -62,6 +62,7 @@ fn syncer(central: &CentralHttps, local: &Local, ca: Option<&std::path::Path>) -
         eraser: Eraser {
             profiles: local.profiles.clone(),
             history,
+            offers: storelink::offers::ledger::OfferLedger::open(&local.store).unwrap(),
             store_id: "s042".into(),
             clock: storelink::clock::system(),
             ingest: None,

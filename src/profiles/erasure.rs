@@ -3,7 +3,8 @@
 //!
 //! Invariants:
 //! - One request removes the profile, presence key, card index entries, KPIs and ledger (one
-//!   atomic batch in the profiles tree) and the customer's presence history, and leaves a
+//!   atomic batch in the profiles tree), the customer's presence history and their offer
+//!   history, and leaves a
 //!   tombstone so a stale upsert cannot bring them back.
 //! - The acknowledgement (`storelink.erasure.v1`) is queued only after the caller flushed the
 //!   erasure to disk, so central never hears "erased" about something a crash could undo.
@@ -22,6 +23,7 @@ use super::ProfileStore;
 use crate::clock::SharedClock;
 use crate::engine::IngestHandle;
 use crate::events::{self, EventKind};
+use crate::offers::ledger::OfferLedger;
 use crate::presence::history::History;
 use crate::store::StoreError;
 use crate::uplink::outbox::NewEvent;
@@ -49,11 +51,13 @@ pub struct ErasureAck {
     /// The tombstone's version.
     pub version: u64,
     pub erased_at: Timestamp,
-    /// What was removed: profile records (profile, presence key, KPIs, cards), ledger entries
-    /// and presence history records. All zero when the store never knew the customer.
+    /// What was removed: profile records (profile, presence key, KPIs, cards), ledger entries,
+    /// presence history records and offer history records. All zero when the store never knew
+    /// the customer.
     pub profile_records: u64,
     pub ledger_entries: u64,
     pub presence_records: u64,
+    pub offer_records: u64,
 }
 
 /// The SHA-256 of a customer id, as acknowledgements name the customer.
@@ -66,6 +70,7 @@ pub fn customer_ref(customer_id: &str) -> String {
 pub struct Eraser {
     pub profiles: ProfileStore,
     pub history: History,
+    pub offers: OfferLedger,
     pub store_id: String,
     pub clock: SharedClock,
     /// Where acknowledgements go; `None` in tools that only clean up.
@@ -79,6 +84,7 @@ impl Eraser {
         tracing::debug!(customer = %request.customer_id, "erasing customer");
         let erased = self.profiles.erase(&request.customer_id, request.version)?;
         let presence_records = self.history.erase(&request.customer_id)? as u64;
+        let offer_records = self.offers.erase(&request.customer_id)? as u64;
         metrics::counter!("storelink_erasures_total").increment(1);
         Ok(ErasureAck {
             store: self.store_id.clone(),
@@ -89,6 +95,7 @@ impl Eraser {
             profile_records: erased.records,
             ledger_entries: erased.ledger_entries,
             presence_records,
+            offer_records,
         })
     }
 
