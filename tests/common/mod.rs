@@ -303,6 +303,9 @@ pub struct Proxy {
     pub addr: SocketAddr,
     upstream: SocketAddr,
     state: Arc<Mutex<ProxyState>>,
+    /// The port, bound but not listening (so connections are refused) until `open`. Holding
+    /// it keeps another test from taking the port in between.
+    reserved: Mutex<Option<tokio::net::TcpSocket>>,
 }
 
 #[derive(Default)]
@@ -314,16 +317,41 @@ struct ProxyState {
 impl Proxy {
     /// A closed proxy on a free port in front of `upstream`.
     pub fn new(upstream: SocketAddr) -> Proxy {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(local(0)).unwrap();
         Proxy {
-            addr: local(free_port()),
+            addr: socket.local_addr().unwrap(),
             upstream,
             state: Arc::default(),
+            reserved: Mutex::new(Some(socket)),
         }
     }
 
     /// Starts accepting and forwarding.
     pub async fn open(&self) {
-        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        let reserved = self.reserved.lock().unwrap().take();
+        let socket = match reserved {
+            Some(s) => s,
+            // Re-opened after `close`: the port was released; take it again, waiting out a
+            // connection that may hold it for a moment.
+            None => {
+                let mut tries = 0;
+                loop {
+                    let s = tokio::net::TcpSocket::new_v4().unwrap();
+                    s.set_reuseaddr(true).unwrap();
+                    match s.bind(self.addr) {
+                        Ok(()) => break s,
+                        Err(_) if tries < 100 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("proxy cannot take {} again: {e}", self.addr),
+                    }
+                }
+            }
+        };
+        let listener = socket.listen(1024).unwrap();
         let upstream = self.upstream;
         let state = self.state.clone();
         let handle = tokio::spawn(async move {
