@@ -91,19 +91,29 @@ mod tests {
         TimeZone::get("Europe/Berlin").unwrap()
     }
 
+    /// The customer walks into the store at `at` (the trigger most scenarios use).
+    fn entered(s: &CompiledSet, p: &Profile, at: &str, state: &CapState) -> Decision {
+        decide(
+            s,
+            p,
+            None,
+            &occasion(Trigger::StoreEntered, at),
+            state,
+            &berlin(),
+        )
+    }
+
     #[test]
     fn the_playstation_buyer_walks_in_and_gets_the_games_offer() {
         let s = set(
             serde_json::json!({"version": 1, "campaigns": [games_campaign(), winback_campaign()]}),
         );
         assert!(s.rejected.is_empty(), "{:?}", s.rejected);
-        let d = decide(
+        let d = entered(
             &s,
             &ps_buyer(),
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z"),
+            "2026-11-23T10:00:00Z",
             &CapState::default(),
-            &berlin(),
         );
         let push = d
             .chosen
@@ -134,14 +144,7 @@ mod tests {
         // Without a first name the push falls back; the cashier text has no fallback and goes.
         let mut anonymous = ps_buyer();
         anonymous.first_name = None;
-        let d = decide(
-            &s,
-            &anonymous,
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z"),
-            &CapState::default(),
-            &berlin(),
-        );
+        let d = entered(&s, &anonymous, "2026-11-23T10:00:00Z", &CapState::default());
         assert_eq!(d.chosen.len(), 1);
         assert_eq!(d.chosen[0].text["en"], "20% off games");
     }
@@ -205,14 +208,7 @@ mod tests {
         let s = set(serde_json::json!({"version": 1, "campaigns": [games_campaign()]}));
         let mut p = ps_buyer();
         p.consents.personalised_offers = false;
-        let d = decide(
-            &s,
-            &p,
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z"),
-            &CapState::default(),
-            &berlin(),
-        );
+        let d = entered(&s, &p, "2026-11-23T10:00:00Z", &CapState::default());
         assert!(d.chosen.is_empty() && d.controls.is_empty());
         assert_eq!(d.explained[0].outcome, Outcome::NoConsent);
     }
@@ -250,28 +246,14 @@ mod tests {
             .map(|t| t.parse().unwrap())
             .collect(),
         );
-        let d = decide(
-            &s,
-            &ps_buyer(),
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-27T09:00:00Z"),
-            &state,
-            &berlin(),
-        );
+        let d = entered(&s, &ps_buyer(), "2026-11-27T09:00:00Z", &state);
         assert_eq!(
             d.explained[0].outcome,
             Outcome::Capped {
                 cap: "3 per week".into()
             }
         );
-        let d = decide(
-            &s,
-            &ps_buyer(),
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-30T09:00:00Z"),
-            &state,
-            &berlin(),
-        );
+        let d = entered(&s, &ps_buyer(), "2026-11-30T09:00:00Z", &state);
         assert_eq!(d.chosen.len(), 2, "a new week");
     }
 
@@ -316,14 +298,7 @@ mod tests {
             .unwrap();
         let mut p = ps_buyer();
         p.customer_id = in_control.clone();
-        let d = decide(
-            &s,
-            &p,
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z"),
-            &CapState::default(),
-            &berlin(),
-        );
+        let d = entered(&s, &p, "2026-11-23T10:00:00Z", &CapState::default());
         assert!(d.chosen.is_empty());
         assert_eq!(d.controls.len(), 1);
         // The same answer from a freshly compiled set (a restart), and the hash is pinned so a
@@ -393,14 +368,7 @@ mod tests {
             set(serde_json::json!({"version": 1, "campaigns": [low, games_campaign(), segment]}));
         let mut p = ps_buyer();
         p.segments = vec!["gamer".into()];
-        let d = decide(
-            &s,
-            &p,
-            None,
-            &occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z"),
-            &CapState::default(),
-            &berlin(),
-        );
+        let d = entered(&s, &p, "2026-11-23T10:00:00Z", &CapState::default());
         assert!(
             d.chosen.iter().all(|c| c.campaign == "games-after-console"),
             "{:?}",

@@ -252,6 +252,8 @@ struct Inner {
     tree: Tree,
     changes: watch::Sender<u64>,
     cache: Mutex<LruCache<Arc<str>, Arc<Profile>>>,
+    /// False with `cache_entries = 0`: lookups always read sled.
+    caching: bool,
     /// Moves after every write to sled, under the cache lock; see the module invariants.
     writes: AtomicU64,
     /// Serialises writers (sync, downlink, engine), so each one's read-check-write on a
@@ -288,16 +290,14 @@ impl ProfileStore {
 
     /// Opens with an in-memory cache of at most `cache_entries` profiles (0 turns it off).
     pub fn open_with(store: &Store, cache_entries: usize) -> Result<ProfileStore, StoreError> {
-        let cap = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
+        let cap = NonZeroUsize::new(cache_entries);
         Ok(ProfileStore {
             inner: Arc::new(Inner {
                 tree: store.tree(TreeName::Profiles)?,
                 changes: watch::channel(0).0,
-                cache: Mutex::new(if cache_entries == 0 {
-                    LruCache::new(NonZeroUsize::MIN)
-                } else {
-                    LruCache::new(cap)
-                }),
+                // With no cache, an LRU of one that is never filled keeps the code paths one.
+                cache: Mutex::new(LruCache::new(cap.unwrap_or(NonZeroUsize::MIN))),
+                caching: cap.is_some(),
                 writes: AtomicU64::new(0),
                 writer: Mutex::new(()),
             }),
@@ -429,7 +429,7 @@ impl ProfileStore {
         };
         let mut cache = self.cache();
         // A write since the read may have changed this profile; the next lookup reads again.
-        if self.inner.writes.load(Ordering::SeqCst) == before {
+        if self.inner.caching && self.inner.writes.load(Ordering::SeqCst) == before {
             cache.put(Arc::from(customer_id), profile.clone());
         }
         Ok(Some(profile))
@@ -966,6 +966,9 @@ mod tests {
         profiles.lookup("a").unwrap();
         profiles.lookup("b").unwrap();
         assert_eq!(profiles.stats().unwrap().cached, 2, "bounded");
+        let uncached = ProfileStore::open_with(&store, 0).unwrap();
+        assert!(uncached.lookup("a").unwrap().is_some());
+        assert_eq!(uncached.stats().unwrap().cached, 0, "0 turns the cache off");
         profiles.lookup("hot").unwrap();
         profiles.erase("hot", 3).unwrap();
         assert!(profiles.lookup("hot").unwrap().is_none());
