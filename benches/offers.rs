@@ -88,7 +88,7 @@ fn main() {
         .collect();
     let view = Kpis::compute(&ledger).view(day("2026-11-23"), &KpiConfig::default(), None, None);
     let occasion = Occasion {
-        trigger: Trigger::StoreEntered,
+        triggers: vec![Trigger::StoreEntered],
         store: "s1".into(),
         zone: None,
         lane: None,

@@ -30,6 +30,8 @@ pub struct Config {
     pub presence: PresenceSection,
     #[serde(default)]
     pub profiles: ProfilesSection,
+    #[serde(default)]
+    pub offers: OffersSection,
     pub central: CentralSection,
     #[serde(default)]
     pub cashier: CashierSection,
@@ -309,6 +311,48 @@ pub struct ScannerCalibration {
 
 fn default_path_loss_exponent() -> f32 {
     2.0
+}
+
+/// Offers: where campaigns come from besides central, and how often central is asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffersSection {
+    /// Decide offers at all. Off, presence and registers work as before and no offer or
+    /// prompt event is produced.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A campaign set (JSON, as central ships it) loaded at start when central has not sent
+    /// a newer one: for a store that runs without central, or to seed a fresh gateway.
+    #[serde(default)]
+    pub campaigns_file: Option<PathBuf>,
+    /// Seconds between `GET /v1/stores/{store}/campaigns` polls (with `If-None-Match`), when
+    /// `central.https` is set.
+    #[serde(default = "default_campaign_poll_s")]
+    pub campaign_poll_s: u64,
+    /// Seconds a cashier prompt stays on a lane with nothing happening before it is cleared.
+    #[serde(default = "default_prompt_ttl_s")]
+    pub prompt_ttl_s: u64,
+}
+
+impl Default for OffersSection {
+    fn default() -> Self {
+        OffersSection {
+            enabled: true,
+            campaigns_file: None,
+            campaign_poll_s: default_campaign_poll_s(),
+            prompt_ttl_s: default_prompt_ttl_s(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_campaign_poll_s() -> u64 {
+    300
+}
+fn default_prompt_ttl_s() -> u64 {
+    300
 }
 
 /// Customer profiles: the cache, sync from central, and the KPI settings.
@@ -639,6 +683,9 @@ impl Config {
         if let Some(replay) = &mut self.presence.replay {
             resolve(&mut replay.file);
         }
+        if let Some(f) = &mut self.offers.campaigns_file {
+            resolve(f);
+        }
     }
 
     /// The MQTT topic prefix in force.
@@ -841,6 +888,7 @@ impl Config {
 
         self.validate_presence(&mut v);
         self.validate_profiles(&mut v);
+        self.validate_offers(&mut v);
 
         match (&mut self.central.mqtt, &mut self.central.https) {
             (None, _) => v.problem(
@@ -970,6 +1018,40 @@ impl Config {
             1.0,
             3650.0,
         );
+    }
+
+    fn validate_offers(&self, v: &mut Validator) {
+        let o = &self.offers;
+        if !(10..=86_400).contains(&o.campaign_poll_s) {
+            v.problem(
+                "offers.campaign_poll_s",
+                format!("{} is out of range 10-86400", o.campaign_poll_s),
+            );
+        }
+        if !(5..=86_400).contains(&o.prompt_ttl_s) {
+            v.problem(
+                "offers.prompt_ttl_s",
+                format!("{} is out of range 5-86400", o.prompt_ttl_s),
+            );
+        }
+        if let Some(f) = &o.campaigns_file {
+            match std::fs::read(f) {
+                Err(e) => v.problem(
+                    "offers.campaigns_file",
+                    format!("cannot read {}: {e}", f.display()),
+                ),
+                Ok(bytes) => {
+                    if let Err(e) =
+                        serde_json::from_slice::<crate::offers::campaign::CampaignSet>(&bytes)
+                    {
+                        v.problem(
+                            "offers.campaigns_file",
+                            format!("{} is not a campaign set: {e}", f.display()),
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn validate_presence(&mut self, v: &mut Validator) {

@@ -17,6 +17,9 @@ use crate::clock::SharedClock;
 use crate::config::{Config, PresenceSource, parse_socket_addr};
 use crate::deadletter::DeadLetters;
 use crate::engine::{self, Engine};
+use crate::offers::ledger::OfferLedger;
+use crate::offers::live::{self, Offers, Slot};
+use crate::offers::sync::CampaignSync;
 use crate::pos::{self, RegisterContext};
 use crate::presence::history::History;
 use crate::presence::pipeline::{self, Pipeline, PresenceEvent};
@@ -58,6 +61,7 @@ pub struct Agent {
     pub profiles: ProfileStore,
     /// Presence changes for the core (offers, prompts); subscribe to follow them.
     pub presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+    pub offers: Offers,
     supervisor: Supervisor,
 }
 
@@ -105,13 +109,43 @@ pub async fn start(
     let (ingest, rx) = engine::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let profiles = ProfileStore::open_with(&store, config.profiles.cache_entries)?;
+    let offer_ledger = OfferLedger::open(&store)?;
+    let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
+    let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
     let core = Engine::new(
         store.clone(),
         outbox.clone(),
         deadletters.clone(),
         profiles.clone(),
         config.store.id.clone(),
-    );
+    )
+    .with_offers(offer_ledger.clone(), completed_tx);
+    let offers = Offers::open(
+        live::Settings {
+            store_id: config.store.id.clone(),
+            tz: config.time_zone(),
+            kpi: config.profiles.kpi.clone(),
+            register_lanes: config
+                .registers
+                .iter()
+                .filter_map(|r| Some((r.name.clone(), r.lane.clone()?)))
+                .collect(),
+            prompt_ttl: Duration::from_secs(config.offers.prompt_ttl_s),
+            enabled: config.offers.enabled,
+        },
+        clock.clone(),
+        profiles.clone(),
+        offer_ledger.clone(),
+        Some(ingest.clone()),
+    )?;
+    if let Some(file) = &config.offers.campaigns_file {
+        let bytes = std::fs::read(file).map_err(|e| {
+            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
+        })?;
+        offers.install(Slot::File, &bytes).map_err(|e| {
+            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
+        })?;
+    }
     {
         let token = token.clone();
         supervisor.spawn("engine", move |component| {
@@ -128,7 +162,7 @@ pub async fn start(
     let eraser = Eraser {
         profiles: profiles.clone(),
         history: History::open(&store, config.presence.retention_days)?,
-        offers: crate::offers::ledger::OfferLedger::open(&store)?,
+        offers: offer_ledger.clone(),
         store_id: config.store.id.clone(),
         clock: clock.clone(),
         ingest: Some(ingest.clone()),
@@ -144,10 +178,24 @@ pub async fn start(
             store: store.clone(),
             eraser: eraser.clone(),
         };
+        let campaign_sync = CampaignSync {
+            client: syncer.client.clone(),
+            base_url: https.base_url.clone(),
+            store_id: config.store.id.clone(),
+            token: https.token.clone(),
+            offers: offers.clone(),
+        };
         let interval = Duration::from_secs(config.profiles.sync_interval_s);
+        {
+            let token = token.clone();
+            supervisor.spawn("profiles.sync", move |component| {
+                sync::run(syncer.clone(), interval, component, token.clone())
+            });
+        }
+        let interval = Duration::from_secs(config.offers.campaign_poll_s);
         let token = token.clone();
-        supervisor.spawn("profiles.sync", move |component| {
-            sync::run(syncer.clone(), interval, component, token.clone())
+        supervisor.spawn("offers.sync", move |component| {
+            crate::offers::sync::run(campaign_sync.clone(), interval, component, token.clone())
         });
     }
     {
@@ -175,11 +223,20 @@ pub async fn start(
         let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
         {
             let (store, eraser, token) = (store.clone(), eraser.clone(), token.clone());
+            let offers = offers.clone();
             supervisor.spawn("profiles.downlink", move |component| {
+                let offers = offers.clone();
                 crate::profiles::downlink::run(
                     down_rx.clone(),
                     store.clone(),
                     eraser.clone(),
+                    move |tenant_wide, body| {
+                        let slot = if tenant_wide { Slot::Tenant } else { Slot::Store };
+                        if let Err(e) = offers.install(slot, body) {
+                            metrics::counter!("storelink_downlink_malformed_total").increment(1);
+                            tracing::warn!(?slot, error = %e, "campaign set from central not installed; the last good set stays in force");
+                        }
+                    },
                     component,
                     token.clone(),
                 )
@@ -214,6 +271,14 @@ pub async fn start(
     }
     let presence = start_presence(&config, &store, &profiles, &supervisor, &ingest, &clock)?;
     drop(ingest);
+    {
+        let (offers, token, presence) = (offers.clone(), token.clone(), presence.clone());
+        supervisor.spawn("offers", move |component| {
+            let (offers, token) = (offers.clone(), token.clone());
+            let (presence, completed) = (presence.subscribe(), completed_rx.clone());
+            async move { offers.run(presence, completed, component, token).await }
+        });
+    }
 
     let ready = Arc::new(AtomicBool::new(false));
     let api_state = ApiState {
@@ -233,6 +298,7 @@ pub async fn start(
         profiles: profiles.clone(),
         tz: config.time_zone(),
         kpi: config.profiles.kpi.clone(),
+        offers: offers.clone(),
     };
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {
@@ -268,6 +334,7 @@ pub async fn start(
         api: api_state,
         profiles,
         presence,
+        offers,
         supervisor,
     })
 }

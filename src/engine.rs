@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::events::{self, EventKind};
+use crate::offers::ledger::OfferLedger;
+use crate::offers::live::Completed;
 use crate::pos::transaction::Transaction;
 use crate::profiles::ProfileStore;
 use crate::store::{Store, StoreError};
@@ -138,6 +140,10 @@ pub struct Engine {
     deadletters: Arc<DeadLetters>,
     profiles: ProfileStore,
     store_id: String,
+    /// Attribution of loyalty transactions to the offers before them.
+    offers: Option<OfferLedger>,
+    /// Completed loyalty transactions for the `transaction_completed` trigger.
+    completed: Option<mpsc::Sender<Completed>>,
 }
 
 impl Engine {
@@ -154,7 +160,17 @@ impl Engine {
             deadletters,
             profiles,
             store_id,
+            offers: None,
+            completed: None,
         }
+    }
+
+    /// Attributes loyalty transactions to earlier offers (redemptions go into the same
+    /// durable step as the transaction) and tells the offers service of each one.
+    pub fn with_offers(mut self, ledger: OfferLedger, completed: mpsc::Sender<Completed>) -> Self {
+        self.offers = Some(ledger);
+        self.completed = Some(completed);
+        self
     }
 
     /// Runs until cancelled, then drains what is queued. Storage failures are answered per item
@@ -225,15 +241,50 @@ impl Engine {
             .deadletters
             .record(&letters)
             .and_then(|()| self.outbox.append(&events));
-        // A loyalty transaction stored for the first time updates its customer's KPIs before
-        // the flush, so both are durable in the same step; a duplicate changes nothing.
+        // A loyalty transaction stored for the first time updates its customer's KPIs and is
+        // attributed to earlier offers before the flush, so all of it is durable in the same
+        // step; a duplicate changes nothing.
+        let mut completed = Vec::new();
         let written = written.and_then(|outcomes| {
+            let mut redemptions = Vec::new();
             for (item, outcome) in batch.iter().zip(&outcomes) {
                 if let (Ingest::Transaction { tx, .. }, AppendOutcome::Stored) = (item, outcome)
-                    && tx.loyalty_id.is_some()
+                    && let Some(card) = tx.loyalty_id.as_deref()
                 {
                     self.profiles.record_transaction(tx)?;
+                    if let Some(ledger) = &self.offers
+                        && crate::profiles::Profile::valid_id(card)
+                    {
+                        let customer = self.profiles.resolve_card(card)?;
+                        for r in ledger.attribute(&customer, &self.store_id, tx)? {
+                            let id = r.event_id();
+                            redemptions.push(NewEvent {
+                                kind: EventKind::Redemption,
+                                payload: events::encode(
+                                    EventKind::Redemption,
+                                    &id,
+                                    &self.store_id,
+                                    r.transaction_at,
+                                    &r,
+                                ),
+                                id,
+                            });
+                            let group = match r.group {
+                                crate::offers::ledger::Group::Exposed => "exposed",
+                                crate::offers::ledger::Group::Control => "control",
+                            };
+                            metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
+                        }
+                        completed.push(Completed {
+                            customer_id: customer,
+                            lane: tx.lane.clone(),
+                            at: tx.ended_at,
+                        });
+                    }
                 }
+            }
+            if !redemptions.is_empty() {
+                self.outbox.append(&redemptions)?;
             }
             Ok(outcomes)
         });
@@ -259,6 +310,13 @@ impl Engine {
             component.running(Some("accepting".to_string()));
         }
         self.outbox.notify();
+        if let Some(tx) = &self.completed {
+            for done in completed {
+                if tx.try_send(done).is_err() {
+                    metrics::counter!("storelink_offer_triggers_dropped_total", "source" => "transactions").increment(1);
+                }
+            }
+        }
 
         // Counted per register once per batch: a label lookup per transaction is measurable.
         let mut counts: Vec<(String, u64, u64)> = Vec::new();

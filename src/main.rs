@@ -77,6 +77,51 @@ enum Command {
     /// What the running agent knows about customers, read from its local API.
     #[command(subcommand)]
     Profiles(ProfilesCommand),
+    /// Campaigns and offer decisions: explain a decision, campaign statistics, check a set.
+    #[command(subcommand)]
+    Offers(OffersCommand),
+}
+
+#[derive(Subcommand)]
+enum OffersCommand {
+    /// Why each campaign would or would not be chosen for a customer now (nothing is recorded).
+    Explain {
+        /// Customer id or loyalty card.
+        #[arg(value_name = "CUSTOMER")]
+        customer: String,
+        /// Trigger names, comma-separated: store_entered, zone_dwelling, lane_arrived,
+        /// transaction_started, transaction_completed, birthday_visit, winback_due.
+        #[arg(long, default_value = "store_entered")]
+        trigger: String,
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long)]
+        lane: Option<String>,
+        /// Product group for winback_due.
+        #[arg(long)]
+        group: Option<String>,
+        /// Decide as of this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Print the JSON the agent answered.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Per campaign and variant: shown, control, redeemed, revenue, and the uplift test.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Compile a campaign set file as the agent would: exit 0 when every campaign goes live, 1
+    /// when some are rejected (each named with its field), 2 when the file is not a set.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +280,103 @@ fn main() -> ExitCode {
         Command::Pos(command) => pos(command),
         Command::Ble(command) => ble(command),
         Command::Profiles(command) => profiles(command),
+        Command::Offers(command) => offers(command),
+    }
+}
+
+/// GETs `path` from the agent's local API and parses the JSON answer.
+fn api_get(url: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", url.trim_end_matches('/'));
+    runtime()?.block_on(async {
+        let response = reqwest::Client::new()
+            .get(&url)
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: {e} (is the agent running? --url)"))?;
+        let status = response.status();
+        let body = response.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("{url}: {status}: {}", body.trim());
+        }
+        Ok(serde_json::from_str(&body)?)
+    })
+}
+
+fn offers(command: OffersCommand) -> ExitCode {
+    match command {
+        OffersCommand::Check { file } => {
+            let bytes = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let set: storelink::offers::campaign::CampaignSet = match serde_json::from_slice(&bytes)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}: not a campaign set: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let compiled = storelink::offers::campaign::CompiledSet::compile(set);
+            for r in &compiled.rejected {
+                eprintln!("{}: {r}", file.display());
+            }
+            out!(
+                "{}: version {}: {} live, {} rejected",
+                file.display(),
+                compiled.version,
+                compiled.live.len(),
+                compiled.rejected.len()
+            );
+            if compiled.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        OffersCommand::Explain {
+            customer,
+            trigger,
+            zone,
+            lane,
+            group,
+            at,
+            json,
+            url,
+        } => {
+            let mut query = vec![("trigger", trigger)];
+            for (k, v) in [("zone", zone), ("lane", lane), ("group", group), ("at", at)] {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            exit_with(
+                api_get(&url, &format!("/api/v1/offers/explain/{customer}"), &query).and_then(
+                    |v| {
+                        if json {
+                            out!("{}", serde_json::to_string_pretty(&v)?);
+                        } else {
+                            out!("{}", storelink::offers::report::explanation(&v));
+                        }
+                        Ok(())
+                    },
+                ),
+            )
+        }
+        OffersCommand::Stats { json, url } => {
+            exit_with(api_get(&url, "/api/v1/offers/stats", &[]).and_then(|v| {
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    out!("{}", storelink::offers::report::stats(&v));
+                }
+                Ok(())
+            }))
+        }
     }
 }
 

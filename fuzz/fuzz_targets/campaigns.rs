@@ -31,7 +31,7 @@ fn check(set: CampaignSet) {
     p.consents.personalised_offers = true;
     p.segments = vec!["gamer".into()];
     let occasion = Occasion {
-        trigger: Trigger::StoreEntered,
+        triggers: vec![Trigger::StoreEntered],
         store: "s1".into(),
         zone: Some("games".into()),
         lane: None,

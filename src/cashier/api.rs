@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::deadletter::DeadLetters;
+use crate::offers::campaign::Trigger;
+use crate::offers::live::{Offers, OffersError, PromptAction, RegisterEvent};
 use crate::pos::RegisterContext;
 use crate::profiles::kpi::{KpiConfig, KpiView, Kpis};
 use crate::profiles::{Profile, ProfileStats, ProfileStore};
@@ -66,6 +68,7 @@ pub struct ApiState {
     pub tz: jiff::tz::TimeZone,
     /// Activity thresholds and CLV settings from `[profiles.kpi]`.
     pub kpi: KpiConfig,
+    pub offers: Offers,
 }
 
 /// Overall health, as `storelink status` and monitoring read it.
@@ -142,7 +145,143 @@ pub fn router(state: ApiState) -> Router {
             "/pos/v1/transactions",
             post(post_transactions).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)),
         )
+        .route(
+            "/pos/v1/events",
+            post(post_register_event).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)),
+        )
+        .route("/api/v1/lanes/{lane}/prompt", get(lane_prompt))
+        .route(
+            "/api/v1/lanes/{lane}/prompts/{id}/{action}",
+            post(prompt_action),
+        )
+        .route("/api/v1/offers/stats", get(offer_stats))
+        .route("/api/v1/offers/campaigns", get(offer_campaigns))
+        .route("/api/v1/offers/explain/{customer}", get(offer_explain))
         .with_state(state)
+}
+
+/// A live register event is small: a card number, a basket of lines.
+const MAX_EVENT_BODY: usize = 1024 * 1024;
+
+fn offers_error(e: OffersError) -> Response {
+    match e {
+        OffersError::BadRequest(m) => error_answer(StatusCode::BAD_REQUEST, m),
+        OffersError::Malformed(e) => error_answer(StatusCode::BAD_REQUEST, e.to_string()),
+        OffersError::Store(e) => {
+            tracing::error!(error = %e, "offers: storage failed");
+            let mut r = error_answer(StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}"));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            r
+        }
+    }
+}
+
+/// A live register event; the answer carries the lane's prompt and the offers as effects.
+async fn post_register_event(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let event: RegisterEvent = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            return error_answer(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "not a register event ({{\"type\": \"customer_identified\" | \"transaction_started\" | \"basket_updated\" | \"transaction_ended\", \"lane\" or \"register\", …}}): {e}"
+                ),
+            );
+        }
+    };
+    match state.offers.on_register_event(event).await {
+        Ok(effects) => Json(effects).into_response(),
+        Err(e) => offers_error(e),
+    }
+}
+
+async fn lane_prompt(State(state): State<ApiState>, Path(lane): Path<String>) -> Response {
+    match state.offers.lane_prompt(&lane) {
+        Some(p) => Json(p).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+async fn prompt_action(
+    State(state): State<ApiState>,
+    Path((lane, id, action)): Path<(String, String, String)>,
+) -> Response {
+    let action = match action.as_str() {
+        "accepted" => PromptAction::Accepted,
+        "dismissed" => PromptAction::Dismissed,
+        "redeemed" => PromptAction::Redeemed,
+        other => {
+            return error_answer(
+                StatusCode::NOT_FOUND,
+                format!("no action {other:?}; use accepted, dismissed or redeemed"),
+            );
+        }
+    };
+    match state.offers.prompt_action(&lane, &id, action).await {
+        Ok(p) => Json(p).into_response(),
+        Err(OffersError::BadRequest(m)) => error_answer(StatusCode::CONFLICT, m),
+        Err(e) => offers_error(e),
+    }
+}
+
+async fn offer_stats(State(state): State<ApiState>) -> Response {
+    match state.offers.stats() {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => offers_error(OffersError::Store(e)),
+    }
+}
+
+async fn offer_campaigns(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    let set = state.offers.campaigns();
+    Json(serde_json::json!({
+        "version": set.version,
+        "slots": state.offers.versions(),
+        "live": set.live.iter().map(|c| serde_json::json!({
+            "id": c.campaign.id,
+            "name": c.campaign.name,
+            "trigger": c.campaign.trigger.name(),
+            "valid_from": c.campaign.valid_from,
+            "valid_until": c.campaign.valid_until,
+        })).collect::<Vec<_>>(),
+        "rejected": set.rejected,
+    }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ExplainQuery {
+    /// Comma-separated trigger names.
+    trigger: Option<String>,
+    zone: Option<String>,
+    lane: Option<String>,
+    /// The product group for `winback_due`.
+    group: Option<String>,
+    at: Option<Timestamp>,
+}
+
+async fn offer_explain(
+    State(state): State<ApiState>,
+    Path(customer): Path<String>,
+    Query(q): Query<ExplainQuery>,
+) -> Response {
+    let names = q.trigger.as_deref().unwrap_or("store_entered");
+    let mut triggers = Vec::new();
+    for name in names.split(',').map(str::trim) {
+        match Trigger::parse(name, q.zone.as_deref(), q.group.as_deref()) {
+            Ok(t) => triggers.push(t),
+            Err(m) => return error_answer(StatusCode::BAD_REQUEST, m),
+        }
+    }
+    match state
+        .offers
+        .explain(&customer, triggers, q.zone, q.lane, q.at)
+    {
+        Ok(x) if !x.customer_found => {
+            error_answer(StatusCode::NOT_FOUND, "no such customer here".into())
+        }
+        Ok(x) => Json(x).into_response(),
+        Err(e) => offers_error(e),
+    }
 }
 
 /// What support sees of one customer: the profile without its presence key, and the KPIs as
@@ -327,8 +466,9 @@ async fn status(State(state): State<ApiState>) -> Json<StatusReport> {
 }
 
 async fn metrics_text(State(state): State<ApiState>) -> Response {
-    // Outbox ages are computed on demand; refresh them for this scrape.
+    // Outbox ages and campaign figures are computed on demand; refresh them for this scrape.
     let _ = state.outbox.stats();
+    state.offers.export_stats();
     state.metrics.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

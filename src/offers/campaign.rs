@@ -47,6 +47,40 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Every trigger name, for messages.
+    pub const NAMES: [&'static str; 7] = [
+        "store_entered",
+        "zone_dwelling",
+        "lane_arrived",
+        "transaction_started",
+        "transaction_completed",
+        "birthday_visit",
+        "winback_due",
+    ];
+
+    /// A trigger from its name; `zone_dwelling` needs the zone, `winback_due` takes a group.
+    pub fn parse(name: &str, zone: Option<&str>, group: Option<&str>) -> Result<Trigger, String> {
+        Ok(match name {
+            "store_entered" => Trigger::StoreEntered,
+            "zone_dwelling" => Trigger::ZoneDwelling {
+                zone: zone.ok_or("zone_dwelling needs a zone")?.to_string(),
+            },
+            "lane_arrived" => Trigger::LaneArrived,
+            "transaction_started" => Trigger::TransactionStarted,
+            "transaction_completed" => Trigger::TransactionCompleted,
+            "birthday_visit" => Trigger::BirthdayVisit,
+            "winback_due" => Trigger::WinbackDue {
+                group: group.map(str::to_string),
+            },
+            other => {
+                return Err(format!(
+                    "unknown trigger {other:?}; one of {}",
+                    Trigger::NAMES.join(", ")
+                ));
+            }
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Trigger::StoreEntered => "store_entered",
@@ -227,6 +261,10 @@ pub struct CompiledSet {
     pub version: u64,
     pub live: Vec<Arc<Compiled>>,
     pub rejected: Vec<Rejected>,
+    /// Campaign id → position in `live`.
+    index: std::collections::HashMap<String, usize>,
+    /// The live campaigns with a budget: the only counters a decision has to read.
+    budgeted: Vec<String>,
 }
 
 impl CompiledSet {
@@ -247,11 +285,27 @@ impl CompiledSet {
                 continue;
             }
             match compile_one(campaign) {
-                Ok(c) => out.live.push(Arc::new(c)),
+                Ok(c) => {
+                    out.index.insert(c.campaign.id.clone(), out.live.len());
+                    if c.campaign.budget.is_some() {
+                        out.budgeted.push(c.campaign.id.clone());
+                    }
+                    out.live.push(Arc::new(c));
+                }
                 Err(r) => out.rejected.push(r),
             }
         }
         out
+    }
+
+    /// A live campaign by id.
+    pub fn get(&self, id: &str) -> Option<&Compiled> {
+        self.index.get(id).map(|i| self.live[*i].as_ref())
+    }
+
+    /// Ids of the live campaigns that have a budget.
+    pub fn budgeted(&self) -> &[String] {
+        &self.budgeted
     }
 }
 

@@ -24,10 +24,12 @@ use super::campaign::{Cap, Channel, Compiled, CompiledSet, Offer, Period, Trigge
 use crate::profiles::kpi::KpiView;
 use crate::profiles::{Item, Profile};
 
-/// What happened, where and when.
+/// What happened, where and when. One moment can be several triggers at once: a store entry
+/// on the customer's birthday while they are overdue is `store_entered`, `birthday_visit` and
+/// `winback_due`, decided together so each channel still gets at most one offer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Occasion {
-    pub trigger: Trigger,
+    pub triggers: Vec<Trigger>,
     pub store: String,
     pub zone: Option<String>,
     pub lane: Option<String>,
@@ -214,7 +216,8 @@ fn audience_context(
     ctx.add_variable_from_value(
         "event",
         value(serde_json::json!({
-            "trigger": occasion.trigger.name(),
+            "trigger": occasion.triggers.first().map(Trigger::name),
+            "triggers": occasion.triggers.iter().map(Trigger::name).collect::<Vec<_>>(),
             "zone": occasion.zone,
             "lane": occasion.lane,
         })),
@@ -322,7 +325,11 @@ pub fn decide(
             explain(id, Outcome::NotLive);
             continue;
         }
-        if !trigger_matches(&c.campaign.trigger, &occasion.trigger) {
+        if !occasion
+            .triggers
+            .iter()
+            .any(|t| trigger_matches(&c.campaign.trigger, t))
+        {
             explain(id, Outcome::OtherTrigger);
             continue;
         }

@@ -1,10 +1,13 @@
 //! Offers: campaigns from central, and the decision of which offer a customer gets on which
 //! channel at a given moment.
 //!
-//! This first part holds the campaign model and its compilation ([`campaign`]), the pure
-//! decision ([`decide`]), and the cap, budget and history state in sled ([`ledger`]). Wiring
-//! to the triggers (presence, registers), `storelink.offer.v1`, attribution and campaign
-//! statistics follow.
+//! - [`campaign`]: the campaign model and its compilation;
+//! - [`decide`]: the pure decision;
+//! - [`ledger`]: caps, budgets, offer history, attribution and counts in sled;
+//! - [`stats`]: campaign success and the uplift test;
+//! - [`live`]: the service that wires triggers (presence, register events, completed
+//!   transactions) to decisions, prompts and events;
+//! - [`sync`]: campaign sets from central over HTTPS.
 //!
 //! Invariants: see each module. In short, a bad campaign never stops the others, a decision is
 //! a pure function of its inputs, and assignment to control groups and variants is the same
@@ -13,6 +16,10 @@
 pub mod campaign;
 pub mod decide;
 pub mod ledger;
+pub mod live;
+pub mod report;
+pub mod stats;
+pub mod sync;
 
 #[cfg(test)]
 mod tests {
@@ -79,7 +86,7 @@ mod tests {
 
     fn occasion(trigger: Trigger, at: &str) -> Occasion {
         Occasion {
-            trigger,
+            triggers: vec![trigger],
             store: "s042".into(),
             zone: None,
             lane: None,

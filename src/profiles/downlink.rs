@@ -1,5 +1,6 @@
 //! Applies what central sends down over MQTT: profile upserts on `…/{store}/profiles` and
-//! erasure requests on `…/erasures`.
+//! erasure requests on `…/erasures`. Campaign sets are handed to the offers service through
+//! the `campaigns` callback, so this module does not depend on it.
 //!
 //! Invariants:
 //! - An upsert goes through [`ProfileStore::upsert`], so a stale one loses and one for an
@@ -60,6 +61,7 @@ pub fn apply(message: &Downlink, eraser: &Eraser) -> Result<Applied, DownlinkErr
                 applied.erasures.push(eraser.erase(&e)?);
             }
         }
+        Downlink::Campaigns { .. } => {}
     }
     Ok(applied)
 }
@@ -90,6 +92,7 @@ pub async fn run(
     rx: Arc<Mutex<mpsc::Receiver<Downlink>>>,
     store: Store,
     eraser: Eraser,
+    campaigns: impl Fn(bool, &[u8]),
     component: Component,
     token: CancellationToken,
 ) -> Result<(), StoreError> {
@@ -103,6 +106,10 @@ pub async fn run(
             },
             _ = token.cancelled() => return Ok(()),
         };
+        if let Downlink::Campaigns { tenant_wide, body } = &message {
+            campaigns(*tenant_wide, body);
+            continue;
+        }
         match apply(&message, &eraser) {
             Ok(applied) => {
                 let erasures = applied.erasures.len();

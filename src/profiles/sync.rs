@@ -81,7 +81,7 @@ pub enum SyncError {
         /// `Retry-After` in seconds, honoured by the backoff.
         retry_after: Option<Duration>,
     },
-    #[error("{url}: not a profile page: {message}")]
+    #[error("{url}: {message}")]
     Malformed { url: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -89,7 +89,7 @@ pub enum SyncError {
 
 /// Renders an error with its causes; reqwest's top level alone says only "error sending
 /// request", while the certificate problem is three sources down.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {
@@ -124,6 +124,43 @@ pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, SyncError> {
         builder = builder.tls_certs_only(certs);
     }
     builder.build().map_err(|e| SyncError::Client(chain(&e)))
+}
+
+/// Sends a conditional GET: `None` for 304, else the body and the ETag. A status that is not
+/// a success is an error carrying `Retry-After`.
+pub(crate) async fn conditional_get(
+    request: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<Option<(bytes::Bytes, Option<String>)>, SyncError> {
+    let request_error = |e: reqwest::Error| SyncError::Request {
+        url: url.to_string(),
+        message: chain(&e),
+    };
+    let response = request.send().await.map_err(request_error)?;
+    let status = response.status();
+    if status == reqwest::StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    if !status.is_success() {
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .map(Duration::from_secs);
+        return Err(SyncError::Status {
+            url: url.to_string(),
+            status,
+            retry_after,
+        });
+    }
+    let etag = response
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response.bytes().await.map_err(request_error)?;
+    Ok(Some((body, etag)))
 }
 
 /// What one pass of [`Syncer::sync`] did.
@@ -213,39 +250,14 @@ impl Syncer {
         if let Some(t) = &self.token {
             request = request.bearer_auth(t.expose());
         }
-        let request_error = |e: reqwest::Error| SyncError::Request {
-            url: url.clone(),
-            message: chain(&e),
-        };
-        let response = request.send().await.map_err(request_error)?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_MODIFIED {
+        let Some((body, etag)) = conditional_get(request, &url).await? else {
             return Ok(None);
-        }
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok())
-                .map(Duration::from_secs);
-            return Err(SyncError::Status {
-                url,
-                status,
-                retry_after,
-            });
-        }
-        let etag = response
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = response.bytes().await.map_err(request_error)?;
+        };
         let page: Page = serde_json::from_slice(&body).map_err(|e| SyncError::Malformed {
             url: url.clone(),
             // serde's message can quote values; say only where and what kind.
             message: format!(
-                "{:?} error at line {} column {}",
+                "not a profile page: {:?} error at line {} column {}",
                 e.classify(),
                 e.line(),
                 e.column()

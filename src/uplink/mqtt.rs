@@ -60,6 +60,11 @@ pub enum Downlink {
     Profiles(bytes::Bytes),
     /// `…/erasures`: customer erasure requests.
     Erasures(bytes::Bytes),
+    /// `…/campaigns` (`tenant_wide`) or `…/{store}/campaigns`: a campaign set, retained.
+    Campaigns {
+        tenant_wide: bool,
+        body: bytes::Bytes,
+    },
 }
 
 impl MqttSettings {
@@ -95,6 +100,14 @@ impl MqttSettings {
         format!("{}/erasures", self.topic_prefix)
     }
 
+    pub fn tenant_campaigns_topic(&self) -> String {
+        format!("{}/campaigns", self.topic_prefix)
+    }
+
+    pub fn store_campaigns_topic(&self) -> String {
+        format!("{}/{}/campaigns", self.topic_prefix, self.store)
+    }
+
     /// Hands a message from central to the core; a full channel drops it (counted), because
     /// blocking here would stall acknowledgements, and the HTTPS delta sync catches up.
     fn deliver_down(&self, topic: &str, payload: &bytes::Bytes) {
@@ -103,6 +116,11 @@ impl MqttSettings {
             Downlink::Profiles(payload.clone())
         } else if topic == self.erasures_topic() {
             Downlink::Erasures(payload.clone())
+        } else if topic == self.tenant_campaigns_topic() || topic == self.store_campaigns_topic() {
+            Downlink::Campaigns {
+                tenant_wide: topic == self.tenant_campaigns_topic(),
+                body: payload.clone(),
+            }
         } else {
             return;
         };
@@ -342,7 +360,12 @@ pub async fn run(
                         clock.now(),
                     ));
                     if settings.downlink.is_some() {
-                        for topic in [settings.profiles_topic(), settings.erasures_topic()] {
+                        for topic in [
+                            settings.profiles_topic(),
+                            settings.erasures_topic(),
+                            settings.tenant_campaigns_topic(),
+                            settings.store_campaigns_topic(),
+                        ] {
                             if let Err(e) =
                                 link.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
                             {
