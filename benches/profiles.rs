@@ -158,12 +158,7 @@ fn main() {
         rt.block_on(async {
             let central = https::CentralHttps::start(https::Feed {
                 generated: n,
-                extra: Vec::new(),
-                token: None,
-                model: None,
-                fault: None,
-                seen: Vec::new(),
-                pages_served: 0,
+                ..Default::default()
             })
             .await;
             let ca = central.pki.write_ca(dir.path());

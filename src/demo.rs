@@ -3,8 +3,10 @@
 //!
 //! It starts a real MQTT broker in-process (rumqttd) on 127.0.0.1, runs the real agent from
 //! `config/demo.toml` with its data in a temporary directory, drives simulated registers
-//! through the real TCP register source, and plays "central": it subscribes to the broker and
-//! prints what arrives.
+//! through the real TCP register source, and plays "central": it publishes the campaign set
+//! (`config/campaigns.example.json`) retained on the broker, subscribes to the broker and
+//! prints what arrives. Customers whose phones reach a lane get the cashier prompt, and most
+//! of them then buy at that lane's register, so offers, prompts and redemptions flow.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
@@ -24,6 +26,9 @@ use crate::sim::{JsonlClient, SimRegister};
 
 /// The demo's configuration, compiled in.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+/// The campaign set the demo's "central" publishes.
+pub const DEMO_CAMPAIGNS: &str = include_str!("../config/campaigns.example.json");
 
 /// The service UUID of the demo's loyalty app (also in config/demo.toml).
 const DEMO_SERVICE_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
@@ -167,29 +172,36 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
         phones.len()
     );
     let agent = daemon::start(config, clock.clone(), token.clone()).await?;
-    for phone in &phones {
-        let mut profile = Profile::new(phone.customer_id.clone());
-        profile.consents.presence = true;
-        profile.consents.personalised_offers = true;
-        profile.presence_key = Some(phone.key);
+    for (i, phone) in phones.iter().enumerate() {
         agent
             .profiles
-            .upsert(profile)
+            .upsert(demo_profile(i, phone))
             .map_err(|e| DemoError::Storage(std::io::Error::other(e.to_string())))?;
     }
 
     let central = tokio::spawn(print_central(broker, prefix, token.clone()));
     let mut sims = Vec::new();
+    let mut shoppers = std::collections::HashMap::new();
     for (i, (name, lane, addr)) in registers.into_iter().enumerate() {
         let mut register = SimRegister::new(&store, &name, lane.as_deref(), 0x5eed + i as u64);
         register.tz = tz.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        if let Some(lane) = lane {
+            shoppers.insert(lane, tx);
+        }
         sims.push(tokio::spawn(drive_register(
             register,
             addr,
+            rx,
             clock.clone(),
             token.clone(),
         )));
     }
+    sims.push(tokio::spawn(watch_lanes(
+        agent.offers.clone(),
+        shoppers,
+        token.clone(),
+    )));
 
     token.cancelled().await;
     for sim in sims {
@@ -201,25 +213,122 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
     Ok(())
 }
 
-/// One simulated register: a transaction every one to four seconds, printed as it is
-/// acknowledged.
+/// The demo's customer `i`: a name, a tier, points; every other one a gamer who bought a
+/// console (so central's follow-up rule suggests games).
+fn demo_profile(i: usize, phone: &Phone) -> Profile {
+    const NAMES: [&str; 8] = [
+        "Ada", "Ben", "Clara", "Deniz", "Emil", "Frieda", "Goran", "Hanna",
+    ];
+    let mut profile = Profile::new(phone.customer_id.clone());
+    profile.first_name = Some(NAMES[i % NAMES.len()].to_string());
+    profile.tier = Some(["bronze", "silver", "gold"][i % 3].to_string());
+    profile.points = (i as i64 * 137) % 2500;
+    profile.consents.presence = true;
+    profile.consents.personalised_offers = true;
+    if i.is_multiple_of(2) {
+        profile.segments = vec!["gamers".into()];
+        profile.follow_ups = vec![crate::profiles::FollowUp {
+            if_bought: crate::profiles::Item::Category("consoles".into()),
+            suggest: crate::profiles::Item::Category("Spiele".into()),
+            confidence: 0.6,
+            lift: 3.2,
+        }];
+    }
+    profile.presence_key = Some(phone.key);
+    profile.version = 1;
+    profile
+}
+
+/// A customer at a lane who is about to pay: their card, and the category they will buy
+/// (the offer's, when they take it up).
+struct Shopper {
+    customer: String,
+    category: Option<String>,
+}
+
+/// Prints each lane's prompt as the cashier sees it, and sends most prompted customers to pay
+/// at that lane, three quarters of them buying what the offer was about.
+async fn watch_lanes(
+    offers: crate::offers::live::Offers,
+    shoppers: std::collections::HashMap<String, tokio::sync::mpsc::Sender<Shopper>>,
+    token: CancellationToken,
+) {
+    let mut lanes = offers.subscribe_lanes();
+    loop {
+        let update = tokio::select! {
+            u = lanes.recv() => u,
+            _ = token.cancelled() => return,
+        };
+        let Ok(update) = update else { continue };
+        let Some(prompt) = update.prompt else {
+            continue;
+        };
+        let text = prompt
+            .offer
+            .as_ref()
+            .and_then(|o| o.text.get("de").or_else(|| o.text.values().next()).cloned())
+            .unwrap_or_else(|| "(kein Angebot)".into());
+        println!(
+            "lane {:<3} prompt: {}  ({}, {} P.){}",
+            update.lane,
+            text,
+            prompt.tier.as_deref().unwrap_or("-"),
+            prompt.points,
+            if prompt.ask_for_card {
+                "  [nach der Kundenkarte fragen]"
+            } else {
+                ""
+            }
+        );
+        if prompt.recognised != crate::offers::live::Recognised::Presence {
+            continue;
+        }
+        let set = offers.campaigns();
+        let category = prompt.offer.as_ref().and_then(|o| {
+            let c = set.get(&o.campaign)?;
+            let offer = c.campaign.offers.iter().find(|x| x.id == o.offer)?;
+            offer.items.iter().find_map(|item| match item {
+                crate::profiles::Item::Category(c) => Some(c.clone()),
+                crate::profiles::Item::Sku(_) => None,
+            })
+        });
+        let takes_it = rand::rng().random_bool(0.75);
+        if let Some(tx) = shoppers.get(&update.lane) {
+            let _ = tx.try_send(Shopper {
+                customer: prompt.customer_id.clone(),
+                category: category.filter(|_| takes_it),
+            });
+        }
+    }
+}
+
+/// One simulated register: a transaction every one to four seconds, and a prompted customer's
+/// purchase a few seconds after the prompt; each printed as it is acknowledged.
 async fn drive_register(
     mut register: SimRegister,
     addr: SocketAddr,
+    mut shoppers: tokio::sync::mpsc::Receiver<Shopper>,
     clock: SharedClock,
     token: CancellationToken,
 ) {
     let mut client = None;
     let mut first = true;
+    let mut waiting: Option<Shopper> = None;
     loop {
         let pause = if first {
             Duration::from_millis(300)
+        } else if waiting.is_some() {
+            Duration::from_millis(rand::rng().random_range(2000..5000))
         } else {
             Duration::from_millis(rand::rng().random_range(1000..4000))
         };
         first = false;
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            s = shoppers.recv(), if waiting.is_none() => {
+                waiting = s;
+                continue;
+            }
             _ = token.cancelled() => return,
         }
         if client.is_none() {
@@ -228,7 +337,12 @@ async fn drive_register(
                 .ok();
         }
         let Some(c) = client.as_mut() else { continue };
-        let tx = register.next(clock.now());
+        let tx = match waiting.take() {
+            Some(shopper) => {
+                register.purchase(clock.now(), &shopper.customer, shopper.category.as_deref())
+            }
+            None => register.next(clock.now()),
+        };
         match c.submit(&tx).await {
             Ok(reply) => println!(
                 "register {:<7} #{:<4} {:<6} {:>2} lines {:>9} {}{}  -> {reply}",
@@ -270,6 +384,23 @@ async fn print_central(broker: SocketAddr, prefix: String, token: CancellationTo
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                // Central's campaign set, retained as central would publish it.
+                let _ = client
+                    .publish(
+                        format!("{prefix}/campaigns"),
+                        QoS::AtLeastOnce,
+                        true,
+                        DEMO_CAMPAIGNS.as_bytes().to_vec(),
+                    )
+                    .await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/campaigns") => {
+                // Our own retained set, echoed back by the subscription.
+                println!(
+                    "central  -> campaigns                  {} ({} bytes, retained)",
+                    p.topic,
+                    p.payload.len()
+                );
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
@@ -298,6 +429,49 @@ async fn print_central(broker: SocketAddr, prefix: String, token: CancellationTo
                     "storelink.deadletter.v1" => {
                         v["data"]["reason"].as_str().unwrap_or("").to_string()
                     }
+                    "storelink.offer.v1" => {
+                        let d = &v["data"];
+                        let list = |key: &str| {
+                            d[key]
+                                .as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .map(|o| {
+                                            format!(
+                                                "{}/{}",
+                                                o["campaign"].as_str().unwrap_or(""),
+                                                o["offer"].as_str().unwrap_or("")
+                                            )
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                })
+                                .unwrap_or_default()
+                        };
+                        format!(
+                            "{} offers [{}] control [{}]",
+                            d["customer_id"].as_str().unwrap_or(""),
+                            list("offers"),
+                            list("controls")
+                        )
+                    }
+                    "storelink.prompt.v1" => format!(
+                        "lane {} {} {}",
+                        v["data"]["lane"].as_str().unwrap_or(""),
+                        v["data"]["action"].as_str().unwrap_or(""),
+                        v["data"]["campaign"].as_str().unwrap_or("")
+                    ),
+                    "storelink.redemption.v1" => format!(
+                        "{} {} {} revenue {} margin {}",
+                        v["data"]["customer_id"].as_str().unwrap_or(""),
+                        v["data"]["campaign"].as_str().unwrap_or(""),
+                        v["data"]["group"].as_str().unwrap_or(""),
+                        format_money(v["data"]["revenue"].as_i64().unwrap_or(0)),
+                        v["data"]["margin"]
+                            .as_i64()
+                            .map(format_money)
+                            .unwrap_or_else(|| "-".into())
+                    ),
                     _ => String::new(),
                 };
                 println!("central  <- {kind:<26} {id}  {detail}");
@@ -404,6 +578,14 @@ mod tests {
         assert!(pick_port(Some(port), 1883).unwrap_err().contains("in use"));
         let next = pick_port(None, port).unwrap();
         assert_ne!(next, port);
+    }
+
+    #[test]
+    fn demo_campaigns_all_go_live() {
+        let set = serde_json::from_str(DEMO_CAMPAIGNS).unwrap();
+        let compiled = crate::offers::campaign::CompiledSet::compile(set);
+        assert!(compiled.rejected.is_empty(), "{:?}", compiled.rejected);
+        assert!(compiled.live.len() >= 4);
     }
 
     #[test]

@@ -322,6 +322,30 @@ impl SimRegister {
         }
     }
 
+    /// A sale by `loyalty_id` with one product of `category` (when the catalogue has one)
+    /// and up to three other lines: a customer buying what they were offered.
+    pub fn purchase(
+        &mut self,
+        ended_at: Timestamp,
+        loyalty_id: &str,
+        category: Option<&str>,
+    ) -> Transaction {
+        let mut tx = self.next(ended_at);
+        tx.kind = TransactionKind::Sale;
+        tx.loyalty_id = Some(loyalty_id.to_string());
+        tx.lines.truncate(3);
+        if let Some(product) = category.and_then(|c| CATALOGUE.iter().find(|p| p.category == c)) {
+            let line = self.line(product);
+            tx.lines.push(line);
+        }
+        tx.total = tx.lines.iter().map(Line::net).sum();
+        tx.tenders = vec![Tender {
+            kind: "card".into(),
+            amount: tx.total,
+        }];
+        tx
+    }
+
     fn line(&mut self, product: &Product) -> Line {
         let (quantity, unit) = if product.weighed {
             let grams = self.rng.random_range(180..=2400);

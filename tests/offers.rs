@@ -3,9 +3,12 @@
 //! answers with the prompt and the offer as effects and puts the prompt on the lane; the
 //! purchase that follows over the register's TCP connection is attributed as one redemption
 //! with its revenue and margin; campaign statistics show it; and the last good set survives a
-//! restart with central unreachable.
+//! restart with central unreachable. Campaign sets also come over HTTPS (real TLS, generated
+//! certificates) with ETag and 304, and a bad body leaves the last good set in force.
 
 mod common;
+#[path = "common/https.rs"]
+mod https;
 
 use std::time::Duration;
 
@@ -280,4 +283,67 @@ async fn register_events_are_checked_and_explained() {
     let (status, _) = post_event(&api, json!({"type": "transaction_ended", "lane": "1"})).await;
     assert_eq!(status, 200);
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_over_https_use_etags_and_a_bad_body_keeps_the_last_good_set() {
+    use storelink::offers::live::{Installed, Offers, Settings};
+    use storelink::offers::sync::CampaignSync;
+    let central = https::CentralHttps::start(https::Feed {
+        campaigns: Some(campaign_set(4).to_string().into_bytes()),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = central.pki.write_ca(dir.path());
+    let store =
+        storelink::store::Store::open(&dir.path().join("data"), &Default::default()).unwrap();
+    let offers = Offers::open(
+        Settings {
+            store_id: "s042".into(),
+            tz: jiff::tz::TimeZone::UTC,
+            kpi: Default::default(),
+            register_lanes: Default::default(),
+            prompt_ttl: Duration::from_secs(60),
+            enabled: true,
+        },
+        storelink::clock::system(),
+        storelink::profiles::ProfileStore::open(&store).unwrap(),
+        storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
+        None,
+    )
+    .unwrap();
+    let sync = CampaignSync {
+        client: storelink::profiles::sync::client(Some(&ca)).unwrap(),
+        base_url: central.base_url(),
+        store_id: "s042".into(),
+        token: None,
+        offers: offers.clone(),
+    };
+    assert!(matches!(
+        sync.poll().await.unwrap(),
+        Some(Installed::Live {
+            version: 4,
+            live: 1,
+            ..
+        })
+    ));
+    assert_eq!(sync.poll().await.unwrap(), None, "unchanged: 304");
+    let requests = central.feed.lock().unwrap().campaign_requests.clone();
+    assert_eq!(requests[0], (None, 200));
+    assert_eq!(requests[1].1, 304);
+    assert!(
+        requests[1].0.is_some(),
+        "the second asks with If-None-Match"
+    );
+
+    central.feed.lock().unwrap().campaigns = Some(b"{\"version\": 5, \"campaigns\": [tru".to_vec());
+    let e = sync.poll().await.unwrap_err().to_string();
+    assert!(e.contains("not a campaign set"), "{e}");
+    assert!(e.contains("/v1/stores/s042/campaigns"), "{e}");
+    assert_eq!(offers.campaigns().version, 4, "the last good set stays");
+
+    central.feed.lock().unwrap().campaigns = Some(campaign_set(5).to_string().into_bytes());
+    sync.poll().await.unwrap();
+    assert_eq!(offers.campaigns().version, 5);
 }

@@ -24,12 +24,8 @@ use tokio_util::sync::CancellationToken;
 fn feed(generated: usize) -> Feed {
     Feed {
         generated,
-        extra: Vec::new(),
         token: Some("s3cret".into()),
-        model: None,
-        fault: None,
-        seen: Vec::new(),
-        pages_served: 0,
+        ..Default::default()
     }
 }
 

@@ -78,6 +78,7 @@ pub struct Seen {
 /// Central's profile feed: a log of changes; a cursor is a position in it. The first
 /// `generated` changes are synthetic profiles made on demand (so a million cost no memory);
 /// `extra` follows.
+#[derive(Default)]
 pub struct Feed {
     pub generated: usize,
     pub extra: Vec<Value>,
@@ -88,6 +89,11 @@ pub struct Feed {
     pub seen: Vec<Seen>,
     /// Pages whose body was fully sent.
     pub pages_served: usize,
+    /// The campaign set body `GET …/campaigns` serves (any bytes, to test bad ones too); its
+    /// ETag is a hash of it. `None` answers 404.
+    pub campaigns: Option<Vec<u8>>,
+    /// `If-None-Match` of each campaigns request, and the status answered.
+    pub campaign_requests: Vec<(Option<String>, u16)>,
 }
 
 impl Feed {
@@ -172,6 +178,7 @@ impl CentralHttps {
         let feed = Arc::new(Mutex::new(feed));
         let app = Router::new()
             .route("/v1/stores/{store}/profiles", get(profiles))
+            .route("/v1/stores/{store}/campaigns", get(campaigns))
             .with_state(feed.clone());
         let task = tokio::spawn(async move {
             loop {
@@ -208,6 +215,37 @@ impl CentralHttps {
     pub fn seen(&self) -> Vec<Seen> {
         self.feed.lock().unwrap().seen.clone()
     }
+}
+
+async fn campaigns(State(feed): State<Arc<Mutex<Feed>>>, headers: HeaderMap) -> Response {
+    let mut feed = feed.lock().unwrap();
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some(body) = feed.campaigns.clone() else {
+        feed.campaign_requests.push((if_none_match, 404));
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let tag = format!("\"{:016x}\"", {
+        use std::hash::{DefaultHasher, Hasher};
+        let mut h = DefaultHasher::new();
+        h.write(&body);
+        h.finish()
+    });
+    if if_none_match.as_deref() == Some(tag.as_str()) {
+        feed.campaign_requests.push((if_none_match, 304));
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    feed.campaign_requests.push((if_none_match, 200));
+    (
+        [
+            (header::ETAG, tag),
+            (header::CONTENT_TYPE, "application/json".into()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
