@@ -1,15 +1,31 @@
 //! Decision latency with 1,000 live campaigns (CEL audiences of the common shapes: segment
-//! membership, KPI comparisons, follow-ups), for one customer with KPIs, and the time to
-//! compile the set. The profile lookup is measured in the profiles bench and is not included.
+//! membership, KPI comparisons, follow-ups), and the time to compile the set:
 //!
-//! `cargo bench --bench offers [-- --campaigns N --decisions D]`
+//! - the pure decision, for one customer with KPIs (no store involved);
+//! - the full path at 1,000,000 profiles in sled: a customer enters the store, and the agent
+//!   looks the profile up, reads their KPIs and cap state, decides, and records the decision
+//!   (`Offers::on_presence`, as the agent runs it, without the uplink).
+//!
+//! `cargo bench --bench offers [-- --campaigns N --decisions D --profiles P]` (`--profiles 0`
+//! skips the full path)
+
+#[path = "../tests/common/https.rs"]
+mod https;
 
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use storelink::offers::campaign::{CampaignSet, CompiledSet, Trigger};
 use storelink::offers::decide::{CapState, Occasion, decide};
+use storelink::offers::ledger::OfferLedger;
+use storelink::offers::live::{Offers, Settings, Slot};
+use storelink::pos::transaction::TransactionKind;
+use storelink::presence::pipeline::PresenceEvent;
+use storelink::presence::zones::PresenceKind;
 use storelink::profiles::kpi::{KpiConfig, Kpis, LedgerEntry};
-use storelink::profiles::{FollowUp, Item, Profile};
+use storelink::profiles::{DEFAULT_CACHE_ENTRIES, FollowUp, Item, Profile, ProfileStore};
+use storelink::store::{Store, StoreOptions};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,8 +75,8 @@ fn main() {
             })
         })
         .collect();
-    let set: CampaignSet =
-        serde_json::from_value(serde_json::json!({"version": 1, "campaigns": campaigns})).unwrap();
+    let set_json = serde_json::json!({"version": 1, "campaigns": campaigns});
+    let set: CampaignSet = serde_json::from_value(set_json.clone()).unwrap();
     let t = Instant::now();
     let compiled = CompiledSet::compile(set);
     let compile = t.elapsed();
@@ -107,17 +123,140 @@ fn main() {
         chosen += d.chosen.len();
     }
     let total = started.elapsed();
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let typed = compiled
+        .live
+        .iter()
+        .filter(|c| c.audience.as_ref().is_some_and(|a| a.is_typed()))
+        .count();
     println!(
-        "{n} campaigns ({} on this trigger); compile {:.0} ms",
+        "{n} campaigns ({} on this trigger, {typed} with a typed audience); compile {:.0} ms",
         n / triggers.len(),
         compile.as_secs_f64() * 1000.0
     );
+    let (p50, p99) = percentiles(samples);
     println!(
-        "decide: p50 {:.1} µs, p99 {:.1} µs, {:.0} decisions/s on one core ({chosen} offers chosen)",
-        at(0.5).as_nanos() as f64 / 1000.0,
-        at(0.99).as_nanos() as f64 / 1000.0,
+        "decide: p50 {p50:.1} µs, p99 {p99:.1} µs, {:.0} decisions/s on one core ({chosen} offers chosen)",
         decisions as f64 / total.as_secs_f64()
     );
+    let profiles = arg("--profiles", 1_000_000);
+    if profiles > 0 {
+        full_path(profiles, decisions, &serde_json::to_vec(&set_json).unwrap());
+    }
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (
+        at(0.5).as_nanos() as f64 / 1000.0,
+        at(0.99).as_nanos() as f64 / 1000.0,
+    )
+}
+
+/// The agent's path for a store entry, at `n` profiles.
+fn full_path(n: usize, decisions: usize, campaigns: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let profiles = ProfileStore::open_with(&store, DEFAULT_CACHE_ENTRIES).unwrap();
+    let t = Instant::now();
+    for start in (0..n).step_by(1000) {
+        let page: Vec<Profile> = (start..(start + 1000).min(n))
+            .map(|i| serde_json::from_value(https::synthetic_profile(i)).unwrap())
+            .collect();
+        profiles.upsert_many(page, &[]).unwrap();
+    }
+    store.flush_blocking().unwrap();
+    println!(
+        "full path: {n} profiles loaded in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The customers who walk in: consenting ones (even ids; the others cost less, as no
+    // campaign is evaluated for them), each with 5-20 purchase days of history, and half of
+    // them with offers shown a week earlier, so their cap state has records to read.
+    let mut rng = StdRng::seed_from_u64(7);
+    let customers: Vec<String> = (0..decisions)
+        .map(|_| format!("g{:07}", rng.random_range(0..n / 2) * 2))
+        .collect();
+    let mut register = storelink::sim::SimRegister::new("s1", "r1", None, 3);
+    let mut seq = 0u64;
+    let start: jiff::civil::Date = "2025-06-01".parse().unwrap();
+    for c in &customers {
+        let days = rng.random_range(5..=20);
+        for d in 0..days {
+            seq += 1;
+            let mut tx = register.next("2026-06-01T10:00:00Z".parse().unwrap());
+            tx.id = format!("s1:r1:{seq}");
+            tx.loyalty_id = Some(c.clone());
+            tx.business_day = start + jiff::Span::new().days(d * 25);
+            tx.kind = TransactionKind::Sale;
+            profiles.record_transaction(&tx).unwrap();
+        }
+    }
+    let clock = std::sync::Arc::new(storelink::clock::ManualClock::new(
+        "2026-11-16T10:00:00Z".parse().unwrap(),
+    ));
+    let offers = Offers::open(
+        Settings {
+            store_id: "s1".into(),
+            tz: jiff::tz::TimeZone::get("Europe/Berlin").unwrap(),
+            kpi: KpiConfig::default(),
+            register_lanes: Default::default(),
+            prompt_ttl: Duration::from_secs(60),
+            enabled: true,
+        },
+        clock.clone(),
+        profiles,
+        OfferLedger::open(&store).unwrap(),
+        None,
+    )
+    .unwrap();
+    offers.install(Slot::File, campaigns).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let enter = |customer: &str, at: jiff::Timestamp| PresenceEvent {
+        id: String::new(),
+        customer_id: customer.into(),
+        kind: PresenceKind::Entered,
+        zone: None,
+        lane: None,
+        at,
+        confidence: 1.0,
+        distance_m: None,
+    };
+    rt.block_on(async {
+        for c in customers.iter().step_by(2) {
+            offers
+                .on_presence(&enter(c, clock_now(&clock)))
+                .await
+                .unwrap();
+        }
+    });
+    store.flush_blocking().unwrap();
+    clock.set("2026-11-23T10:00:00Z".parse().unwrap());
+    let mut samples = Vec::with_capacity(customers.len());
+    let mut chosen = 0;
+    let started = Instant::now();
+    rt.block_on(async {
+        for c in &customers {
+            let ev = enter(c, clock_now(&clock));
+            let t = Instant::now();
+            let d = offers.on_presence(&ev).await.unwrap();
+            samples.push(t.elapsed());
+            chosen += d.map_or(0, |d| d.chosen.len());
+        }
+    });
+    let total = started.elapsed();
+    let (p50, p99) = percentiles(samples);
+    println!(
+        "full path (lookup, KPIs, cap state, decide, record), {} store entries: p50 {p50:.1} µs, p99 {p99:.1} µs, {:.0} decisions/s ({chosen} offers chosen)",
+        customers.len(),
+        customers.len() as f64 / total.as_secs_f64()
+    );
+}
+
+fn clock_now(clock: &storelink::clock::ManualClock) -> jiff::Timestamp {
+    use storelink::clock::Clock;
+    clock.now()
 }

@@ -234,7 +234,7 @@ fn default_attribution_days() -> u32 {
 #[derive(Debug)]
 pub struct Compiled {
     pub campaign: Campaign,
-    pub audience: Option<cel::Program>,
+    pub audience: Option<super::audience::Audience>,
 }
 
 /// Why a campaign could not go live.
@@ -377,7 +377,7 @@ fn compile_one(campaign: Campaign) -> Result<Compiled, Rejected> {
     let audience = match &campaign.audience {
         None => None,
         Some(source) => Some(
-            cel::Program::compile(source)
+            super::audience::Audience::compile(source)
                 .map_err(|e| reject("audience", format!("not a CEL expression: {e}")))?,
         ),
     };

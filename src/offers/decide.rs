@@ -188,7 +188,7 @@ fn in_scope(c: &Compiled, o: &Occasion) -> bool {
 }
 
 /// The variables an audience expression sees.
-fn audience_context(
+pub(super) fn audience_context(
     profile: &Profile,
     kpi: Option<&KpiView>,
     occasion: &Occasion,
@@ -341,9 +341,15 @@ pub fn decide(
             explain(id, Outcome::NoConsent);
             continue;
         }
-        if let Some(program) = &c.audience {
-            let ctx = ctx.get_or_insert_with(|| audience_context(profile, kpi, occasion));
-            match program.execute(ctx) {
+        if let Some(audience) = &c.audience {
+            let verdict = match audience.fast(profile, kpi, occasion) {
+                Some(b) => Ok(cel::Value::Bool(b)),
+                None => {
+                    let ctx = ctx.get_or_insert_with(|| audience_context(profile, kpi, occasion));
+                    audience.program.execute(ctx)
+                }
+            };
+            match verdict {
                 Ok(cel::Value::Bool(true)) => {}
                 Ok(cel::Value::Bool(false)) => {
                     explain(id, Outcome::NotInAudience);

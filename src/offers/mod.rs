@@ -2,6 +2,7 @@
 //! channel at a given moment.
 //!
 //! - [`campaign`]: the campaign model and its compilation;
+//! - [`audience`]: audience expressions (CEL, and a typed fast path for the common shapes);
 //! - [`decide`]: the pure decision;
 //! - [`ledger`]: caps, budgets, offer history, attribution and counts in sled;
 //! - [`stats`]: campaign success and the uplift test;
@@ -13,6 +14,7 @@
 //! a pure function of its inputs, and assignment to control groups and variants is the same
 //! everywhere.
 
+pub mod audience;
 pub mod campaign;
 pub mod decide;
 pub mod ledger;

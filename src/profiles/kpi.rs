@@ -387,6 +387,17 @@ pub enum Activity {
     Passive,
 }
 
+impl Activity {
+    /// The wire name (as serialised).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activity::New => "new",
+            Activity::Loyal => "loyal",
+            Activity::Passive => "passive",
+        }
+    }
+}
+
 /// KPIs as of a day.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KpiView {
