@@ -47,6 +47,24 @@ impl Audience {
         self.fast.is_some()
     }
 
+    /// CEL's verdict alone, in a context of its own; `None` for an error or a non-boolean.
+    /// Decisions share one context across campaigns instead; this is for checking the typed
+    /// path against CEL (tests, fuzzing).
+    pub fn cel_verdict(
+        &self,
+        profile: &Profile,
+        kpi: Option<&KpiView>,
+        o: &Occasion,
+    ) -> Option<bool> {
+        match self
+            .program
+            .execute(&super::decide::audience_context(profile, kpi, o))
+        {
+            Ok(cel::Value::Bool(b)) => Some(b),
+            _ => None,
+        }
+    }
+
     /// The typed path's verdict; `None` means "run the CEL program".
     pub fn fast(&self, profile: &Profile, kpi: Option<&KpiView>, o: &Occasion) -> Option<bool> {
         let env = Env { profile, kpi, o };
@@ -530,15 +548,8 @@ mod tests {
             })
     }
 
-    /// What CEL itself says, through the same context the decision builds.
     fn by_cel(a: &Audience, p: &Profile, k: Option<&KpiView>, o: &Occasion) -> Option<bool> {
-        match a
-            .program
-            .execute(&super::super::decide::audience_context(p, k, o))
-        {
-            Ok(cel::Value::Bool(b)) => Some(b),
-            _ => None,
-        }
+        a.cel_verdict(p, k, o)
     }
 
     proptest! {

@@ -1420,4 +1420,92 @@ mod tests {
             "central's set replaces the file's"
         );
     }
+
+    fn arb_register_event() -> impl proptest::strategy::Strategy<Value = RegisterEvent> {
+        use proptest::prelude::*;
+        let s = || proptest::option::of(".{0,12}");
+        prop_oneof![
+            (s(), s(), ".{0,20}").prop_map(|(register, lane, loyalty_id)| {
+                RegisterEvent::CustomerIdentified {
+                    register,
+                    lane,
+                    loyalty_id,
+                }
+            }),
+            (s(), s(), s()).prop_map(|(register, lane, loyalty_id)| {
+                RegisterEvent::TransactionStarted {
+                    register,
+                    lane,
+                    loyalty_id,
+                }
+            }),
+            (s(), s(), proptest::collection::vec(any::<i64>(), 0..4)).prop_map(
+                |(register, lane, lines)| RegisterEvent::BasketUpdated {
+                    register,
+                    lane,
+                    lines: lines.into_iter().map(serde_json::Value::from).collect(),
+                }
+            ),
+            (s(), s())
+                .prop_map(|(register, lane)| RegisterEvent::TransactionEnded { register, lane }),
+        ]
+    }
+
+    /// The wire form a POS sends: absent fields rather than nulls.
+    fn wire(e: &RegisterEvent) -> serde_json::Value {
+        let (kind, register, lane) = match e {
+            RegisterEvent::CustomerIdentified { register, lane, .. } => {
+                ("customer_identified", register, lane)
+            }
+            RegisterEvent::TransactionStarted { register, lane, .. } => {
+                ("transaction_started", register, lane)
+            }
+            RegisterEvent::BasketUpdated { register, lane, .. } => {
+                ("basket_updated", register, lane)
+            }
+            RegisterEvent::TransactionEnded { register, lane } => {
+                ("transaction_ended", register, lane)
+            }
+        };
+        let mut v = serde_json::json!({ "type": kind });
+        if let Some(r) = register {
+            v["register"] = r.as_str().into();
+        }
+        if let Some(l) = lane {
+            v["lane"] = l.as_str().into();
+        }
+        match e {
+            RegisterEvent::CustomerIdentified { loyalty_id, .. } => {
+                v["loyalty_id"] = loyalty_id.as_str().into();
+            }
+            RegisterEvent::TransactionStarted {
+                loyalty_id: Some(id),
+                ..
+            } => v["loyalty_id"] = id.as_str().into(),
+            RegisterEvent::BasketUpdated { lines, .. } if !lines.is_empty() => {
+                v["lines"] = lines.clone().into();
+            }
+            _ => {}
+        }
+        v
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn register_events_parse_from_their_wire_form(e in arb_register_event()) {
+            let bytes = serde_json::to_vec(&wire(&e)).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_slice::<RegisterEvent>(&bytes).unwrap(), e);
+        }
+
+        #[test]
+        fn an_unknown_field_or_type_is_refused(e in arb_register_event(), key in "[a-z]{1,8}") {
+            let mut v = wire(&e);
+            proptest::prop_assume!(!["type", "register", "lane", "loyalty_id", "lines"].contains(&key.as_str()));
+            v[key.as_str()] = 1.into();
+            proptest::prop_assert!(serde_json::from_value::<RegisterEvent>(v.clone()).is_err());
+            v.as_object_mut().unwrap().remove(&key);
+            v["type"] = format!("{key}_x").into();
+            proptest::prop_assert!(serde_json::from_value::<RegisterEvent>(v).is_err());
+        }
+    }
 }
