@@ -287,7 +287,7 @@ fn version_flag_prints_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_without_flags_delivers_transactions_within_ten_seconds_and_presence() {
+async fn demo_without_flags_delivers_transactions_within_ten_seconds_presence_and_offers() {
     let started = Instant::now();
     let mut demo = Command::new(binary())
         .arg("demo")
@@ -321,6 +321,18 @@ async fn demo_without_flags_delivers_transactions_within_ten_seconds_and_presenc
         .await;
     let presence = central.of_type("storelink.presence.v1");
     assert_eq!(presence[0]["data"]["event"], "entered", "{presence:?}");
+    // The demo's central publishes the example campaigns: a customer who walks in is offered
+    // the welcome-back push (or held back as control).
+    central
+        .wait_for_ids("storelink.offer.v1", 1, Duration::from_secs(15))
+        .await;
+    let offer = &central.of_type("storelink.offer.v1")[0]["data"];
+    let decided: Vec<&str> = ["offers", "controls"]
+        .iter()
+        .flat_map(|k| offer[k].as_array().into_iter().flatten())
+        .filter_map(|o| o["campaign"].as_str())
+        .collect();
+    assert!(decided.contains(&"welcome-back"), "{offer}");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),
         nix::sys::signal::Signal::SIGINT,
