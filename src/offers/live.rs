@@ -1197,10 +1197,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_phone_at_the_lane_asks_for_the_card_until_it_is_scanned() {
-        let mut f = fixture();
-        f.offers.install(Slot::Store, &campaigns(1)).unwrap();
+    /// c1's phone arrives at lane 1 (zone "till-1") at 09:00 UTC.
+    async fn phone_at_lane_1(f: &Fixture) {
         f.offers
             .on_presence(&presence(
                 PresenceKind::Entered,
@@ -1210,6 +1208,13 @@ mod tests {
             ))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_phone_at_the_lane_asks_for_the_card_until_it_is_scanned() {
+        let mut f = fixture();
+        f.offers.install(Slot::Store, &campaigns(1)).unwrap();
+        phone_at_lane_1(&f).await;
         let p = f.offers.lane_prompt("1").expect("a prompt on lane 1");
         assert!(p.ask_for_card);
         assert_eq!(p.recognised, Recognised::Presence);
@@ -1280,15 +1285,7 @@ mod tests {
     async fn an_unattended_prompt_expires() {
         let f = fixture();
         f.offers.install(Slot::Store, &campaigns(1)).unwrap();
-        f.offers
-            .on_presence(&presence(
-                PresenceKind::Entered,
-                Some("till-1"),
-                Some("1"),
-                "2026-11-23T09:00:00Z",
-            ))
-            .await
-            .unwrap();
+        phone_at_lane_1(&f).await;
         f.clock.advance(Duration::from_secs(59));
         assert!(f.offers.lane_prompt("1").is_some());
         f.clock.advance(Duration::from_secs(1));

@@ -121,14 +121,7 @@ pub async fn run(
             Err(SyncError::Store(e)) => return Err(e),
             Err(e) => {
                 metrics::counter!("storelink_campaign_sync_failures_total").increment(1);
-                let mut delay = backoff.next_delay();
-                if let SyncError::Status {
-                    retry_after: Some(after),
-                    ..
-                } = &e
-                {
-                    delay = delay.max(*after).min(Duration::from_secs(3600));
-                }
+                let delay = e.retry_delay(&mut backoff);
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "campaign sync failed; the last good set stays in force");
                 component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
                 delay

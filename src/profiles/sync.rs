@@ -87,6 +87,21 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
+impl SyncError {
+    /// How long to wait before the next attempt: the backoff's next delay, or central's
+    /// `Retry-After` when that is longer (at most an hour).
+    pub(crate) fn retry_delay(&self, backoff: &mut Backoff) -> Duration {
+        let delay = backoff.next_delay();
+        match self {
+            SyncError::Status {
+                retry_after: Some(after),
+                ..
+            } => delay.max(*after).min(Duration::from_secs(3600)),
+            _ => delay,
+        }
+    }
+}
+
 /// Renders an error with its causes; reqwest's top level alone says only "error sending
 /// request", while the certificate problem is three sources down.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
@@ -367,14 +382,7 @@ pub async fn run(
             Err(SyncError::Store(e)) => return Err(e),
             Err(e) => {
                 metrics::counter!("storelink_profile_sync_failures_total").increment(1);
-                let mut delay = backoff.next_delay();
-                if let SyncError::Status {
-                    retry_after: Some(after),
-                    ..
-                } = &e
-                {
-                    delay = delay.max(*after).min(Duration::from_secs(3600));
-                }
+                let delay = e.retry_delay(&mut backoff);
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "profile sync failed");
                 component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
                 delay
@@ -384,5 +392,36 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = token.cancelled() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_lengthens_the_backoff_up_to_an_hour() {
+        let status = |after: Option<u64>| SyncError::Status {
+            url: "https://central/v1".into(),
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: after.map(Duration::from_secs),
+        };
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        assert_eq!(
+            status(Some(120)).retry_delay(&mut backoff),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            status(Some(7200)).retry_delay(&mut backoff),
+            Duration::from_secs(3600)
+        );
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        let plain = status(None).retry_delay(&mut backoff);
+        assert!(plain <= Duration::from_secs(300), "{plain:?}");
+        let request = SyncError::Request {
+            url: "https://central/v1".into(),
+            message: "connection refused".into(),
+        };
+        assert!(request.retry_delay(&mut backoff) <= Duration::from_secs(300));
     }
 }
