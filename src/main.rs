@@ -385,21 +385,9 @@ fn profiles(command: ProfilesCommand) -> ExitCode {
         ProfilesCommand::Show { id, url } => (url, format!("/api/v1/profiles/{id}")),
         ProfilesCommand::Stats { url } => (url, "/api/v1/profiles/stats".to_string()),
     };
-    let url = format!("{}{path}", url.trim_end_matches('/'));
-    exit_with(runtime().and_then(|rt| {
-        rt.block_on(async {
-            let response = reqwest::get(&url)
-                .await
-                .map_err(|e| anyhow::anyhow!("{url}: {e} (is the agent running? --url)"))?;
-            let status = response.status();
-            let body = response.text().await?;
-            if !status.is_success() {
-                anyhow::bail!("{url}: {status}: {}", body.trim());
-            }
-            let value: serde_json::Value = serde_json::from_str(&body)?;
-            out!("{}", serde_json::to_string_pretty(&value)?);
-            Ok(())
-        })
+    exit_with(api_get(url, &path, &[]).and_then(|value| {
+        out!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
     }))
 }
 
