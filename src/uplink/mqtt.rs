@@ -7,10 +7,12 @@
 //! and pairs each event with the front of that FIFO. Three rules keep that pairing exact:
 //! - Only this module publishes on the client, and every publish goes in under the `Shared`
 //!   lock together with its FIFO slot.
-//! - On any connection error the uplink, under the same lock, makes rumqttc forget everything
-//!   (`EventLoop::clean` then clearing `pending`) and forgets its own FIFO, packet-id map and
-//!   in-flight set. Nothing is lost by this: the entries are still in the outbox and are sent
-//!   again, with their stable ids, after the next CONNACK.
+//! - On any connection error the uplink stops publishing and makes rumqttc forget everything:
+//!   `EventLoop::clean`, then `pending`, a publish parked on a packet-id collision, and the
+//!   events buffered from the dead connection (settled first: a PUBACK read just before the
+//!   close is real). It then forgets its own FIFO, packet-id map and in-flight set. Nothing is
+//!   lost by this: the entries are still in the outbox and are sent again, with their stable
+//!   ids, after the next CONNACK.
 //! - Nothing is published while disconnected, so no request can cross a connection boundary.
 //!
 //! Two loops run in one task: the driver polls the event loop continuously (it is never
@@ -22,17 +24,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, MqttEndpoint, Secret};
+use crate::config::{Config, MqttEndpoint, MqttProtocol, ProxyUrl, Secret};
 use crate::events::{self, EventKind};
 use crate::store::StoreError;
 use crate::supervisor::{Backoff, Component};
-use crate::uplink::outbox::{EntryKey, Outbox};
+use crate::uplink::PathState;
+use crate::uplink::outbox::{EntryKey, Outbox, Take};
+use crate::uplink::session::{self, Client, Session, SessionOptions, Wire};
 
 /// Largest MQTT packet the uplink sends or accepts. Register frames are capped at 1 MiB; their
 /// CloudEvent can be somewhat larger.
@@ -42,13 +45,20 @@ pub const MAX_PACKET: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct MqttSettings {
     pub endpoint: MqttEndpoint,
+    pub protocol: MqttProtocol,
     pub client_id: String,
     pub topic_prefix: String,
     pub store: String,
     pub keep_alive: Duration,
+    pub clean_session: bool,
     pub inflight: u16,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub proxy: Option<ProxyUrl>,
+    /// Set for mqtts:// and wss://.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// While the backlog is older than this, a share of the window goes to newer events.
+    pub live_after: Duration,
     /// Where messages from central (profile upserts, erasures) go; none, no subscription.
     pub downlink: Option<mpsc::Sender<Downlink>>,
 }
@@ -68,19 +78,48 @@ pub enum Downlink {
 }
 
 impl MqttSettings {
-    pub fn from_config(config: &Config) -> Option<MqttSettings> {
-        let mqtt = config.central.mqtt.as_ref()?;
-        Some(MqttSettings {
-            endpoint: MqttEndpoint::parse(&mqtt.url).ok()?,
+    /// The uplink's settings; `Err` names what is wrong with the TLS files (the config check
+    /// reads them first, so this fails only if they changed since).
+    pub fn from_config(config: &Config) -> Result<Option<MqttSettings>, String> {
+        let Some(mqtt) = config.central.mqtt.as_ref() else {
+            return Ok(None);
+        };
+        let endpoint = MqttEndpoint::parse(&mqtt.url)?;
+        let tls = if endpoint.scheme.tls() {
+            let files = crate::tls::TlsFiles {
+                ca_file: mqtt.ca_file.as_deref(),
+                cert_file: mqtt.cert_file.as_deref(),
+                key_file: mqtt.key_file.as_deref(),
+            };
+            // Brokers that share 443 with HTTPS route MQTT by ALPN ("mqtt" for AWS IoT); a
+            // WebSocket upgrade is HTTP/1.1.
+            let alpn: &[&[u8]] = if endpoint.scheme.websocket() {
+                &[b"http/1.1"]
+            } else {
+                &[]
+            };
+            let config =
+                crate::tls::client_config(&files, alpn).map_err(|e| format!("central.mqtt.{e}"))?;
+            Some(Arc::new(config))
+        } else {
+            None
+        };
+        Ok(Some(MqttSettings {
+            endpoint,
+            protocol: mqtt.protocol,
             client_id: config.mqtt_client_id(),
             topic_prefix: config.topic_prefix(),
             store: config.store.id.clone(),
             keep_alive: Duration::from_secs(mqtt.keep_alive_s),
+            clean_session: mqtt.clean_session,
             inflight: mqtt.inflight,
             username: mqtt.username.clone(),
             password: mqtt.password.clone(),
+            proxy: mqtt.resolved_proxy.clone(),
+            tls,
+            live_after: Duration::from_secs(config.central.live_after_s),
             downlink: None,
-        })
+        }))
     }
 
     pub fn events_topic(&self, kind: EventKind) -> String {
@@ -133,6 +172,16 @@ impl MqttSettings {
         }
     }
 
+    /// Everything the uplink subscribes to after each CONNACK.
+    pub fn downlink_topics(&self) -> [String; 4] {
+        [
+            self.profiles_topic(),
+            self.erasures_topic(),
+            self.tenant_campaigns_topic(),
+            self.store_campaigns_topic(),
+        ]
+    }
+
     pub fn status_topic(&self) -> String {
         format!("{}/{}/status", self.topic_prefix, self.store)
     }
@@ -180,24 +229,18 @@ struct Shared {
     /// Publishes handed to rumqttc whose packet id is not known yet, in hand-over order.
     fifo: VecDeque<Slot>,
     by_pkid: HashMap<u16, Slot>,
-    /// Outbox keys in `fifo` or `by_pkid`.
+    /// Outbox keys this link has claimed: in `fifo` or `by_pkid`.
     in_flight: HashSet<EntryKey>,
+    /// After an MQTT 5 refusal, nothing is sent before this instant.
+    paused_until: Option<tokio::time::Instant>,
 }
 
-impl Shared {
-    fn forget_connection(&mut self) {
-        self.connected = false;
-        self.fifo.clear();
-        self.by_pkid.clear();
-        self.in_flight.clear();
-    }
-}
-
-/// State both loops share, and the handling of rumqttc's events.
+/// State both loops share, and the handling of the session's events.
 struct Link<'a> {
     settings: &'a MqttSettings,
     outbox: &'a Outbox,
-    client: AsyncClient,
+    clock: &'a SharedClock,
+    client: Client,
     shared: Mutex<Shared>,
     component: &'a Component,
 }
@@ -242,13 +285,39 @@ impl Link<'_> {
         }
     }
 
-    fn on_event(&self, event: &Event) -> Result<Handled, UplinkError> {
+    /// An MQTT 5 broker said no (quota, authorisation, topic): the entry stays in the outbox,
+    /// and sending pauses so a broker that refuses everything is not hammered.
+    fn on_refused(&self, pkid: u16, reason: &str, backoff: &mut Backoff) {
+        let delay = backoff.next_delay();
+        {
+            let mut sh = self.shared.lock().expect("uplink lock");
+            if let Some(Slot::Entry(key)) = sh.by_pkid.remove(&pkid) {
+                sh.in_flight.remove(&key);
+                self.outbox.release([&key]);
+            }
+            sh.paused_until = Some(tokio::time::Instant::now() + delay);
+        }
+        metrics::counter!("storelink_uplink_refused_total", "path" => "mqtt").increment(1);
+        tracing::warn!(
+            reason,
+            retry_in_ms = delay.as_millis() as u64,
+            "the broker refused a publish; the event stays in the outbox"
+        );
+        self.component
+            .degraded(format!("the broker refused a publish: {reason}"));
+    }
+
+    fn on_event(&self, event: &Wire, backoff: &mut Backoff) -> Result<Handled, UplinkError> {
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Wire::Sent(pkid) => {
                 self.on_publish_sent(*pkid);
                 Ok(Handled::Nothing)
             }
-            Event::Incoming(Packet::PubAck(ack)) => self.on_puback(ack.pkid),
+            Wire::Acked(pkid) => self.on_puback(*pkid),
+            Wire::Refused { pkid, reason } => {
+                self.on_refused(*pkid, reason, backoff);
+                Ok(Handled::Nothing)
+            }
             _ => Ok(Handled::Nothing),
         }
     }
@@ -258,41 +327,99 @@ impl Link<'_> {
         let mut sh = self.shared.lock().expect("uplink lock");
         let ok = self
             .client
-            .try_publish(
-                self.settings.status_topic(),
-                QoS::AtLeastOnce,
-                true,
-                payload,
-            )
-            .is_ok();
+            .try_publish(self.settings.status_topic(), true, payload);
         if ok {
             sh.fifo.push_back(Slot::Status);
         }
         ok
     }
 
-    /// Hands as many outbox entries to rumqttc as the window allows.
-    fn top_up(&self, window: usize) -> Result<(), UplinkError> {
-        let mut sh = self.shared.lock().expect("uplink lock");
-        if !sh.connected || sh.in_flight.len() >= window {
-            return Ok(());
+    /// Forgets the connection: rumqttc's requests, the FIFO, and the claims, which go back to
+    /// the outbox to be sent again (with their stable ids) after the next CONNACK.
+    fn forget(&self, session: &mut Session) {
+        // Nothing may be handed to rumqttc from here on, or it would cross into the next
+        // connection.
+        self.shared.lock().expect("uplink lock").connected = false;
+        // Events the dead connection had already delivered still belong to it: a PUBACK read
+        // just before the close really acknowledges its entry. Settle them first, while the
+        // FIFO and packet-id map still describe that connection.
+        for event in session.forget() {
+            if let Err(e) = match event {
+                Wire::Sent(pkid) => {
+                    self.on_publish_sent(pkid);
+                    Ok(Handled::Nothing)
+                }
+                Wire::Acked(pkid) => self.on_puback(pkid),
+                _ => Ok(Handled::Nothing),
+            } {
+                // The entry stays in the outbox and is sent again: a duplicate, never a loss.
+                tracing::warn!(error = %e, "could not record an acknowledgement from a closed connection");
+            }
         }
-        let room = window - sh.in_flight.len();
-        let entries = self.outbox.peek(room, |k| sh.in_flight.contains(k))?;
+        let mut sh = self.shared.lock().expect("uplink lock");
+        sh.fifo.clear();
+        sh.by_pkid.clear();
+        self.outbox.release(sh.in_flight.iter());
+        sh.in_flight.clear();
+    }
+
+    /// Hands as many outbox entries to rumqttc as the window allows. While a backlog older than
+    /// `live_after` drains, a quarter of the window is first offered to events newer than that,
+    /// so a transaction rung up now reaches central in seconds, not after the backlog.
+    /// Returns when sending may resume if it is paused.
+    fn top_up(&self, window: usize) -> Result<Option<tokio::time::Instant>, UplinkError> {
+        let mut sh = self.shared.lock().expect("uplink lock");
+        if let Some(until) = sh.paused_until {
+            if tokio::time::Instant::now() < until {
+                return Ok(Some(until));
+            }
+            sh.paused_until = None;
+        }
+        if !sh.connected || sh.in_flight.len() >= window {
+            return Ok(None);
+        }
+        let mut room = window - sh.in_flight.len();
+        let now = self.clock.now();
+        let live_since = now
+            .checked_sub(
+                jiff::SignedDuration::try_from(self.settings.live_after).unwrap_or_default(),
+            )
+            .unwrap_or(now);
+        let draining = self
+            .outbox
+            .oldest_enqueued()?
+            .is_some_and(|oldest| oldest < live_since);
+        let mut entries = Vec::new();
+        if draining {
+            entries = self.outbox.claim(
+                Take::Live { since: live_since },
+                room.div_ceil(4),
+                usize::MAX,
+            )?;
+            room -= entries.len();
+        }
+        entries.extend(self.outbox.claim(Take::Front, room, usize::MAX)?);
+        let mut unsent = Vec::new();
         for entry in entries {
+            if !unsent.is_empty() {
+                unsent.push(entry.key);
+                continue;
+            }
             let topic = self.settings.events_topic(entry.kind);
-            let payload = entry.payload().to_vec();
-            if self
+            if !self
                 .client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                .is_err()
+                .try_publish(topic, false, entry.payload().to_vec())
             {
-                break;
+                unsent.push(entry.key);
+                continue;
             }
             sh.fifo.push_back(Slot::Entry(entry.key));
             sh.in_flight.insert(entry.key);
         }
-        Ok(())
+        if !unsent.is_empty() {
+            self.outbox.release(unsent.iter());
+        }
+        Ok(None)
     }
 }
 
@@ -302,56 +429,59 @@ pub async fn run(
     settings: MqttSettings,
     outbox: Arc<Outbox>,
     clock: SharedClock,
+    paths: Arc<PathState>,
     component: Component,
     token: CancellationToken,
 ) -> Result<(), UplinkError> {
     let started_at = clock.now();
     let window = settings.inflight as usize * 2;
-    let mut options = MqttOptions::new(
-        settings.client_id.clone(),
-        settings.endpoint.host.clone(),
-        settings.endpoint.port,
-    );
-    options
-        .set_keep_alive(settings.keep_alive)
-        .set_clean_session(true)
-        .set_inflight(settings.inflight)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_last_will(LastWill::new(
+    let (client, mut session) = session::open(&SessionOptions {
+        endpoint: settings.endpoint.clone(),
+        protocol: settings.protocol,
+        client_id: settings.client_id.clone(),
+        keep_alive: settings.keep_alive,
+        clean_session: settings.clean_session,
+        inflight: settings.inflight,
+        max_packet: MAX_PACKET,
+        username: settings.username.clone(),
+        password: settings.password.clone(),
+        proxy: settings.proxy.clone(),
+        tls: settings.tls.clone(),
+        last_will: Some((
             settings.status_topic(),
             status_event(&settings.store, "offline", started_at, clock.now()),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &settings.username {
-        let password = settings
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_string())
-            .unwrap_or_default();
-        options.set_credentials(user.clone(), password);
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, window + 16);
+        )),
+        request_capacity: window + 16,
+    });
     let link = Link {
         settings: &settings,
         outbox: &outbox,
+        clock: &clock,
         client,
         shared: Mutex::new(Shared::default()),
         component: &component,
     };
     let wake = Notify::new();
-    let broker = format!("{}:{}", settings.endpoint.host, settings.endpoint.port);
-    component.degraded(format!("connecting to {broker}"));
+    let broker = settings.endpoint.to_string();
+    let via = settings
+        .proxy
+        .as_ref()
+        .map(|p| format!(" via proxy {}:{}", p.host, p.port))
+        .unwrap_or_default();
+    component.degraded(format!("connecting to {broker}{via}"));
+    paths.mqtt_down(clock.now());
 
     let driver = async {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut refusals = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut last_error: Option<String> = None;
         loop {
             let event = tokio::select! {
-                e = eventloop.poll() => e,
+                e = session.poll(&settings.endpoint.host) => e,
                 _ = token.cancelled() => return Ok::<(), UplinkError>(()),
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Wire::Connected) => {
                     link.shared.lock().expect("uplink lock").connected = true;
                     link.publish_status(status_event(
                         &settings.store,
@@ -359,45 +489,50 @@ pub async fn run(
                         started_at,
                         clock.now(),
                     ));
+                    // Every CONNACK, clean session or not: rumqttc does not restore
+                    // subscriptions, and a broker may have lost a persistent session.
                     if settings.downlink.is_some() {
-                        for topic in [
-                            settings.profiles_topic(),
-                            settings.erasures_topic(),
-                            settings.tenant_campaigns_topic(),
-                            settings.store_campaigns_topic(),
-                        ] {
-                            if let Err(e) =
-                                link.client.try_subscribe(topic.clone(), QoS::AtLeastOnce)
-                            {
+                        for topic in settings.downlink_topics() {
+                            if let Err(e) = link.client.try_subscribe(topic.clone()) {
                                 tracing::warn!(topic, error = %e, "could not subscribe to central's downlink");
                             }
                         }
                     }
                     backoff.reset();
-                    tracing::info!(%broker, "connected to the MQTT broker");
+                    last_error = None;
+                    tracing::info!(%broker, protocol = ?settings.protocol, "connected to the MQTT broker");
                     metrics::gauge!("storelink_uplink_connected", "path" => "mqtt").set(1.0);
-                    component.running(Some(format!("connected to {broker}")));
+                    paths.mqtt_up();
+                    component.running(Some(format!("connected to {broker}{via}")));
+                    // A CONNACK is central reached, for status, before anything is acked.
+                    component.success();
                     wake.notify_one();
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    settings.deliver_down(&p.topic, &p.payload);
+                Ok(Wire::Message { topic, payload }) => {
+                    settings.deliver_down(&topic, &payload);
                 }
                 Ok(event) => {
-                    link.on_event(&event)?;
+                    if let Wire::Acked(_) = event {
+                        refusals.reset();
+                    }
+                    link.on_event(&event, &mut refusals)?;
+                    if let Wire::Refused { .. } = event {
+                        wake.notify_one();
+                    }
                 }
                 Err(e) => {
-                    {
-                        let mut sh = link.shared.lock().expect("uplink lock");
-                        // Make rumqttc forget every request, queued or in flight; they are all
-                        // still in the outbox and will be republished after the next CONNACK.
-                        eventloop.clean();
-                        eventloop.pending.clear();
-                        sh.forget_connection();
-                    }
+                    link.forget(&mut session);
                     metrics::gauge!("storelink_uplink_connected", "path" => "mqtt").set(0.0);
+                    paths.mqtt_down(clock.now());
                     let delay = backoff.next_delay();
-                    tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed; holding events in the outbox");
-                    component.degraded(format!("{broker}: {e}"));
+                    // The same failure every few seconds for hours is one warning, then debug.
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed; holding events in the outbox");
+                    } else {
+                        tracing::debug!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection still failing");
+                    }
+                    component.degraded(format!("{broker}{via}: {e}"));
+                    last_error = Some(e);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = token.cancelled() => return Ok(()),
@@ -409,19 +544,31 @@ pub async fn run(
 
     let feeder = async {
         loop {
-            link.top_up(window)?;
+            let paused = link.top_up(window)?;
+            let resume = async {
+                match paused {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = outbox.changed() => {}
                 _ = wake.notified() => {}
+                _ = resume => {}
                 _ = token.cancelled() => return Ok::<(), UplinkError>(()),
             }
         }
     };
 
-    tokio::try_join!(driver, feeder)?;
-    say_goodbye(&link, &mut eventloop, started_at, &clock).await;
+    let result = tokio::try_join!(driver, feeder);
+    if result.is_ok() {
+        say_goodbye(&link, &mut session, started_at, &clock).await;
+    }
+    // Whatever is still claimed goes back, so nothing stays hidden from a restarted uplink.
+    link.forget(&mut session);
     metrics::gauge!("storelink_uplink_connected", "path" => "mqtt").set(0.0);
-    Ok(())
+    paths.mqtt_down(clock.now());
+    result.map(|_| ())
 }
 
 /// On a graceful stop, replace the retained status with "offline" (the broker only sends the
@@ -429,7 +576,7 @@ pub async fn run(
 /// arrive meanwhile still clear their outbox entries.
 async fn say_goodbye(
     link: &Link<'_>,
-    eventloop: &mut EventLoop,
+    session: &mut Session,
     started_at: Timestamp,
     clock: &SharedClock,
 ) {
@@ -440,13 +587,15 @@ async fn say_goodbye(
     if !link.publish_status(bye) {
         return;
     }
+    let mut refusals = Backoff::default();
+    let host = link.settings.endpoint.host.clone();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(event) => match link.on_event(&event) {
+            match session.poll(&host).await {
+                Ok(Wire::Disconnected) | Err(_) => break,
+                Ok(event) => match link.on_event(&event, &mut refusals) {
                     Ok(Handled::StatusAcked) => {
-                        if link.client.try_disconnect().is_err() {
+                        if !link.client.try_disconnect() {
                             break;
                         }
                     }

@@ -265,6 +265,9 @@ pub struct Limits {
     pub seen_retention: std::time::Duration,
     /// Most ids remembered; the oldest are forgotten first.
     pub max_seen: u64,
+    /// Per stream (indexed by `Stream as usize`), how long an undelivered event is still worth
+    /// sending. Never set for streams that may not be dropped.
+    pub ttl: [Option<std::time::Duration>; STREAM_COUNT],
 }
 
 impl Limits {
@@ -273,8 +276,27 @@ impl Limits {
             max_bytes,
             seen_retention: std::time::Duration::from_secs(35 * 86_400),
             max_seen: 1_000_000,
+            ttl: [None; STREAM_COUNT],
         }
     }
+
+    /// Sets a stream's TTL; ignored for streams that are never dropped.
+    pub fn with_ttl(mut self, stream: Stream, ttl: Option<std::time::Duration>) -> Limits {
+        if stream.droppable() {
+            self.ttl[stream as usize] = ttl;
+        }
+        self
+    }
+}
+
+/// Which held events a sender takes.
+#[derive(Debug, Clone, Copy)]
+pub enum Take {
+    /// The send order: streams by priority, oldest first.
+    Front,
+    /// Only events enqueued at or after `since`, by priority, oldest first: live traffic
+    /// while a backlog drains.
+    Live { since: Timestamp },
 }
 
 fn new_event_size(event: &NewEvent) -> u64 {
@@ -288,6 +310,8 @@ pub struct StreamCounts {
     pub bytes: u64,
     /// Events dropped by the size cap since the agent started.
     pub dropped: u64,
+    /// Events removed unsent because they outlived the stream's TTL, since the agent started.
+    pub expired: u64,
 }
 
 /// A snapshot for status and metrics.
@@ -330,6 +354,9 @@ pub struct Outbox {
     limits: Limits,
     state: Mutex<State>,
     changed: Notify,
+    /// Entries a sender has taken and not yet acknowledged or released; no other sender sees
+    /// them, so the MQTT and HTTPS paths never carry the same entry at once.
+    claimed: Mutex<HashSet<EntryKey>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -385,6 +412,7 @@ impl Outbox {
             limits,
             state: Mutex::new(state),
             changed: Notify::new(),
+            claimed: Mutex::default(),
         };
         for stream in Stream::ALL {
             outbox.publish_metrics(stream, &state);
@@ -581,6 +609,18 @@ impl Outbox {
     /// Removes an entry that central acknowledged. Returns false when it was already gone
     /// (acknowledged twice, or dropped by the size cap while in flight).
     pub fn ack(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        let removed = self.remove_acked(key);
+        // The claim goes only after the entry has left the tree: dropped first, a concurrent
+        // claim by the other path could take the acknowledged entry and send it a second time.
+        self.claimed.lock().expect("claims lock").remove(key);
+        let acked = removed?;
+        if acked {
+            self.changed.notify_one();
+        }
+        Ok(acked)
+    }
+
+    fn remove_acked(&self, key: &EntryKey) -> Result<bool, StoreError> {
         let mut state = self.state.lock().expect("outbox lock");
         let Some(raw) = self.tree.get(key.0)? else {
             return Ok(false);
@@ -601,8 +641,189 @@ impl Outbox {
         let snapshot = *state;
         drop(state);
         self.publish_metrics(entry.stream(), &snapshot);
-        self.changed.notify_one();
         Ok(true)
+    }
+
+    /// Takes up to `limit` entries (and about `max_bytes` of payload, at least one entry) that
+    /// no other sender holds, skipping those past their stream's TTL. They stay in the outbox
+    /// until [`Outbox::ack`]; [`Outbox::release`] hands them back unsent.
+    pub fn claim(
+        &self,
+        take: Take,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let now = self.clock.now();
+        let mut claimed = self.claimed.lock().expect("claims lock");
+        let mut out = Vec::new();
+        let mut expired = 0usize;
+        let mut bytes = 0usize;
+        let mut room = |entry: &Entry, out: &Vec<Entry>| {
+            let fits = out.is_empty() || bytes + entry.payload().len() <= max_bytes;
+            if fits {
+                bytes += entry.payload().len();
+            }
+            fits
+        };
+        if limit == 0 {
+            return Ok(out);
+        }
+        match take {
+            Take::Front => {
+                for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
+                    let (k, v) = item?;
+                    let Some(key) = EntryKey::from_bytes(&k) else {
+                        continue;
+                    };
+                    if claimed.contains(&key) {
+                        continue;
+                    }
+                    let Some(entry) = Entry::decode(key, v) else {
+                        continue;
+                    };
+                    if self.is_expired(&entry, now) {
+                        expired += 1;
+                        continue;
+                    }
+                    if !room(&entry, &out) {
+                        break;
+                    }
+                    out.push(entry);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            Take::Live { since } => {
+                'streams: for stream in Stream::ALL {
+                    // Newest first until the first older entry, then oldest first.
+                    let mut live = Vec::new();
+                    for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]).rev() {
+                        let (k, v) = item?;
+                        let Some(entry) =
+                            EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
+                        else {
+                            continue;
+                        };
+                        if entry.enqueued_at < since {
+                            break;
+                        }
+                        if !claimed.contains(&entry.key) {
+                            live.push(entry);
+                        }
+                    }
+                    for entry in live.into_iter().rev() {
+                        if out.len() >= limit || !room(&entry, &out) {
+                            break 'streams;
+                        }
+                        out.push(entry);
+                    }
+                }
+            }
+        }
+        claimed.extend(out.iter().map(|e| e.key));
+        drop(claimed);
+        // Skipped expired entries sit at the front of their stream; remove them now rather
+        // than walk over them on every claim until the periodic sweep.
+        if expired > 0 {
+            self.expire()?;
+        }
+        Ok(out)
+    }
+
+    /// Hands claimed entries back, unsent, for any sender to take again.
+    pub fn release<'a>(&self, keys: impl IntoIterator<Item = &'a EntryKey>) {
+        let mut claimed = self.claimed.lock().expect("claims lock");
+        for key in keys {
+            claimed.remove(key);
+        }
+        drop(claimed);
+        self.changed.notify_one();
+    }
+
+    /// Entries currently taken by a sender.
+    pub fn claimed(&self) -> usize {
+        self.claimed.lock().expect("claims lock").len()
+    }
+
+    fn is_expired(&self, entry: &Entry, now: Timestamp) -> bool {
+        self.limits.ttl[entry.stream() as usize]
+            .is_some_and(|ttl| now.duration_since(entry.enqueued_at).unsigned_abs() > ttl)
+    }
+
+    /// Removes unsent events that outlived their stream's TTL, counting and logging them, and
+    /// refreshes the oldest-age gauges. Returns how many were removed.
+    pub fn expire(&self) -> Result<u64, StoreError> {
+        let now = self.clock.now();
+        let mut removed = 0;
+        for stream in Stream::ALL {
+            if self.limits.ttl[stream as usize].is_none() {
+                continue;
+            }
+            let mut batch = Batch::default();
+            let mut gone = Vec::new();
+            for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
+                let (k, v) = item?;
+                let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
+                else {
+                    continue;
+                };
+                // Oldest first: the first one still fresh ends the scan.
+                if !self.is_expired(&entry, now) {
+                    break;
+                }
+                batch.remove(entry.key.0);
+                batch.insert(seen_key(&entry.id), seen_value(entry.enqueued_at, None));
+                gone.push(entry);
+                if gone.len() >= 10_000 {
+                    break;
+                }
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            let mut state = self.state.lock().expect("outbox lock");
+            self.tree.apply(batch)?;
+            let counts = &mut state.streams[stream as usize];
+            for entry in &gone {
+                counts.depth = counts.depth.saturating_sub(1);
+                counts.bytes = counts.bytes.saturating_sub(entry.size());
+                counts.expired += 1;
+            }
+            let snapshot = *state;
+            drop(state);
+            self.publish_metrics(stream, &snapshot);
+            metrics::counter!("storelink_outbox_expired_total", "stream" => stream.name())
+                .increment(gone.len() as u64);
+            tracing::warn!(
+                stream = stream.name(),
+                expired = gone.len(),
+                ttl_s = self.limits.ttl[stream as usize].map(|d| d.as_secs()),
+                "removed undelivered events older than the stream's TTL"
+            );
+            removed += gone.len() as u64;
+        }
+        self.stats()?;
+        Ok(removed)
+    }
+
+    /// When the oldest held event was enqueued, over all streams.
+    pub fn oldest_enqueued(&self) -> Result<Option<Timestamp>, StoreError> {
+        let mut oldest: Option<Timestamp> = None;
+        for stream in Stream::ALL {
+            if self.state.lock().expect("outbox lock").streams[stream as usize].depth == 0 {
+                continue;
+            }
+            for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
+                let (k, v) = item?;
+                if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
+                {
+                    oldest = Some(oldest.map_or(entry.enqueued_at, |o| o.min(entry.enqueued_at)));
+                    break;
+                }
+            }
+        }
+        Ok(oldest)
     }
 
     /// Whether an event id is currently held.
@@ -636,10 +857,10 @@ impl Outbox {
         let mut streams = Vec::with_capacity(STREAM_COUNT);
         for stream in Stream::ALL {
             let oldest = self.oldest_age(stream)?;
-            if let Some(age) = oldest {
-                metrics::gauge!("storelink_outbox_oldest_age_seconds", "stream" => stream.name())
-                    .set(age.as_secs_f64());
-            }
+            // 0 for an empty stream: leaving the last value would show a drained outbox as
+            // still holding an old event, and an alert on age would never clear.
+            metrics::gauge!("storelink_outbox_oldest_age_seconds", "stream" => stream.name())
+                .set(oldest.map_or(0.0, |age| age.as_secs_f64()));
             streams.push(StreamStats {
                 stream: stream.name(),
                 counts: state.streams[stream as usize],
@@ -792,6 +1013,7 @@ mod tests {
             max_bytes: 1 << 20,
             seen_retention: std::time::Duration::from_secs(86_400),
             max_seen: 1_000,
+            ttl: [None; STREAM_COUNT],
         };
         {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
@@ -873,6 +1095,7 @@ mod tests {
             max_bytes: 1 << 20,
             seen_retention: std::time::Duration::from_secs(3600),
             max_seen: 1_000,
+            ttl: [None; STREAM_COUNT],
         };
         let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
         outbox
@@ -1008,5 +1231,164 @@ mod tests {
         let age = outbox.oldest_age(Stream::Transaction).unwrap().unwrap();
         assert_eq!(age.as_secs(), 3600);
         assert_eq!(outbox.oldest_age(Stream::Presence).unwrap(), None);
+    }
+
+    #[test]
+    fn claims_hide_entries_from_other_senders_until_acked_or_released() {
+        let (_d, _s, outbox, _c) = setup(1 << 20);
+        outbox
+            .append(&[
+                ev(EventKind::Transaction, "t1", 10),
+                ev(EventKind::Transaction, "t2", 10),
+                ev(EventKind::Presence, "p1", 10),
+            ])
+            .unwrap();
+        let a = outbox.claim(Take::Front, 2, usize::MAX).unwrap();
+        assert_eq!(
+            a.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["t1", "t2"]
+        );
+        let b = outbox.claim(Take::Front, 10, usize::MAX).unwrap();
+        assert_eq!(b.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["p1"]);
+        assert!(
+            outbox
+                .claim(Take::Front, 10, usize::MAX)
+                .unwrap()
+                .is_empty()
+        );
+        outbox.ack(&a[0].key).unwrap();
+        outbox.release([&a[1].key]);
+        let c = outbox.claim(Take::Front, 10, usize::MAX).unwrap();
+        assert_eq!(c.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["t2"]);
+        assert_eq!(outbox.claimed(), 2);
+    }
+
+    #[test]
+    fn an_acknowledged_entry_is_never_claimed_again_by_a_concurrent_sender() {
+        let (_d, _s, outbox, _c) = setup(64 << 20);
+        let n = 4000;
+        let events: Vec<_> = (0..n)
+            .map(|i| ev(EventKind::Transaction, &format!("t{i:05}"), 10))
+            .collect();
+        outbox.append(&events).unwrap();
+        // Two senders claim and acknowledge in small batches at once, as MQTT and HTTPS do
+        // during a backfill; every entry must go to exactly one of them.
+        let sender = || {
+            let mut got = Vec::new();
+            loop {
+                let batch = outbox.claim(Take::Front, 3, usize::MAX).unwrap();
+                if batch.is_empty() && outbox.depth() == 0 {
+                    return got;
+                }
+                for e in batch {
+                    outbox.ack(&e.key).unwrap();
+                    got.push(e.id);
+                }
+            }
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(sender);
+            let b = s.spawn(sender);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let mut all: Vec<_> = a.iter().chain(&b).cloned().collect();
+        let total = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "every entry sent");
+        assert_eq!(total, n, "no entry sent by both senders");
+        assert_eq!(outbox.claimed(), 0);
+    }
+
+    #[test]
+    fn claims_respect_the_byte_budget_but_always_take_one() {
+        let (_d, _s, outbox, _c) = setup(1 << 20);
+        outbox
+            .append(&[
+                ev(EventKind::Transaction, "t1", 600),
+                ev(EventKind::Transaction, "t2", 600),
+            ])
+            .unwrap();
+        assert_eq!(outbox.claim(Take::Front, 10, 100).unwrap().len(), 1);
+        assert_eq!(outbox.claim(Take::Front, 10, 1000).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn live_takes_only_recent_entries_by_priority_oldest_first() {
+        let (_d, _s, outbox, clock) = setup(1 << 20);
+        for i in 0..5 {
+            outbox
+                .append(&[ev(EventKind::Transaction, &format!("old{i}"), 10)])
+                .unwrap();
+        }
+        clock.advance(std::time::Duration::from_secs(3600));
+        let since = crate::clock::Clock::now(&clock);
+        outbox
+            .append(&[
+                ev(EventKind::Presence, "p-live", 10),
+                ev(EventKind::Transaction, "t-live1", 10),
+                ev(EventKind::Transaction, "t-live2", 10),
+            ])
+            .unwrap();
+        let live = outbox.claim(Take::Live { since }, 2, usize::MAX).unwrap();
+        assert_eq!(
+            live.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["t-live1", "t-live2"]
+        );
+        let rest = outbox.claim(Take::Live { since }, 10, usize::MAX).unwrap();
+        assert_eq!(
+            rest.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["p-live"]
+        );
+        let front = outbox.claim(Take::Front, 1, usize::MAX).unwrap();
+        assert_eq!(front[0].id, "old0");
+        assert_eq!(
+            outbox.oldest_enqueued().unwrap(),
+            Some(since - jiff::SignedDuration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn expired_events_are_not_sent_and_are_removed_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let clock = ManualClock::new("2026-11-22T10:00:00Z".parse().unwrap());
+        let limits = Limits::with_max_bytes(1 << 20)
+            .with_ttl(Stream::Presence, Some(std::time::Duration::from_secs(600)))
+            .with_ttl(Stream::Transaction, Some(std::time::Duration::from_secs(1)));
+        let outbox = Outbox::open(&store, limits, Arc::new(clock.clone())).unwrap();
+        outbox
+            .append(&[
+                ev(EventKind::Presence, "p-old", 10),
+                ev(EventKind::Transaction, "t-old", 10),
+            ])
+            .unwrap();
+        clock.advance(std::time::Duration::from_secs(601));
+        outbox
+            .append(&[ev(EventKind::Presence, "p-new", 10)])
+            .unwrap();
+        let sent: Vec<String> = outbox
+            .claim(Take::Front, 10, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(sent, ["t-old", "p-new"], "transactions never expire");
+        assert_eq!(
+            outbox.expire().unwrap(),
+            0,
+            "the claim that skipped it already removed it"
+        );
+        let stats = outbox.stats().unwrap();
+        assert_eq!(stats.streams[Stream::Presence as usize].counts.expired, 1);
+        assert_eq!(stats.streams[Stream::Presence as usize].counts.depth, 1);
+        assert!(!outbox.contains("p-old").unwrap());
+        assert_eq!(
+            outbox
+                .append(&[ev(EventKind::Presence, "p-old", 10)])
+                .unwrap(),
+            [AppendOutcome::Duplicate],
+            "an expired id stays seen"
+        );
     }
 }
