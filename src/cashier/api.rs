@@ -1,4 +1,6 @@
-//! `GET /healthz`, `GET /readyz`, `GET /api/v1/status` and `GET /metrics`.
+//! The local HTTP server's routes: health and readiness (open to all), the admin API,
+//! metrics and the register endpoints (loopback or admin token, see [`super::auth`]), and the
+//! lane displays (lane token, see [`super::lane`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,6 +17,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{self, AdminAuth};
+use super::lane::{self, LaneState};
 use crate::clock::SharedClock;
 use crate::deadletter::DeadLetters;
 use crate::offers::campaign::Trigger;
@@ -48,6 +52,52 @@ pub struct AgentInfo {
     pub store: String,
     pub tenant: String,
     pub started_at: Timestamp,
+    /// Where central reads this store's feed: the MQTT topic prefix, and the broker without
+    /// credentials. `storelink sim` uses them to check what arrives.
+    pub topic_prefix: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub central_mqtt: Option<String>,
+    /// The registers the config names and how each one reaches the agent.
+    pub registers: Vec<RegisterInfo>,
+}
+
+/// One register as `storelink sim` and retail IT see it in the status report.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RegisterInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
+    /// `jsonl`, `poslog` or `receipt`.
+    pub format: String,
+    /// `tcp-listen`, `tcp-connect`, `serial` or `http`.
+    pub transport: String,
+    /// The listening address, the journal port or the serial device; none for `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl RegisterInfo {
+    pub fn of(register: &crate::config::RegisterConfig) -> RegisterInfo {
+        use crate::config::{RegisterFormat, Transport};
+        let (transport, address) = match &register.transport {
+            Transport::TcpListen { bind } => ("tcp-listen", Some(bind.clone())),
+            Transport::TcpConnect { addr } => ("tcp-connect", Some(addr.clone())),
+            Transport::Serial { port, .. } => ("serial", Some(port.display().to_string())),
+            Transport::Http => ("http", None),
+        };
+        RegisterInfo {
+            name: register.name.clone(),
+            lane: register.lane.clone(),
+            format: match register.format {
+                RegisterFormat::Jsonl => "jsonl",
+                RegisterFormat::Poslog => "poslog",
+                RegisterFormat::Receipt => "receipt",
+            }
+            .to_string(),
+            transport: transport.to_string(),
+            address,
+        }
+    }
 }
 
 /// What the API reads.
@@ -69,6 +119,10 @@ pub struct ApiState {
     /// Activity thresholds and CLV settings from `[profiles.kpi]`.
     pub kpi: KpiConfig,
     pub offers: Offers,
+    pub admin: AdminAuth,
+    pub lanes: LaneState,
+    /// Lanes the config names (registers and presence zones), for `GET /api/v1/lanes`.
+    pub known_lanes: Arc<Vec<String>>,
 }
 
 /// Overall health, as `storelink status` and monitoring read it.
@@ -134,9 +188,7 @@ impl ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    let admin = Router::new()
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/profiles/stats", get(profile_stats))
@@ -149,6 +201,7 @@ pub fn router(state: ApiState) -> Router {
             "/pos/v1/events",
             post(post_register_event).layer(DefaultBodyLimit::max(MAX_EVENT_BODY)),
         )
+        .route("/api/v1/lanes", get(lanes_list))
         .route("/api/v1/lanes/{lane}/prompt", get(lane_prompt))
         .route(
             "/api/v1/lanes/{lane}/prompts/{id}/{action}",
@@ -157,7 +210,28 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/offers/stats", get(offer_stats))
         .route("/api/v1/offers/campaigns", get(offer_campaigns))
         .route("/api/v1/offers/explain/{customer}", get(offer_explain))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.admin.clone(),
+            auth::require_admin,
+        ))
+        .with_state(state.clone());
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state.clone())
+        .merge(admin)
+        .merge(lane::router(state.lanes.clone()))
+}
+
+/// Every lane the config names, with its display path (token included): what retail IT sets
+/// up on each lane's screen.
+async fn lanes_list(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "lanes": state.known_lanes.iter().map(|l| serde_json::json!({
+            "lane": l,
+            "display": lane::display_path(&state.lanes.auth, l),
+        })).collect::<Vec<_>>()
+    }))
 }
 
 /// A live register event is small: a card number, a basket of lines.
@@ -207,16 +281,11 @@ async fn prompt_action(
     State(state): State<ApiState>,
     Path((lane, id, action)): Path<(String, String, String)>,
 ) -> Response {
-    let action = match action.as_str() {
-        "accepted" => PromptAction::Accepted,
-        "dismissed" => PromptAction::Dismissed,
-        "redeemed" => PromptAction::Redeemed,
-        other => {
-            return error_answer(
-                StatusCode::NOT_FOUND,
-                format!("no action {other:?}; use accepted, dismissed or redeemed"),
-            );
-        }
+    let Some(action) = PromptAction::reported(&action) else {
+        return error_answer(
+            StatusCode::NOT_FOUND,
+            format!("no action {action:?}; use accepted, dismissed or redeemed"),
+        );
     };
     match state.offers.prompt_action(&lane, &id, action).await {
         Ok(p) => Json(p).into_response(),
@@ -506,8 +575,11 @@ pub async fn serve(
     if let Some(tx) = listening {
         let _ = tx.send(local);
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
-        .map_err(ApiError::Serve)
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(token.cancelled_owned())
+    .await
+    .map_err(ApiError::Serve)
 }
