@@ -2,7 +2,7 @@
 //! parsing, normalisation, the outbox (fsynced in group commits) and the acknowledgement back
 //! to the register. Every transaction is acknowledged only after it is on disk.
 //!
-//! `cargo bench --bench ingest [-- --transactions N --connections C --runs R --broker]`
+//! `cargo bench --bench ingest [-- --transactions N --connections C --runs R --broker --cache-bytes B]`
 //!
 //! With `--broker`, an in-process broker drains the outbox at the same time, so the figure
 //! includes the uplink competing for the two cores.
@@ -22,12 +22,15 @@ struct Args {
     connections: usize,
     runs: usize,
     broker: bool,
+    /// `storage.cache_bytes`; the config default without it.
+    cache_bytes: Option<u64>,
 }
 
 fn args() -> Args {
     let mut a = Args {
         transactions: 50_000,
         connections: 4,
+        cache_bytes: None,
         runs: 5,
         broker: false,
     };
@@ -38,6 +41,7 @@ fn args() -> Args {
             "--connections" => a.connections = it.next().unwrap().parse().unwrap(),
             "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
             "--broker" => a.broker = true,
+            "--cache-bytes" => a.cache_bytes = Some(it.next().unwrap().parse().unwrap()),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -59,8 +63,11 @@ async fn run_once(args: &Args) -> f64 {
         storelink::demo::start_broker(broker).unwrap();
     }
     let mut text = format!(
-        "[store]\nid = \"s042\"\ntenant = \"acme\"\n[storage]\npath = \"{}\"\n[central.mqtt]\nurl = \"mqtt://{broker}\"\n[cashier]\nbind = \"127.0.0.1:{}\"\n",
+        "[store]\nid = \"s042\"\ntenant = \"acme\"\n[storage]\npath = \"{}\"\n{}[central.mqtt]\nurl = \"mqtt://{broker}\"\n[cashier]\nbind = \"127.0.0.1:{}\"\n",
         dir.path().display(),
+        args.cache_bytes
+            .map(|b| format!("cache_bytes = {b}\n"))
+            .unwrap_or_default(),
         free_port()
     );
     let mut addrs = Vec::new();

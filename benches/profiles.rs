@@ -163,7 +163,11 @@ fn main() {
             .await;
             let ca = central.pki.write_ca(dir.path());
             let syncer = Syncer {
-                client: sync::client(Some(&ca)).unwrap(),
+                client: sync::client(&storelink::tls::TlsFiles {
+                    ca_file: Some(&ca),
+                    ..Default::default()
+                })
+                .unwrap(),
                 base_url: central.base_url(),
                 store_id: "s1".into(),
                 token: None,

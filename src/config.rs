@@ -10,7 +10,7 @@
 //!   here once, and the values are redacted from `Debug`.
 //! - Nothing in this module binds a port or opens a store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,6 +72,53 @@ pub struct StorageSection {
     /// Most event ids remembered; the oldest are forgotten first.
     #[serde(default = "default_max_seen_ids")]
     pub max_seen_ids: u64,
+    /// Per stream, how long an undelivered event is still worth sending (seconds).
+    #[serde(default)]
+    pub ttl_s: StreamTtls,
+    /// Free space kept on the storage filesystem: below it, new data is refused (registers are
+    /// told why) before the database itself runs out of room.
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
+}
+
+/// Time-to-live of held events per outbox stream; none means kept until delivered (or dropped
+/// by the size cap). Transactions, redemptions and erasure acknowledgements have no TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamTtls {
+    #[serde(default = "default_presence_ttl_s")]
+    pub presence: Option<u64>,
+    #[serde(default)]
+    pub offer: Option<u64>,
+    #[serde(default = "default_status_ttl_s")]
+    pub status: Option<u64>,
+    #[serde(default)]
+    pub deadletter: Option<u64>,
+    /// Only here to be refused with a clear message.
+    #[serde(default)]
+    pub transaction: Option<u64>,
+    #[serde(default)]
+    pub redemption: Option<u64>,
+}
+
+impl Default for StreamTtls {
+    fn default() -> Self {
+        StreamTtls {
+            presence: default_presence_ttl_s(),
+            offer: None,
+            status: default_status_ttl_s(),
+            deadletter: None,
+            transaction: None,
+            redemption: None,
+        }
+    }
+}
+
+fn default_presence_ttl_s() -> Option<u64> {
+    Some(86_400)
+}
+fn default_status_ttl_s() -> Option<u64> {
+    Some(3600)
 }
 
 impl Default for StorageSection {
@@ -83,6 +130,8 @@ impl Default for StorageSection {
             max_deadletter_bytes: default_max_deadletter_bytes(),
             seen_retention_days: default_seen_retention_days(),
             max_seen_ids: default_max_seen_ids(),
+            ttl_s: StreamTtls::default(),
+            min_free_bytes: default_min_free_bytes(),
         }
     }
 }
@@ -404,6 +453,11 @@ fn default_rfm_interval_s() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CentralSection {
+    /// While the oldest held event is older than this (seconds), the outbox is draining a
+    /// backlog, and a share of every sending window goes to events newer than this, so live
+    /// traffic is not stuck behind the backlog.
+    #[serde(default = "default_live_after_s")]
+    pub live_after_s: u64,
     #[serde(default)]
     pub mqtt: Option<MqttSection>,
     #[serde(default)]
@@ -437,8 +491,101 @@ pub struct MqttSection {
     /// Publishes sent before their PUBACK arrives.
     #[serde(default = "default_inflight")]
     pub inflight: u16,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Start every connection with a fresh session. With `false` the broker keeps the
+    /// subscriptions and queues central's downlink (erasures, profiles) while the store is away.
+    #[serde(default = "default_true")]
+    pub clean_session: bool,
+    /// An HTTP CONNECT proxy (`http://[user:pass@]host:port`). Default: `HTTPS_PROXY`
+    /// (`HTTP_PROXY` for ws://) for WebSocket urls, none for TCP ones; `NO_PROXY` is honoured.
+    #[serde(default)]
+    pub proxy: Option<String>,
     #[serde(skip)]
     pub password: Option<Secret>,
+    /// The proxy in force, resolved from `proxy` or the environment.
+    #[serde(skip)]
+    pub resolved_proxy: Option<ProxyUrl>,
+}
+
+/// The MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// An HTTP proxy for the MQTT connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProxyUrl({}:{})", self.host, self.port)
+    }
+}
+
+impl HttpsSection {
+    pub fn tls_files(&self) -> crate::tls::TlsFiles<'_> {
+        crate::tls::TlsFiles {
+            ca_file: self.ca_file.as_deref(),
+            cert_file: self.cert_file.as_deref(),
+            key_file: self.key_file.as_deref(),
+        }
+    }
+}
+
+impl ProxyUrl {
+    /// `http://[user:pass@]host[:port][/]`. Only plain-HTTP CONNECT proxies: what stores run.
+    pub fn parse(url: &str) -> Result<ProxyUrl, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{url:?}: only http:// (CONNECT) proxies are supported"))?;
+        let rest = rest.trim_end_matches('/');
+        let (auth, hostport) = match rest.rsplit_once('@') {
+            Some((auth, hp)) => (Some(auth), hp),
+            None => (None, rest),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("proxy port {p:?} is not a number"))?,
+            ),
+            None => (hostport, 80),
+        };
+        if host.is_empty() || host.contains(['/', '?', '#']) {
+            return Err(format!("{host:?} is not a proxy host name"));
+        }
+        let (username, password) = match auth.map(|a| a.split_once(':').unwrap_or((a, ""))) {
+            Some((u, p)) => (Some(u.to_string()), Some(Secret::new(p))),
+            None => (None, None),
+        };
+        Ok(ProxyUrl {
+            host: host.trim_start_matches('[').trim_end_matches(']').into(),
+            port,
+            username,
+            password,
+        })
+    }
+}
+
+/// Whether `NO_PROXY` (comma-separated host suffixes, or `*`) exempts `host`.
+fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
+    no_proxy.split(',').map(str::trim).any(|entry| {
+        let entry = entry.trim_start_matches('.');
+        entry == "*"
+            || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}"))))
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -450,6 +597,27 @@ pub struct HttpsSection {
     pub token_env: Option<String>,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mTLS, instead of or besides the bearer token.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Send events over `POST /v1/stores/{store}/events:batch` when MQTT cannot keep up (see
+    /// `backfill_after_s`, `mqtt_down_after_s`). Default true.
+    #[serde(default = "default_true")]
+    pub uplink: bool,
+    /// HTTPS backfill starts when the oldest held event is older than this (seconds).
+    #[serde(default = "default_backfill_after_s")]
+    pub backfill_after_s: u64,
+    /// …or when MQTT has been unreachable for longer than this (seconds).
+    #[serde(default = "default_mqtt_down_after_s")]
+    pub mqtt_down_after_s: u64,
+    /// Most events in one batch.
+    #[serde(default = "default_batch_events")]
+    pub batch_events: usize,
+    /// Most bytes (uncompressed) in one batch.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
     #[serde(skip)]
     pub token: Option<Secret>,
 }
@@ -457,16 +625,110 @@ pub struct HttpsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CashierSection {
-    /// Where the local API (health, status, metrics; later lane displays) listens.
+    /// Where the local HTTP server (lane displays, register API, status, metrics) listens.
+    /// `STORELINK_CASHIER_BIND` in the environment overrides it.
     #[serde(default = "default_cashier_bind")]
     pub bind: String,
+    /// Name of the environment variable holding the admin token for `/api/v1/*`, `/metrics`
+    /// and `/pos/v1/*`. Required when `bind` is not a loopback address.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
+    /// Name of the environment variable holding the secret each lane's display token is
+    /// derived from. Unset: the agent makes a secret once and keeps it in its store.
+    #[serde(default)]
+    pub lane_secret_env: Option<String>,
+    /// The lane displays' language: a key of `texts` ("de" and "en" are built in).
+    #[serde(default = "default_language")]
+    pub language: String,
+    /// Display texts per language, over the built-in German and English ones; a new language
+    /// must give every key.
+    #[serde(default)]
+    pub texts: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(skip)]
+    pub admin_token: Option<Secret>,
+    #[serde(skip)]
+    pub lane_secret: Option<Secret>,
 }
 
 impl Default for CashierSection {
     fn default() -> Self {
         Self {
             bind: default_cashier_bind(),
+            admin_token_env: None,
+            lane_secret_env: None,
+            language: default_language(),
+            texts: BTreeMap::new(),
+            admin_token: None,
+            lane_secret: None,
         }
+    }
+}
+
+/// The lane display's texts, by key: German and English built in.
+pub const LANE_TEXTS: &[(&str, &str, &str)] = &[
+    // (key, de, en)
+    ("lane", "Kasse", "Lane"),
+    ("idle", "Bereit", "Ready"),
+    (
+        "idle_hint",
+        "Kein Stammkunde an dieser Kasse",
+        "No loyalty customer at this lane",
+    ),
+    ("welcome", "Willkommen zurück", "Welcome back"),
+    (
+        "ask_for_card",
+        "Bitte nach der Kundenkarte fragen",
+        "Ask for the loyalty card",
+    ),
+    ("points", "Punkte", "points"),
+    ("offer", "Angebot", "Offer"),
+    ("code", "Code", "Code"),
+    ("accept", "Angenommen", "Accepted"),
+    ("dismiss", "Ablehnen", "Dismiss"),
+    ("redeemed", "Eingelöst", "Redeemed"),
+    (
+        "offline",
+        "Keine Verbindung zum Agenten – Anzeige evtl. veraltet",
+        "Agent unreachable – display may be out of date",
+    ),
+    (
+        "failed",
+        "Aktion nicht gespeichert, bitte erneut tippen",
+        "Action not saved, please tap again",
+    ),
+];
+
+impl CashierSection {
+    /// The texts for `language`: the built-in ones with the config's over them.
+    pub fn texts_for(&self, language: &str) -> Option<BTreeMap<String, String>> {
+        let column = match language {
+            "de" => Some(1),
+            "en" => Some(2),
+            _ => None,
+        };
+        let builtin = column.map(|c| {
+            LANE_TEXTS
+                .iter()
+                .map(move |t| (t.0.to_string(), if c == 1 { t.1 } else { t.2 }.to_string()))
+        });
+        let given = self.texts.get(language);
+        if builtin.is_none() && given.is_none() {
+            return None;
+        }
+        let mut texts: BTreeMap<String, String> = builtin.into_iter().flatten().collect();
+        if let Some(given) = given {
+            texts.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Some(texts)
+    }
+
+    /// Every language a display can be shown in.
+    pub fn languages(&self) -> Vec<String> {
+        let mut all: Vec<String> = ["de", "en"].iter().map(|s| s.to_string()).collect();
+        all.extend(self.texts.keys().cloned());
+        all.sort();
+        all.dedup();
+        all
     }
 }
 
@@ -502,8 +764,14 @@ fn default_storage_path() -> PathBuf {
 fn default_max_outbox_bytes() -> u64 {
     2 * 1024 * 1024 * 1024
 }
+fn default_min_free_bytes() -> u64 {
+    64 * 1024 * 1024
+}
 fn default_cache_bytes() -> u64 {
-    16 * 1024 * 1024
+    // sled counts its cache in on-disk bytes and holds several times that in memory: at 16 MiB
+    // the agent's RSS grew by 30 % over a 30-minute soak and still rose; at 4 MiB it stays flat
+    // (BENCHMARKS.md, issue 9), still far above any store's transaction rate.
+    4 * 1024 * 1024
 }
 fn default_max_deadletter_bytes() -> u64 {
     64 * 1024 * 1024
@@ -526,6 +794,24 @@ fn default_data_bits() -> u8 {
 fn default_stop_bits() -> u8 {
     1
 }
+fn default_true() -> bool {
+    true
+}
+fn default_live_after_s() -> u64 {
+    30
+}
+fn default_backfill_after_s() -> u64 {
+    600
+}
+fn default_mqtt_down_after_s() -> u64 {
+    300
+}
+fn default_batch_events() -> usize {
+    500
+}
+fn default_batch_bytes() -> usize {
+    1 << 20
+}
 fn default_keep_alive_s() -> u64 {
     30
 }
@@ -533,7 +819,11 @@ fn default_inflight() -> u16 {
     100
 }
 fn default_cashier_bind() -> String {
-    "0.0.0.0:8080".into()
+    // Loopback unless the config says otherwise: anything wider needs an admin token.
+    "127.0.0.1:8080".into()
+}
+fn default_language() -> String {
+    "de".into()
 }
 
 /// One thing wrong with a config file, at one key.
@@ -675,10 +965,17 @@ impl Config {
                 resolve(f);
             }
         }
-        if let Some(https) = &mut self.central.https
-            && let Some(f) = &mut https.ca_file
-        {
-            resolve(f);
+        if let Some(https) = &mut self.central.https {
+            for f in [
+                &mut https.ca_file,
+                &mut https.cert_file,
+                &mut https.key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(f);
+            }
         }
         if let Some(replay) = &mut self.presence.replay {
             resolve(&mut replay.file);
@@ -765,7 +1062,11 @@ impl Config {
             v.problem("storage.max_seen_ids", "too small; use at least 1000");
         }
 
+        if let Some(bind) = env.var("STORELINK_CASHIER_BIND").filter(|b| !b.is_empty()) {
+            self.cashier.bind = bind;
+        }
         let cashier_bind = v.bind("cashier.bind", &self.cashier.bind);
+        self.validate_cashier(&mut v, cashier_bind, env);
         let mut binds: Vec<(SocketAddr, String)> = cashier_bind
             .map(|a| vec![(a, "cashier.bind".to_string())])
             .unwrap_or_default();
@@ -912,18 +1213,60 @@ impl Config {
                         "must be non-empty, must not end with '/' and must not contain '+', '#' or NUL",
                     );
                 }
-                for (key, file) in [
-                    ("central.mqtt.ca_file", &mqtt.ca_file),
-                    ("central.mqtt.cert_file", &mqtt.cert_file),
-                    ("central.mqtt.key_file", &mqtt.key_file),
-                ] {
-                    if file.is_some() {
-                        v.problem(
-                            key,
-                            "TLS settings need an mqtts:// url, which this version does not support yet",
-                        );
+                let endpoint = MqttEndpoint::parse(&mqtt.url).ok();
+                if endpoint.as_ref().is_some_and(|e| !e.scheme.tls()) {
+                    for (key, file) in [
+                        ("central.mqtt.ca_file", &mqtt.ca_file),
+                        ("central.mqtt.cert_file", &mqtt.cert_file),
+                        ("central.mqtt.key_file", &mqtt.key_file),
+                    ] {
+                        if file.is_some() {
+                            v.problem(key, "TLS settings need an mqtts:// or wss:// url");
+                        }
                     }
                 }
+                v.tls_files(
+                    "central.mqtt",
+                    &mqtt.ca_file,
+                    &mqtt.cert_file,
+                    &mqtt.key_file,
+                );
+                mqtt.resolved_proxy = match (&mqtt.proxy, &endpoint) {
+                    (Some(url), _) => match ProxyUrl::parse(url) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            v.problem("central.mqtt.proxy", e);
+                            None
+                        }
+                    },
+                    (None, Some(endpoint)) if endpoint.scheme.websocket() => {
+                        let names: &[&str] = if endpoint.scheme.tls() {
+                            &["HTTPS_PROXY", "https_proxy"]
+                        } else {
+                            &["HTTP_PROXY", "http_proxy"]
+                        };
+                        let exempt = ["NO_PROXY", "no_proxy"]
+                            .iter()
+                            .filter_map(|n| env.var(n))
+                            .any(|np| no_proxy_matches(&np, &endpoint.host));
+                        match names.iter().find_map(|n| env.var(n).map(|u| (*n, u))) {
+                            Some((name, url)) if !exempt && !url.is_empty() => {
+                                match ProxyUrl::parse(&url) {
+                                    Ok(p) => Some(p),
+                                    Err(e) => {
+                                        v.problem(
+                                            "central.mqtt.proxy",
+                                            format!("from the environment variable {name}: {e}"),
+                                        );
+                                        None
+                                    }
+                                }
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
                 if mqtt.keep_alive_s < 5 || mqtt.keep_alive_s > 3600 {
                     v.problem(
                         "central.mqtt.keep_alive_s",
@@ -953,19 +1296,58 @@ impl Config {
                 );
             }
             https.token = v.secret("central.https.token_env", &https.token_env, env);
-            if let Some(ca) = &https.ca_file {
-                match std::fs::read_to_string(ca) {
-                    Err(e) => v.problem(
-                        "central.https.ca_file",
-                        format!("cannot read {}: {e}", ca.display()),
-                    ),
-                    Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => v.problem(
-                        "central.https.ca_file",
-                        format!("{} holds no PEM certificate", ca.display()),
-                    ),
-                    Ok(_) => {}
+            v.tls_files(
+                "central.https",
+                &https.ca_file,
+                &https.cert_file,
+                &https.key_file,
+            );
+            let mut range = |key: &str, value: u64, lo: u64, hi: u64| {
+                if !(lo..=hi).contains(&value) {
+                    v.problem(
+                        format!("central.https.{key}"),
+                        format!("{value} is out of range {lo}-{hi}"),
+                    );
                 }
+            };
+            range("backfill_after_s", https.backfill_after_s, 10, 30 * 86_400);
+            range("mqtt_down_after_s", https.mqtt_down_after_s, 5, 30 * 86_400);
+            range("batch_events", https.batch_events as u64, 1, 10_000);
+            range("batch_bytes", https.batch_bytes as u64, 4096, 64 << 20);
+        }
+        let ttl = &self.storage.ttl_s;
+        for (name, value) in [
+            ("transaction", ttl.transaction),
+            ("redemption", ttl.redemption),
+        ] {
+            if value.is_some() {
+                v.problem(
+                    format!("storage.ttl_s.{name}"),
+                    "has no TTL: these events are kept until central acknowledges them",
+                );
             }
+        }
+        for (name, value) in [
+            ("presence", ttl.presence),
+            ("offer", ttl.offer),
+            ("status", ttl.status),
+            ("deadletter", ttl.deadletter),
+        ] {
+            if let Some(s) = value
+                && s != 0
+                && !(60..=365 * 86_400).contains(&s)
+            {
+                v.problem(
+                    format!("storage.ttl_s.{name}"),
+                    format!("{s} is out of range: 0 (no TTL) or 60-31536000"),
+                );
+            }
+        }
+        if !(5..=86_400).contains(&self.central.live_after_s) {
+            v.problem(
+                "central.live_after_s",
+                format!("{} is out of range 5-86400", self.central.live_after_s),
+            );
         }
 
         v.problems
@@ -973,6 +1355,83 @@ impl Config {
 }
 
 impl Config {
+    fn validate_cashier(&mut self, v: &mut Validator, bind: Option<SocketAddr>, env: &dyn Env) {
+        let c = &mut self.cashier;
+        c.admin_token = v.secret("cashier.admin_token_env", &c.admin_token_env, env);
+        c.lane_secret = v.secret("cashier.lane_secret_env", &c.lane_secret_env, env);
+        if let Some(addr) = bind
+            && !addr.ip().is_loopback()
+            && c.admin_token_env.is_none()
+        {
+            v.problem(
+                "cashier.admin_token_env",
+                format!(
+                    "required when cashier.bind ({addr}) is not a loopback address: name the environment variable that holds the admin token, or bind to 127.0.0.1"
+                ),
+            );
+        }
+        if let Some(token) = &c.admin_token
+            && token.expose().len() < 16
+        {
+            v.problem(
+                "cashier.admin_token_env",
+                "the admin token is shorter than 16 characters",
+            );
+        }
+        if let Some(secret) = &c.lane_secret
+            && secret.expose().len() < 16
+        {
+            v.problem(
+                "cashier.lane_secret_env",
+                "the lane secret is shorter than 16 characters",
+            );
+        }
+        let known: HashSet<&str> = LANE_TEXTS.iter().map(|(k, _, _)| *k).collect();
+        for (language, texts) in &c.texts {
+            for key in texts.keys() {
+                if !known.contains(key.as_str()) {
+                    v.problem(
+                        format!("cashier.texts.{language}.{key}"),
+                        format!(
+                            "not a display text; known: {}",
+                            LANE_TEXTS
+                                .iter()
+                                .map(|(k, _, _)| *k)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+            }
+            if !["de", "en"].contains(&language.as_str()) {
+                let missing: Vec<&str> = LANE_TEXTS
+                    .iter()
+                    .map(|(k, _, _)| *k)
+                    .filter(|k| !texts.contains_key(*k))
+                    .collect();
+                if !missing.is_empty() {
+                    v.problem(
+                        format!("cashier.texts.{language}"),
+                        format!(
+                            "a new language needs every text; missing: {}",
+                            missing.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if c.texts_for(&c.language).is_none() {
+            v.problem(
+                "cashier.language",
+                format!(
+                    "{:?} has no texts; use one of {}",
+                    c.language,
+                    c.languages().join(", ")
+                ),
+            );
+        }
+    }
+
     fn validate_profiles(&self, v: &mut Validator) {
         let p = &self.profiles;
         let mut range = |key: &str, value: f64, lo: f64, hi: f64| {
@@ -1287,6 +1746,37 @@ impl Validator {
         }
     }
 
+    /// Reads the PEM files a TLS client will load, so a bad file stops the start with its key.
+    fn tls_files(
+        &mut self,
+        section: &str,
+        ca: &Option<PathBuf>,
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+    ) {
+        if let Some(ca) = ca
+            && let Err(e) = crate::tls::read_certs(ca)
+        {
+            self.problem(format!("{section}.ca_file"), e);
+        }
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::tls::read_identity(cert, key) {
+                    self.problem(format!("{section}.{}", e.key), e.message);
+                }
+            }
+            (Some(_), None) => self.problem(
+                format!("{section}.key_file"),
+                "a client certificate needs its key (cert_file and key_file go together)",
+            ),
+            (None, Some(_)) => self.problem(
+                format!("{section}.cert_file"),
+                "a client key needs its certificate (cert_file and key_file go together)",
+            ),
+            (None, None) => {}
+        }
+    }
+
     fn secret(&mut self, key: &str, name: &Option<String>, env: &dyn Env) -> Option<Secret> {
         let name = name.as_ref()?;
         match env.var(name) {
@@ -1317,39 +1807,106 @@ pub fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port as u16))
 }
 
+/// How the MQTT connection is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttScheme {
+    /// `mqtt://`: plain TCP, default port 1883.
+    Mqtt,
+    /// `mqtts://`: TLS, default port 8883.
+    Mqtts,
+    /// `ws://`: WebSocket, default port 80.
+    Ws,
+    /// `wss://`: WebSocket over TLS, default port 443, for stores whose firewall passes only 443.
+    Wss,
+}
+
+impl MqttScheme {
+    pub fn tls(self) -> bool {
+        matches!(self, MqttScheme::Mqtts | MqttScheme::Wss)
+    }
+
+    pub fn websocket(self) -> bool {
+        matches!(self, MqttScheme::Ws | MqttScheme::Wss)
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            MqttScheme::Mqtt => "mqtt://",
+            MqttScheme::Mqtts => "mqtts://",
+            MqttScheme::Ws => "ws://",
+            MqttScheme::Wss => "wss://",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            MqttScheme::Mqtt => 1883,
+            MqttScheme::Mqtts => 8883,
+            MqttScheme::Ws => 80,
+            MqttScheme::Wss => 443,
+        }
+    }
+}
+
 /// Where the MQTT uplink connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttEndpoint {
+    pub scheme: MqttScheme,
     pub host: String,
     pub port: u16,
+    /// The WebSocket path (`/mqtt` unless the url names one); empty for TCP schemes.
+    pub path: String,
 }
 
 impl MqttEndpoint {
     pub fn parse(url: &str) -> Result<MqttEndpoint, String> {
-        let Some(rest) = url.strip_prefix("mqtt://") else {
-            if url.starts_with("mqtts://") || url.starts_with("wss://") {
+        let schemes = [
+            MqttScheme::Mqtt,
+            MqttScheme::Mqtts,
+            MqttScheme::Ws,
+            MqttScheme::Wss,
+        ];
+        let Some((scheme, rest)) = schemes
+            .into_iter()
+            .find_map(|s| url.strip_prefix(s.prefix()).map(|rest| (s, rest)))
+        else {
+            return Err(format!(
+                "{url:?} must start with mqtt://, mqtts://, ws:// or wss://"
+            ));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let path = if scheme.websocket() {
+            if path.is_empty() || path == "/" {
+                "/mqtt".to_string()
+            } else {
+                path.to_string()
+            }
+        } else {
+            if !path.trim_end_matches('/').is_empty() {
                 return Err(format!(
-                    "{url:?}: TLS and WebSocket transports are not supported by this version yet; use mqtt://"
+                    "{url:?}: a path ({path:?}) only makes sense for ws:// and wss://"
                 ));
             }
-            return Err(format!("{url:?} must start with mqtt://"));
+            String::new()
         };
-        let rest = rest.trim_end_matches('/');
         // IPv6 literals are bracketed: [::1] or [::1]:1884.
-        let (host, port) = match rest.strip_prefix('[') {
+        let (host, port) = match authority.strip_prefix('[') {
             Some(v6) => {
                 let (host, after) = v6
                     .split_once(']')
                     .ok_or_else(|| format!("{url:?}: unclosed '[' in the host"))?;
                 (host, after.strip_prefix(':'))
             }
-            None => match rest.rsplit_once(':') {
+            None => match authority.rsplit_once(':') {
                 Some((host, port)) => (host, Some(port)),
-                None => (rest, None),
+                None => (authority, None),
             },
         };
         let port = match port {
-            None => 1883,
+            None => scheme.default_port(),
             Some(port) => {
                 let port: u64 = port
                     .parse()
@@ -1364,9 +1921,37 @@ impl MqttEndpoint {
             return Err(format!("{url:?}: {host:?} is not a host name"));
         }
         Ok(MqttEndpoint {
+            scheme,
             host: host.to_string(),
             port,
+            path,
         })
+    }
+
+    /// `host:port`, with IPv6 literals bracketed.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The url as rumqttc's WebSocket transport wants it (scheme, authority and path).
+    pub fn websocket_url(&self) -> String {
+        format!("{}{}{}", self.scheme.prefix(), self.authority(), self.path)
+    }
+}
+
+impl std::fmt::Display for MqttEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}{}",
+            self.scheme.prefix(),
+            self.authority(),
+            self.path
+        )
     }
 }
 
@@ -1586,7 +2171,7 @@ url = "mqtt://127.0.0.1:1883"
         assert_eq!(c.store.currency, "EUR");
         assert_eq!(c.storage.path, PathBuf::from("/var/lib/storelink"));
         assert_eq!(c.storage.max_outbox_bytes, 2_147_483_648);
-        assert_eq!(c.cashier.bind, "0.0.0.0:8080");
+        assert_eq!(c.cashier.bind, "127.0.0.1:8080");
         assert_eq!(c.topic_prefix(), "storelink/v1/acme");
         assert_eq!(c.mqtt_client_id(), "storelink-acme-s042");
     }
@@ -1730,15 +2315,77 @@ url = "mqtt://127.0.0.1:1883"
         assert_eq!(
             MqttEndpoint::parse("mqtt://broker.local").unwrap(),
             MqttEndpoint {
+                scheme: MqttScheme::Mqtt,
                 host: "broker.local".into(),
-                port: 1883
+                port: 1883,
+                path: String::new(),
             }
         );
+        let tls = MqttEndpoint::parse("mqtts://broker.local").unwrap();
+        assert_eq!((tls.scheme, tls.port), (MqttScheme::Mqtts, 8883));
+        let ws = MqttEndpoint::parse("wss://central.example").unwrap();
+        assert_eq!((ws.port, ws.path.as_str()), (443, "/mqtt"));
+        assert_eq!(ws.websocket_url(), "wss://central.example:443/mqtt");
+        let ws = MqttEndpoint::parse("ws://[::1]:8080/x/mqtt").unwrap();
+        assert_eq!(ws.websocket_url(), "ws://[::1]:8080/x/mqtt");
+        assert!(MqttEndpoint::parse("mqtts://host:8883/path").is_err());
         assert_eq!(
             MqttEndpoint::parse("mqtt://[::1]:1884").unwrap().host,
             "::1"
         );
         assert!(MqttEndpoint::parse("http://x").is_err());
         assert!(MqttEndpoint::parse("mqtt://:1883").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn endpoint_urls_never_panic_and_valid_ones_round_trip(url in "(mqtts?|wss?|http)://[a-z0-9.:\\[\\]/@]{0,30}") {
+            if let Ok(e) = MqttEndpoint::parse(&url) {
+                let again = MqttEndpoint::parse(&e.to_string()).unwrap();
+                proptest::prop_assert_eq!(again, e);
+            }
+        }
+
+        #[test]
+        fn proxy_urls_never_panic(url in "\\PC{0,40}") {
+            if let Ok(p) = ProxyUrl::parse(&url) {
+                proptest::prop_assert!(!p.host.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn proxies_come_from_config_or_environment_and_no_proxy_exempts() {
+        let with = |url: &str, env: &[(&str, &str)]| {
+            let text = MINIMAL.replace(
+                "url = \"mqtt://127.0.0.1:1883\"",
+                &format!("url = \"{url}\""),
+            );
+            let env: std::collections::HashMap<String, String> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::parse(&text, "t.toml", &env)
+        };
+        let proxy = |c: Config| c.central.mqtt.unwrap().resolved_proxy;
+        let env = [("HTTPS_PROXY", "http://user:pw@proxy.lan:3128")];
+        let p = proxy(with("wss://central.example/mqtt", &env).unwrap()).unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.lan", 3128));
+        assert_eq!(p.username.as_deref(), Some("user"));
+        assert!(
+            !format!("{p:?}").contains("pw"),
+            "the password stays out of logs"
+        );
+        assert_eq!(proxy(with("mqtts://central.example", &env).unwrap()), None);
+        let exempt = [env[0], ("NO_PROXY", ".example")];
+        assert_eq!(proxy(with("wss://central.example", &exempt).unwrap()), None);
+        let bad = with("wss://central.example", &[("HTTPS_PROXY", "socks5://x:1")]).unwrap_err();
+        assert!(bad.to_string().contains("central.mqtt.proxy"), "{bad}");
+        let e = with(
+            "mqtt://central.example\"\nca_file = \"/nonexistent.pem",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("central.mqtt.ca_file"), "{e}");
     }
 }

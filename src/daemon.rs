@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::cashier::api::{self, AgentInfo, ApiState};
+use crate::cashier::auth::{AdminAuth, LaneAuth};
+use crate::cashier::lane::LaneState;
 use crate::clock::SharedClock;
 use crate::config::{Config, PresenceSource, parse_socket_addr};
 use crate::deadletter::DeadLetters;
@@ -80,16 +82,19 @@ pub async fn start(
         let options = StoreOptions {
             cache_bytes: config.storage.cache_bytes,
         };
-        tokio::task::spawn_blocking(move || Store::open(&path, &options))
+        let now = clock.now();
+        tokio::task::spawn_blocking(move || Store::open_or_quarantine(&path, &options, now))
             .await
             .map_err(|e| DaemonError::Setup(format!("opening the store: {e}")))??
     };
+    let (store, quarantined) = store;
     let outbox = Arc::new(Outbox::open(
         &store,
         Limits {
             max_bytes: config.storage.max_outbox_bytes,
             seen_retention: Duration::from_secs(config.storage.seen_retention_days * 86_400),
             max_seen: config.storage.max_seen_ids,
+            ttl: stream_ttls(&config.storage.ttl_s),
         },
         clock.clone(),
     )?);
@@ -105,6 +110,9 @@ pub async fn start(
 
     let board = StatusBoard::new(clock.clone());
     let supervisor = Supervisor::new(token.clone(), board.clone());
+    if let Some(q) = &quarantined {
+        report_quarantine(q, &config, &board, &deadletters, &outbox, &store, &clock).await?;
+    }
 
     let (ingest, rx) = engine::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -119,7 +127,8 @@ pub async fn start(
         profiles.clone(),
         config.store.id.clone(),
     )
-    .with_offers(offer_ledger.clone(), completed_tx);
+    .with_offers(offer_ledger.clone(), completed_tx)
+    .with_reserve(config.storage.min_free_bytes);
     let offers = Offers::open(
         live::Settings {
             store_id: config.store.id.clone(),
@@ -169,7 +178,7 @@ pub async fn start(
     };
     if let Some(https) = &config.central.https {
         let syncer = Syncer {
-            client: sync::client(https.ca_file.as_deref())
+            client: sync::client(&https.tls_files())
                 .map_err(|e| DaemonError::Setup(format!("central.https: {e}")))?,
             base_url: https.base_url.clone(),
             store_id: config.store.id.clone(),
@@ -217,7 +226,45 @@ pub async fn start(
             )
         });
     }
-    if let Some(mut settings) = MqttSettings::from_config(&config) {
+    let paths = Arc::new(crate::uplink::PathState::default());
+    if let Some(settings) =
+        crate::uplink::https::HttpsSettings::from_config(&config).map_err(DaemonError::Setup)?
+    {
+        let uplink = Arc::new(crate::uplink::https::HttpsUplink {
+            settings,
+            outbox: outbox.clone(),
+            deadletters: deadletters.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            paths: paths.clone(),
+        });
+        let token = token.clone();
+        supervisor.spawn("uplink.https", move |component| {
+            let (uplink, token) = (uplink.clone(), token.clone());
+            async move { uplink.run(component, token).await }
+        });
+    }
+    {
+        // TTLs and the oldest-age gauges move with time, not with traffic.
+        let (outbox, token) = (outbox.clone(), token.clone());
+        supervisor.spawn("outbox.expiry", move |component| {
+            let (outbox, token) = (outbox.clone(), token.clone());
+            async move {
+                component.running(None);
+                loop {
+                    let outbox2 = outbox.clone();
+                    tokio::task::spawn_blocking(move || outbox2.expire())
+                        .await
+                        .map_err(|e| DaemonError::Setup(format!("outbox expiry: {e}")))??;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                        _ = token.cancelled() => return Ok::<(), DaemonError>(()),
+                    }
+                }
+            }
+        });
+    }
+    if let Some(mut settings) = MqttSettings::from_config(&config).map_err(DaemonError::Setup)? {
         let (down_tx, down_rx) = tokio::sync::mpsc::channel(DOWNLINK_CHANNEL);
         settings.downlink = Some(down_tx);
         let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
@@ -245,11 +292,13 @@ pub async fn start(
         let outbox = outbox.clone();
         let clock = clock.clone();
         let token = token.clone();
+        let paths = paths.clone();
         supervisor.spawn("uplink.mqtt", move |component| {
             mqtt::run(
                 settings.clone(),
                 outbox.clone(),
                 clock.clone(),
+                paths.clone(),
                 component,
                 token.clone(),
             )
@@ -258,8 +307,9 @@ pub async fn start(
 
     let mut http_registers = std::collections::BTreeMap::new();
     for register in &config.registers {
-        let ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
+        let mut ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
             .map_err(DaemonError::Setup)?;
+        ctx.live = Some(offers.clone());
         if register.transport == crate::config::Transport::Http {
             http_registers.insert(register.name.clone(), ctx.clone());
         }
@@ -270,6 +320,12 @@ pub async fn start(
         });
     }
     let presence = start_presence(&config, &store, &profiles, &supervisor, &ingest, &clock)?;
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let (ingest, token) = (ingest.clone(), token.clone());
+        supervisor.spawn("watchdog", move |component| {
+            watchdog(ingest.clone(), period, component, token.clone())
+        });
+    }
     drop(ingest);
     {
         let (offers, token, presence) = (offers.clone(), token.clone(), presence.clone());
@@ -287,6 +343,13 @@ pub async fn start(
             store: config.store.id.clone(),
             tenant: config.store.tenant.clone(),
             started_at: clock.now(),
+            topic_prefix: config.topic_prefix(),
+            central_mqtt: config
+                .central
+                .mqtt
+                .as_ref()
+                .map(|m| without_credentials(&m.url)),
+            registers: config.registers.iter().map(api::RegisterInfo::of).collect(),
         },
         board: board.clone(),
         outbox: outbox.clone(),
@@ -299,6 +362,23 @@ pub async fn start(
         tz: config.time_zone(),
         kpi: config.profiles.kpi.clone(),
         offers: offers.clone(),
+        admin: AdminAuth::new(config.cashier.admin_token.as_ref()),
+        lanes: LaneState {
+            offers: offers.clone(),
+            auth: LaneAuth::open(config.cashier.lane_secret.as_ref(), &store)?,
+            store: config.store.id.clone(),
+            texts: Arc::new(
+                config
+                    .cashier
+                    .languages()
+                    .into_iter()
+                    .filter_map(|l| Some((l.clone(), config.cashier.texts_for(&l)?)))
+                    .collect(),
+            ),
+            language: config.cashier.language.clone(),
+            token: token.clone(),
+        },
+        known_lanes: Arc::new(known_lanes(&config)),
     };
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {
@@ -324,6 +404,13 @@ pub async fn start(
         tracing::error!(bind = %api_bind, "the local API is not listening yet; see status for why");
     }
     ready.store(true, Ordering::SeqCst);
+    // No-op outside systemd (no NOTIFY_SOCKET).
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("store {} open, sources started", config.store.id)),
+    ]) {
+        tracing::warn!(error = %e, "could not tell systemd the agent is ready");
+    }
 
     Ok(Agent {
         config,
@@ -337,6 +424,58 @@ pub async fn start(
         offers,
         supervisor,
     })
+}
+
+/// Pings systemd's watchdog at a third of its period, and only while the core loop answers a
+/// probe: a wedged engine (a stuck disk, a deadlock) stops the pings and systemd restarts the
+/// agent, where a timer alone would keep a dead agent looking alive.
+async fn watchdog(
+    ingest: engine::IngestHandle,
+    period: Duration,
+    component: crate::supervisor::Component,
+    token: CancellationToken,
+) -> Result<(), DaemonError> {
+    let every = period / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = token.cancelled() => return Ok(()),
+        }
+        match tokio::time::timeout(every, ingest.probe()).await {
+            Ok(Ok(())) => {
+                if component.state() != Some(crate::supervisor::ComponentState::Running) {
+                    component.running(Some(format!(
+                        "systemd watchdog every {}s",
+                        period.as_secs()
+                    )));
+                }
+                if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+                    tracing::warn!(error = %e, "could not ping the systemd watchdog");
+                }
+            }
+            Ok(Err(_)) => return Ok(()),
+            Err(_) => {
+                component.degraded("the core loop did not answer; withholding the watchdog ping");
+                tracing::error!(
+                    waited_ms = every.as_millis() as u64,
+                    "the core loop did not answer; systemd will restart the agent if this lasts"
+                );
+            }
+        }
+    }
+}
+
+/// Lanes the config names: registers' lanes and presence zones' lanes.
+pub fn known_lanes(config: &Config) -> Vec<String> {
+    let mut lanes: Vec<String> = config
+        .registers
+        .iter()
+        .filter_map(|r| r.lane.clone())
+        .chain(config.presence.zones.iter().filter_map(|z| z.lane.clone()))
+        .collect();
+    lanes.sort();
+    lanes.dedup();
+    lanes
 }
 
 /// Starts the presence pipeline and, when one is configured, its advertisement source.
@@ -402,6 +541,7 @@ impl Agent {
     /// Stops every task (bounded by [`SHUTDOWN_DEADLINE`]) and flushes the store.
     pub async fn shutdown(self) -> Result<(), DaemonError> {
         self.api.ready.store(false, Ordering::SeqCst);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let clean = self.supervisor.shutdown(SHUTDOWN_DEADLINE).await;
         if !clean {
             tracing::warn!(
@@ -448,4 +588,102 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     };
     tracing::info!(signal = name, "shutting down");
     token.cancel();
+}
+
+/// The configured TTLs by outbox stream; 0 means none.
+fn stream_ttls(
+    ttl: &crate::config::StreamTtls,
+) -> [Option<Duration>; crate::uplink::outbox::Stream::ALL.len()] {
+    use crate::uplink::outbox::Stream;
+    let mut out = [None; Stream::ALL.len()];
+    for (stream, secs) in [
+        (Stream::Presence, ttl.presence),
+        (Stream::Offer, ttl.offer),
+        (Stream::Status, ttl.status),
+        (Stream::DeadLetter, ttl.deadletter),
+    ] {
+        out[stream as usize] = secs.filter(|s| *s > 0).map(Duration::from_secs);
+    }
+    out
+}
+
+/// Says loudly that the store was unreadable and replaced: an error in the log, the `storage`
+/// component degraded for as long as this process runs, a metric, and a dead letter that
+/// reaches central (events that were still unsent are in the quarantined copy, not lost
+/// silently).
+async fn report_quarantine(
+    q: &crate::store::Quarantined,
+    config: &Config,
+    board: &StatusBoard,
+    deadletters: &DeadLetters,
+    outbox: &Outbox,
+    store: &Store,
+    clock: &SharedClock,
+) -> Result<(), DaemonError> {
+    let what = format!(
+        "the store was unreadable and was moved to {}; the agent started with a fresh one. Events it still held are in that copy ({})",
+        q.moved_to.display(),
+        q.reason
+    );
+    tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "store quarantined; started with a fresh store");
+    metrics::counter!("storelink_store_quarantined_total").increment(1);
+    board.component("storage").degraded(&what);
+    let now = clock.now();
+    let letter = crate::deadletter::DeadLetter::new(
+        &config.store.id,
+        "storage",
+        &what,
+        now,
+        Vec::new(),
+        0,
+        0,
+    );
+    deadletters.record(std::slice::from_ref(&letter))?;
+    outbox.append(&[crate::uplink::outbox::NewEvent {
+        kind: crate::events::EventKind::DeadLetter,
+        id: letter.id.clone(),
+        payload: crate::events::encode(
+            crate::events::EventKind::DeadLetter,
+            &letter.id,
+            &config.store.id,
+            now,
+            &letter,
+        ),
+    }])?;
+    store.flush().await?;
+    Ok(())
+}
+
+/// A broker URL fit for the status report: any `user:password@` taken out.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let slash = if rest.contains('/') { "/" } else { "" };
+            format!("{scheme}://{host}{slash}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::without_credentials;
+
+    #[test]
+    fn broker_urls_lose_their_credentials_for_the_status_report() {
+        assert_eq!(
+            without_credentials("mqtt://127.0.0.1:1883"),
+            "mqtt://127.0.0.1:1883"
+        );
+        assert_eq!(
+            without_credentials("mqtts://gw:s3cret@broker.example:8883"),
+            "mqtts://broker.example:8883"
+        );
+        assert_eq!(
+            without_credentials("wss://u:p@x.example:443/mqtt"),
+            "wss://x.example:443/mqtt"
+        );
+    }
 }

@@ -172,6 +172,13 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
         phones.len()
     );
     let agent = daemon::start(config, clock.clone(), token.clone()).await?;
+    for lane in daemon::known_lanes(&agent.config) {
+        println!(
+            "  cashier    http://127.0.0.1:{http_port}{}&lang=en   (lane {lane}; open it in a browser)",
+            crate::cashier::lane::display_path(&agent.api.lanes.auth, &lane)
+        );
+    }
+    println!();
     for (i, phone) in phones.iter().enumerate() {
         agent
             .profiles

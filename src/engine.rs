@@ -45,6 +45,9 @@ pub enum Ingest {
     /// An event the core produced (presence, offers, prompts), already encoded. Nothing waits
     /// on it: a refusal under a full outbox is the drop policy at work and is counted there.
     Event { event: Box<NewEvent> },
+    /// Answered once every item queued before it is committed: proof the core loop is alive,
+    /// for the systemd watchdog.
+    Probe { reply: oneshot::Sender<()> },
 }
 
 /// A durable acceptance.
@@ -107,6 +110,16 @@ impl IngestHandle {
             .map_err(|_| IngestError::ShuttingDown)
     }
 
+    /// Resolves when the core loop has worked through everything queued before it.
+    pub async fn probe(&self) -> Result<(), IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Ingest::Probe { reply })
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        rx.await.map_err(|_| IngestError::ShuttingDown)
+    }
+
     async fn send(&self, item: Ingest) {
         if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
             reply_all(item, Err(IngestError::ShuttingDown));
@@ -122,8 +135,26 @@ fn reply_all(item: Ingest, reply: IngestReply) {
         Ingest::DeadLetter { reply: Some(r), .. } => {
             let _ = r.send(reply);
         }
+        Ingest::Probe { reply } => {
+            let _ = reply.send(());
+        }
         Ingest::DeadLetter { reply: None, .. } | Ingest::Event { .. } => {}
     }
+}
+
+/// Takes the probes out of a batch: they write nothing and are answered after it.
+fn take_probes(batch: &mut Vec<Ingest>) -> Vec<oneshot::Sender<()>> {
+    let mut probes = Vec::new();
+    batch.retain_mut(|item| {
+        if let Ingest::Probe { reply } = item {
+            let (dummy, _) = oneshot::channel();
+            probes.push(std::mem::replace(reply, dummy));
+            false
+        } else {
+            true
+        }
+    });
+    probes
 }
 
 /// Creates the ingest channel.
@@ -144,6 +175,8 @@ pub struct Engine {
     offers: Option<OfferLedger>,
     /// Completed loyalty transactions for the `transaction_completed` trigger.
     completed: Option<mpsc::Sender<Completed>>,
+    /// Free space kept on the store's filesystem; see [`Engine::with_reserve`].
+    min_free_bytes: u64,
 }
 
 impl Engine {
@@ -162,6 +195,34 @@ impl Engine {
             store_id,
             offers: None,
             completed: None,
+            min_free_bytes: 0,
+        }
+    }
+
+    /// Refuses batches while the store's filesystem has less than `min_free_bytes` free.
+    /// The database must never meet a full disk mid-write: sled keeps the first I/O error and
+    /// fails everything after it until reopened, so refusing early, with the reason, is what
+    /// keeps the agent answering and lets it resume by itself once space is back.
+    pub fn with_reserve(mut self, min_free_bytes: u64) -> Self {
+        self.min_free_bytes = min_free_bytes;
+        self
+    }
+
+    /// Why the next batch must be refused for lack of space, if it must.
+    fn short_of_space(&self) -> Option<String> {
+        if self.min_free_bytes == 0 {
+            return None;
+        }
+        match self.store.free_bytes() {
+            Ok(free) if free < self.min_free_bytes => Some(format!(
+                "disk nearly full: {:.1} MiB free at {}, {:.1} MiB kept in reserve; free some space (or move storage.path); data is taken again by itself once there is room",
+                free as f64 / 1048576.0,
+                self.store.path().display(),
+                self.min_free_bytes as f64 / 1048576.0
+            )),
+            Ok(_) => None,
+            // Not knowing is no reason to refuse; the write itself will tell.
+            Err(_) => None,
         }
     }
 
@@ -190,20 +251,42 @@ impl Engine {
                     if n == 0 {
                         return Ok(());
                     }
-                    self.commit(std::mem::take(&mut batch), component).await;
+                    self.commit_answering_probes(&mut batch, component).await;
                 }
                 _ = token.cancelled() => break,
             }
         }
         rx.close();
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            self.commit(std::mem::take(&mut batch), component).await;
+            self.commit_answering_probes(&mut batch, component).await;
         }
         Ok(())
     }
 
+    async fn commit_answering_probes(&self, batch: &mut Vec<Ingest>, component: &Component) {
+        let probes = take_probes(batch);
+        if !batch.is_empty() {
+            self.commit(std::mem::take(batch), component).await;
+        }
+        for probe in probes {
+            let _ = probe.send(());
+        }
+    }
+
     /// Writes one batch, flushes once, then replies to every item.
     async fn commit(&self, batch: Vec<Ingest>, component: &Component) {
+        if let Some(why) = self.short_of_space() {
+            if component.state() == Some(crate::supervisor::ComponentState::Running) {
+                tracing::error!(reason = %why, "refusing new data: the storage filesystem is nearly full");
+            }
+            metrics::counter!("storelink_ingest_refused_total", "reason" => "disk_full")
+                .increment(batch.len() as u64);
+            component.degraded(format!("storage: {why}"));
+            for item in batch {
+                reply_all(item, Err(IngestError::Storage(why.clone())));
+            }
+            return;
+        }
         let mut events = Vec::with_capacity(batch.len());
         let mut letters = Vec::new();
         for item in &batch {
@@ -234,6 +317,9 @@ impl Engine {
                     letters.push(letter.as_ref().clone());
                 }
                 Ingest::Event { event } => events.push(event.as_ref().clone()),
+                // Taken out by `commit_answering_probes`: every item here has an event, so
+                // outcomes line up with the batch.
+                Ingest::Probe { .. } => unreachable!("probes never reach commit"),
             }
         }
 
@@ -348,6 +434,9 @@ impl Engine {
                     if outcome == AppendOutcome::Refused {
                         tracing::debug!(kind = event.kind.name(), "outbox full; event not kept");
                     }
+                }
+                Ingest::Probe { reply } => {
+                    let _ = reply.send(());
                 }
                 Ingest::DeadLetter { letter, reply } => {
                     if let Some(reply) = reply {

@@ -22,6 +22,7 @@ pub mod profiles;
 pub mod sim;
 pub mod store;
 pub mod supervisor;
+pub mod tls;
 pub mod uplink;
 
 /// Installs ring as the process's rustls provider. reqwest and rustls are built without a

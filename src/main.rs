@@ -68,6 +68,35 @@ enum Command {
         #[arg(long)]
         http_port: Option<u16>,
     },
+    /// How the running agent is: components, queue depth, last contact with central.
+    /// Exit code 0 healthy, 1 degraded (or still starting), 2 unreachable.
+    Status {
+        /// The agent's local API (`cashier.bind`).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Needed only from another machine; on the gateway itself loopback is trusted.
+        #[arg(long, env = "STORELINK_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the agent's JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_s: u64,
+    },
+    /// The lane display URL (with its token) for every lane the config names: open each on
+    /// that lane's screen.
+    Lanes {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "STORELINK_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Drive a running agent like a busy store (registers, phones, card scans) and check what
+    /// reaches central: sent, acknowledged, delivered, lost (must be 0), duplicates, latency.
+    /// `--smoke` sends a few test transactions and checks they arrive: exit 0 when they all
+    /// did, 1 when something was lost or refused, 2 when the simulator could not start.
+    Sim(SimArgs),
     /// Register tools: record a register's output, replay it, check a format or template.
     #[command(subcommand)]
     Pos(PosCommand),
@@ -80,6 +109,80 @@ enum Command {
     /// Campaigns and offer decisions: explain a decision, campaign statistics, check a set.
     #[command(subcommand)]
     Offers(OffersCommand),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// A few test transactions (marked `test`, no loyalty card), checked to reach central.
+    #[arg(long)]
+    smoke: bool,
+    /// The agent's local API (`cashier.bind`).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    agent: String,
+    /// Needed only from another machine.
+    #[arg(long, env = "STORELINK_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where to read central's feed (plain mqtt://host:port; `none` to watch HTTPS only);
+    /// default the agent's broker.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Also play central's HTTPS batch endpoint on this address (the agent's
+    /// central.https.base_url must point here and trust the certificate).
+    #[arg(long, value_name = "ADDR", requires_all = ["https_cert", "https_key"])]
+    https_listen: Option<String>,
+    /// PEM certificate (chain) for --https-listen.
+    #[arg(long, value_name = "FILE")]
+    https_cert: Option<PathBuf>,
+    /// PEM private key for --https-listen.
+    #[arg(long, value_name = "FILE")]
+    https_key: Option<PathBuf>,
+    /// The broker the room scanners publish to (mqtt://host:port); default the central broker.
+    #[arg(long)]
+    scanner_broker: Option<String>,
+    /// Stand in for serial registers whose device is absent: a pseudo-terminal linked at the
+    /// configured path (never over an existing device).
+    #[arg(long)]
+    serial_pty: bool,
+    /// Transactions per second over all registers (the day's mean with --day-s).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Play a trading day (8:00-20:00, lunch and after-work peaks) compressed into this many
+    /// seconds, over and over; without it the rate is flat.
+    #[arg(long)]
+    day_s: Option<u64>,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 60)]
+    duration_s: u64,
+    /// Loyalty customers with phones in the store (profiles sent down, scanner reports sent).
+    #[arg(long, default_value_t = 0)]
+    phones: usize,
+    /// The ESPresense rooms (the agent's zone scanners), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "entrance,aisle,lane-1,lane-2,lane-3"
+    )]
+    scanners: Vec<String>,
+    /// The topic ESPresense scanners publish under.
+    #[arg(long, default_value = "espresense/devices")]
+    scanner_topic: String,
+    /// The loyalty app's service UUID (`presence.service_uuid`).
+    #[arg(long, default_value = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11")]
+    service_uuid: uuid::Uuid,
+    /// `presence.rotation_s` of the agent.
+    #[arg(long, default_value_t = 900)]
+    rotation_s: u32,
+    /// Card scans at lanes per second (timed until the prompt comes back).
+    #[arg(long, default_value_t = 0.0)]
+    card_scans: f64,
+    /// Seconds to wait after sending for everything to reach central.
+    #[arg(long)]
+    settle_s: Option<u64>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -277,6 +380,14 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
+        Command::Status {
+            url,
+            token,
+            json,
+            timeout_s,
+        } => status(&url, token.as_deref(), json, timeout_s),
+        Command::Lanes { url, token } => lanes(&url, token.as_deref()),
+        Command::Sim(args) => sim(args),
         Command::Pos(command) => pos(command),
         Command::Ble(command) => ble(command),
         Command::Profiles(command) => profiles(command),
@@ -284,13 +395,148 @@ fn main() -> ExitCode {
     }
 }
 
+fn status(url: &str, token: Option<&str>, json: bool, timeout_s: u64) -> ExitCode {
+    use storelink::cashier::report;
+    let value = match api_request(url, "/api/v1/status", &[], token, timeout_s) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("storelink: UNREACHABLE: {e:#}");
+            return ExitCode::from(report::EXIT_UNREACHABLE);
+        }
+    };
+    let (text, code) = report::summarize(&value, jiff::Timestamp::now());
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    } else {
+        out!("{}", text.trim_end());
+    }
+    ExitCode::from(code)
+}
+
+fn lanes(url: &str, token: Option<&str>) -> ExitCode {
+    let base = url.trim_end_matches('/');
+    let answer = api_request(url, "/api/v1/lanes", &[], token, 10);
+    match answer {
+        Ok(v) => {
+            let lanes = v["lanes"].as_array().cloned().unwrap_or_default();
+            if lanes.is_empty() {
+                out!("no lanes in the config (registers' and presence zones' `lane`)");
+            }
+            for l in lanes {
+                out!(
+                    "lane {:6} {base}{}",
+                    l["lane"].as_str().unwrap_or("?"),
+                    l["display"].as_str().unwrap_or("")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("storelink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn sim(args: SimArgs) -> ExitCode {
+    use storelink::sim::drive::{self, SimOptions};
+    let options = SimOptions {
+        agent: args.agent,
+        token: args.token,
+        broker: args.broker,
+        https_listen: args.https_listen,
+        https_cert: args.https_cert,
+        https_key: args.https_key,
+        scanner_broker: args.scanner_broker,
+        serial_pty: args.serial_pty,
+        smoke: args.smoke,
+        rate: args.rate,
+        day: args.day_s.map(std::time::Duration::from_secs),
+        duration: std::time::Duration::from_secs(args.duration_s),
+        phones: args.phones,
+        scanners: args.scanners,
+        scanner_topic: args.scanner_topic,
+        service_uuid: args.service_uuid,
+        rotation_s: args.rotation_s,
+        card_scans: args.card_scans,
+        settle: std::time::Duration::from_secs(args.settle_s.unwrap_or(if args.smoke {
+            30
+        } else {
+            60
+        })),
+        seed: args.seed,
+    };
+    let report = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let token = CancellationToken::new();
+            tokio::spawn(daemon::cancel_on_signal(token.clone()));
+            drive::run(&options, token).await.map_err(|e| e.to_string())
+        })
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("storelink sim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        out!("{}", report.summary().trim_end());
+    }
+    if report.passed() {
+        if report.mode == "smoke" && !args.json {
+            out!(
+                "SMOKE TEST PASSED: {} test transactions reached central",
+                report.delivered
+            );
+        }
+        ExitCode::SUCCESS
+    } else {
+        let what = if report.mode == "smoke" {
+            "SMOKE TEST FAILED"
+        } else {
+            "SIMULATION FAILED"
+        };
+        eprintln!(
+            "{what}: {} of {} acknowledged transactions did not reach central within the settle time; {} refused, {} unanswered. Check the uplink above and `storelink status`.",
+            report.lost, report.acknowledged, report.refused, report.unanswered
+        );
+        ExitCode::from(1)
+    }
+}
+
 /// GETs `path` from the agent's local API and parses the JSON answer.
 fn api_get(url: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    api_request(url, path, query, None, 30)
+}
+
+/// GETs `path` from the agent's local API, with the admin token when given.
+fn api_request(
+    url: &str,
+    path: &str,
+    query: &[(&str, String)],
+    token: Option<&str>,
+    timeout_s: u64,
+) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}{path}", url.trim_end_matches('/'));
     runtime()?.block_on(async {
-        let response = reqwest::Client::new()
+        let mut request = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(timeout_s.max(1)))
+            .build()?
             .get(&url)
-            .query(query)
+            .query(query);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{url}: {e} (is the agent running? --url)"))?;
@@ -764,8 +1010,11 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // Under systemd the journal stamps each line itself and shows no colours.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, journal) {
+        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Json, _) => builder.json().init(),
     }
 }

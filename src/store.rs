@@ -105,6 +105,56 @@ pub enum StoreError {
     Engine { path: PathBuf, detail: String },
 }
 
+impl StoreError {
+    /// The engine could not read what is on disk: a case for quarantine, not for a person.
+    fn is_unreadable(&self) -> bool {
+        match self {
+            StoreError::Corrupt { .. } => true,
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ),
+            StoreError::Engine { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A store that could not be read and was moved aside.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub moved_to: PathBuf,
+    pub reason: String,
+}
+
+/// Moves the unreadable store at `path` aside: the directory is renamed next to itself, or,
+/// when it cannot be (a mount point), its contents go into a subdirectory of it.
+fn quarantine(path: &Path, now: jiff::Timestamp) -> Result<PathBuf, StoreError> {
+    let stamp = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "store".into());
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let sibling = path.with_file_name(format!("{name}.corrupt-{stamp}"));
+    if std::fs::rename(path, &sibling).is_ok() {
+        return Ok(sibling);
+    }
+    let inside = path.join(format!("corrupt-{stamp}"));
+    std::fs::create_dir_all(&inside).map_err(io)?;
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entry.path() == inside || entry.file_name().to_string_lossy().starts_with("corrupt-") {
+            continue;
+        }
+        std::fs::rename(entry.path(), inside.join(entry.file_name())).map_err(io)?;
+    }
+    Ok(inside)
+}
+
 /// Options that tune the engine, not the data.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -114,7 +164,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 16 * 1024 * 1024,
+            cache_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -151,6 +201,35 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store like [`Store::open`], but a store the engine cannot read (corruption,
+    /// an unreadable log, a panic while recovering it) is moved aside and a fresh one started
+    /// in its place, so the agent runs and says so instead of crash-looping at every restart.
+    /// A locked, unwritable, newer or foreign store is still an error: those are for a person.
+    pub fn open_or_quarantine(
+        path: &Path,
+        options: &StoreOptions,
+        now: jiff::Timestamp,
+    ) -> Result<(Store, Option<Quarantined>), StoreError> {
+        let attempt = std::panic::catch_unwind(|| Store::open(path, options));
+        let reason = match attempt {
+            Ok(Ok(store)) => return Ok((store, None)),
+            Ok(Err(e)) if e.is_unreadable() => e.to_string(),
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => format!(
+                "the storage engine crashed reading the store at {}: {}",
+                path.display(),
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            ),
+        };
+        let moved_to = quarantine(path, now)?;
+        let store = Store::open(path, options)?;
+        Ok((store, Some(Quarantined { moved_to, reason })))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -185,6 +264,15 @@ impl Store {
     /// Blocking form of [`Store::flush`], for shutdown paths and tools without a runtime.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(|e| self.error(e))
+    }
+
+    /// Bytes free for this process on the filesystem that holds the store.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        let stat = nix::sys::statvfs::statvfs(&self.path).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        Ok((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64))
     }
 
     /// Bytes the database occupies on disk.
@@ -487,6 +575,52 @@ mod tests {
 
     fn open(dir: &Path) -> Result<Store, StoreError> {
         Store::open(dir, &StoreOptions::default())
+    }
+
+    #[test]
+    fn an_unreadable_store_is_quarantined_and_a_fresh_one_opened() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        {
+            let store = open(&dir).unwrap();
+            let t = store.tree(TreeName::Outbox).unwrap();
+            for i in 0u32..2000 {
+                t.insert(i.to_be_bytes(), vec![7u8; 200]).unwrap();
+            }
+            store.flush_blocking().unwrap();
+        }
+        // Garbage over the whole log and snapshot, as a failing card or a bad copy leaves it.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                let len = std::fs::metadata(&p).unwrap().len() as usize;
+                let junk: Vec<u8> = (0..len.max(64))
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng as u8
+                    })
+                    .collect();
+                std::fs::write(&p, junk).unwrap();
+            }
+        }
+        let now: jiff::Timestamp = "2026-11-23T03:00:00Z".parse().unwrap();
+        let (store, quarantined) =
+            Store::open_or_quarantine(&dir, &StoreOptions::default(), now).unwrap();
+        let q = quarantined.expect("the garbage was noticed");
+        assert_eq!(
+            q.moved_to,
+            parent.path().join("data.corrupt-20261123T030000Z")
+        );
+        assert!(q.moved_to.join("db").exists(), "the broken files are kept");
+        assert!(store.tree(TreeName::Outbox).unwrap().is_empty());
+        drop(store);
+        // A healthy store opens as it is.
+        let (_store, again) =
+            Store::open_or_quarantine(&dir, &StoreOptions::default(), now).unwrap();
+        assert!(again.is_none());
     }
 
     #[test]

@@ -16,7 +16,6 @@ use common::{Central, TestAgent, eventually, free_port, local, start_rumqttd};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use storelink::pos::transaction::{Line, TransactionKind};
-use storelink::profiles::Profile;
 use storelink::sim::SimRegister;
 
 fn campaign_set(version: u64) -> Value {
@@ -40,18 +39,6 @@ fn campaign_set(version: u64) -> Value {
             "attribution_days": 14
         }]
     })
-}
-
-fn gamer() -> Profile {
-    let mut p = Profile::new("c77");
-    p.first_name = Some("Ada".into());
-    p.tier = Some("gold".into());
-    p.points = 420;
-    p.cards = vec!["9990001".into()];
-    p.consents.personalised_offers = true;
-    p.segments = vec!["gamers".into()];
-    p.version = 3;
-    p
 }
 
 fn line(sku: &str, category: &str, amount: i64, cost: Option<i64>) -> Line {
@@ -101,7 +88,10 @@ async fn a_card_scan_gets_the_offer_and_the_purchase_is_attributed() {
         .unwrap();
     let events = Central::subscribe(broker, "storelink/v1/acme/s042/events/#").await;
     let agent = TestAgent::start(broker, &["lane-1"]).await;
-    agent.profiles.upsert_many(vec![gamer()], &[]).unwrap();
+    agent
+        .profiles
+        .upsert_many(vec![common::gamer()], &[])
+        .unwrap();
     eventually(
         "the retained campaign set goes live",
         Duration::from_secs(10),
@@ -314,7 +304,11 @@ async fn campaigns_over_https_use_etags_and_a_bad_body_keeps_the_last_good_set()
     )
     .unwrap();
     let sync = CampaignSync {
-        client: storelink::profiles::sync::client(Some(&ca)).unwrap(),
+        client: storelink::profiles::sync::client(&storelink::tls::TlsFiles {
+            ca_file: Some(&ca),
+            ..Default::default()
+        })
+        .unwrap(),
         base_url: central.base_url(),
         store_id: "s042".into(),
         token: None,

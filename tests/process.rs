@@ -3,52 +3,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{AgentProcess as Agent, write_config};
 use common::*;
 use jiff::Timestamp;
 use storelink::sim::{JsonlClient, SimRegister};
-
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn spawn(config: &std::path::Path) -> Agent {
-        let child = Command::new(binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn,rumqttd=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Agent { child }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id() as i32)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
-    let path = dir.join("storelink.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_transactions_survive_sigkill_and_arrive_after_restart() {
@@ -157,10 +118,24 @@ async fn sigterm_shuts_down_gracefully_within_five_seconds() {
     assert!(std::net::TcpStream::connect(local(register_port)).is_err());
 }
 
+/// Checks a config as systemd would run it: with the secrets file the package makes.
 fn check_config(path: &std::path::Path) -> (i32, String) {
+    check_config_with(
+        path,
+        &[
+            ("STORELINK_ADMIN_TOKEN", "an-admin-token-for-tests"),
+            ("STORELINK_LANE_SECRET", "a-lane-secret-for-tests"),
+        ],
+    )
+}
+
+fn check_config_with(path: &std::path::Path, env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(binary())
         .arg("check-config")
         .arg(path)
+        .env_remove("STORELINK_ADMIN_TOKEN")
+        .env_remove("STORELINK_LANE_SECRET")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -174,6 +149,22 @@ fn shipped_example_config_is_valid() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storelink.toml");
     let (code, stderr) = check_config(&example);
     assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_missing_admin_token_exits_2_and_names_its_key() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/storelink.toml");
+    let (code, stderr) = check_config_with(
+        &example,
+        &[("STORELINK_LANE_SECRET", "a-lane-secret-for-tests")],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "cashier.admin_token_env: environment variable STORELINK_ADMIN_TOKEN is not set"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

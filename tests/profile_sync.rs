@@ -49,7 +49,11 @@ fn local() -> Local {
 fn syncer(central: &CentralHttps, local: &Local, ca: Option<&std::path::Path>) -> Syncer {
     let history = storelink::presence::history::History::open(&local.store, 30).unwrap();
     Syncer {
-        client: sync::client(ca).unwrap(),
+        client: sync::client(&storelink::tls::TlsFiles {
+            ca_file: ca,
+            ..Default::default()
+        })
+        .unwrap(),
         base_url: central.base_url() + "/",
         store_id: "s042".into(),
         token: Some(Secret::new("s3cret")),

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -27,13 +25,8 @@ fn transactions(register: &str, n: i64, seed: u64) -> Vec<Transaction> {
         .collect()
 }
 
-/// A pseudo-terminal standing in for a USB-serial adapter: `path` is a symlink, as udev makes
-/// `/dev/serial/by-id/…`; unplugging closes the pty, plugging in makes a new one.
-struct FakeSerial {
-    path: PathBuf,
-    master: Option<std::fs::File>,
-    slave: Option<OwnedFd>,
-}
+/// A pseudo-terminal standing in for a USB-serial adapter (the simulator's).
+struct FakeSerial(storelink::sim::serial::PtyLine);
 
 impl FakeSerial {
     fn new(dir: &Path) -> FakeSerial {
@@ -41,42 +34,19 @@ impl FakeSerial {
     }
 
     fn named(dir: &Path, name: &str) -> FakeSerial {
-        let mut s = FakeSerial {
-            path: dir.join(name),
-            master: None,
-            slave: None,
-        };
-        s.plug_in();
-        s
+        FakeSerial(storelink::sim::serial::PtyLine::plug_in_at(&dir.join(name)).unwrap())
     }
 
     fn plug_in(&mut self) {
-        let pty = nix::pty::openpty(None, None).unwrap();
-        // Raw mode before the agent opens it: no echo, no CR/LF translation, no line buffering.
-        let mut t = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
-        nix::sys::termios::cfmakeraw(&mut t);
-        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t).unwrap();
-        let name = nix::unistd::ttyname(&pty.slave).unwrap();
-        let _ = std::fs::remove_file(&self.path);
-        std::os::unix::fs::symlink(name, &self.path).unwrap();
-        self.master = Some(std::fs::File::from(pty.master));
-        self.slave = Some(pty.slave);
+        self.0.plug_in().unwrap();
     }
 
     fn unplug(&mut self) {
-        self.master = None;
-        self.slave = None;
-        let _ = std::fs::remove_file(&self.path);
+        self.0.unplug();
     }
 
-    /// Writes like a 9600-baud line: small pieces with gaps.
     async fn send(&mut self, bytes: &[u8]) {
-        for piece in bytes.chunks(96) {
-            let m = self.master.as_mut().unwrap();
-            m.write_all(piece).unwrap();
-            m.flush().unwrap();
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.0.send(bytes).await.unwrap();
     }
 }
 
@@ -107,7 +77,7 @@ format = "jsonl"
 framing = {{ kind = "stx-etx", checksum = "xor" }}
 transport = {{ kind = "serial", port = "{}", baud = 9600 }}
 "#,
-        serial.path.display()
+        serial.0.path().display()
     );
     let agent = TestAgent::start_with(broker, &[], &extra).await;
     common::eventually("serial port open", Duration::from_secs(10), || {
@@ -395,7 +365,7 @@ async fn receipt_printer_tap_over_serial_with_noise_and_an_unplug_mid_receipt() 
     let dir = tempfile::tempdir().unwrap();
     let mut serial = FakeSerial::new(dir.path());
     let agent =
-        TestAgent::start_with(broker, &[], &receipt_register("printer-2", &serial.path)).await;
+        TestAgent::start_with(broker, &[], &receipt_register("printer-2", serial.0.path())).await;
     common::eventually("serial port open", Duration::from_secs(10), || {
         agent.board.get("register.printer-2").map(|c| c.state) == Some(ComponentState::Running)
     })
@@ -506,8 +476,8 @@ lane = "3"
 format = "poslog"
 transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{poslog_port}" }}
 {}"#,
-        till.path.display(),
-        receipt_register("printer-2", &printer.path)
+        till.0.path().display(),
+        receipt_register("printer-2", printer.0.path())
     );
     let agent = TestAgent::start_with(broker, &[], &extra).await;
     for r in ["register.till-1", "register.printer-2"] {

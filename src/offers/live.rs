@@ -167,17 +167,17 @@ pub struct Completed {
 
 /// The `data` of `storelink.offer.v1`.
 #[derive(Debug, Serialize)]
-struct OfferData<'a> {
-    store: &'a str,
-    customer_id: &'a str,
-    triggers: Vec<&'static str>,
+pub struct OfferData<'a> {
+    pub store: &'a str,
+    pub customer_id: &'a str,
+    pub triggers: Vec<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    zone: Option<&'a str>,
+    pub zone: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lane: Option<&'a str>,
-    offers: &'a [Chosen],
+    pub lane: Option<&'a str>,
+    pub offers: &'a [Chosen],
     /// Control-group decisions: the offer that would have been shown, and was not.
-    controls: &'a [Control],
+    pub controls: &'a [Control],
 }
 
 /// What `storelink.prompt.v1` says happened to a prompt.
@@ -191,6 +191,17 @@ pub enum PromptAction {
 }
 
 impl PromptAction {
+    /// What a cashier or a POS may report: accepted, dismissed or redeemed (not `shown`,
+    /// which only the agent records).
+    pub fn reported(name: &str) -> Option<PromptAction> {
+        match name {
+            "accepted" => Some(PromptAction::Accepted),
+            "dismissed" => Some(PromptAction::Dismissed),
+            "redeemed" => Some(PromptAction::Redeemed),
+            _ => None,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             PromptAction::Shown => "shown",
@@ -256,6 +267,20 @@ pub enum RegisterEvent {
 }
 
 impl RegisterEvent {
+    /// Names `register` as where the event happened when it names neither register nor lane.
+    pub fn default_register(&mut self, name: &str) {
+        match self {
+            RegisterEvent::CustomerIdentified { register, lane, .. }
+            | RegisterEvent::TransactionStarted { register, lane, .. }
+            | RegisterEvent::BasketUpdated { register, lane, .. }
+            | RegisterEvent::TransactionEnded { register, lane } => {
+                if register.is_none() && lane.is_none() {
+                    *register = Some(name.to_string());
+                }
+            }
+        }
+    }
+
     fn place(&self) -> (Option<&str>, Option<&str>) {
         match self {
             RegisterEvent::CustomerIdentified { register, lane, .. }
@@ -364,6 +389,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct Offers {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Offers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offers").finish_non_exhaustive()
+    }
 }
 
 fn short_hash(parts: &[&[u8]]) -> String {

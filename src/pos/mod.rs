@@ -182,6 +182,9 @@ pub struct RegisterContext {
     pub parser: FrameParser,
     pub clock: SharedClock,
     pub ingest: IngestHandle,
+    /// Live register events (`customer_identified`, …) on a JSON-lines connection go here;
+    /// the reply line carries the effects.
+    pub live: Option<crate::offers::live::Offers>,
 }
 
 impl RegisterContext {
@@ -202,6 +205,7 @@ impl RegisterContext {
             parser: FrameParser::for_register(config, register)?,
             clock,
             ingest,
+            live: None,
         })
     }
 
@@ -212,6 +216,9 @@ impl RegisterContext {
     /// Parses one frame and hands what it holds to the core. The returned [`Pending`]
     /// resolves, once every outcome is durable, to the reply for the register.
     pub async fn submit(&self, frame: Frame) -> Pending {
+        if let Some(event) = self.register_event(&frame) {
+            return Pending::Effects(self.on_register_event(event).await);
+        }
         let (transactions, problems) = match self.parser.parse_frame(&frame, &self.id) {
             Ok(results) => {
                 let mut ok = Vec::new();
@@ -244,6 +251,35 @@ impl RegisterContext {
             Some((reason.clone(), self.dead_letter(frame, reason).await))
         };
         Pending::Frame { accepted, rejected }
+    }
+
+    /// A JSON-lines frame that is a live register event rather than a transaction. Checked
+    /// for the `"type"` key first, so transactions pay one scan and no second parse.
+    fn register_event(&self, frame: &Frame) -> Option<crate::offers::live::RegisterEvent> {
+        self.live.as_ref()?;
+        let Frame::Data(bytes) = frame else {
+            return None;
+        };
+        if self.parser.format != RegisterFormat::Jsonl
+            || !bytes.windows(6).any(|w| w == b"\"type\"")
+        {
+            return None;
+        }
+        serde_json::from_slice(bytes).ok()
+    }
+
+    async fn on_register_event(
+        &self,
+        mut event: crate::offers::live::RegisterEvent,
+    ) -> Result<String, String> {
+        // The connection says which register this is when the event does not.
+        event.default_register(&self.id.register);
+        let offers = self.live.as_ref().ok_or("offers are not running")?;
+        let effects = offers
+            .on_register_event(event)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::to_string(&effects).map_err(|e| e.to_string())
     }
 
     async fn dead_letter(&self, frame: Frame, reason: String) -> oneshot::Receiver<IngestReply> {
@@ -343,12 +379,23 @@ pub enum Pending {
         accepted: Vec<oneshot::Receiver<IngestReply>>,
         rejected: Option<(String, oneshot::Receiver<IngestReply>)>,
     },
+    /// A live register event, already answered: the effects as JSON, or why not.
+    Effects(Result<String, String>),
 }
 
 impl Pending {
     /// Waits until everything from the frame is durable (or refused).
     pub async fn outcome(self) -> FrameOutcome {
-        let Pending::Frame { accepted, rejected } = self;
+        let (accepted, rejected) = match self {
+            Pending::Frame { accepted, rejected } => (accepted, rejected),
+            Pending::Effects(answer) => {
+                return FrameOutcome {
+                    ids: Vec::new(),
+                    refused: answer.err(),
+                    failed: None,
+                };
+            }
+        };
         let mut ids = Vec::with_capacity(accepted.len());
         let mut failures = Vec::new();
         for rx in accepted {
@@ -379,6 +426,9 @@ impl Pending {
     /// durable, otherwise `err <reason>` (what was good is stored all the same, so a resend of
     /// the whole frame is harmless).
     pub async fn reply_line(self) -> String {
+        if let Pending::Effects(Ok(effects)) = &self {
+            return format!("effects {effects}");
+        }
         let outcome = self.outcome().await;
         match outcome.error() {
             None if outcome.ids.is_empty() => "ok".to_string(),

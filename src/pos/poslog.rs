@@ -1471,8 +1471,257 @@ fn parse_time(text: &str, tz: &TimeZone) -> Option<Timestamp> {
     civil.to_zoned(tz.clone()).ok().map(|z| z.timestamp())
 }
 
+/// Writes transactions as POSLog documents: `storelink sim`'s POSLog registers, and the
+/// property test that reads back what it writes in every spelling the reader must accept.
+pub mod writer {
+    use jiff::Timestamp;
+    use jiff::tz::TimeZone;
+    use rust_decimal::Decimal;
+
+    use super::minor_digits;
+    use crate::pos::transaction::{Money, Transaction, TransactionKind};
+
+    /// How element names are spelled.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Naming {
+        Plain,
+        DefaultNamespace,
+        Prefixed(&'static str),
+    }
+
+    /// A transaction and the writer's free choices; none of them may change what is read.
+    #[derive(Debug, Clone)]
+    pub struct Document {
+        pub tx: Transaction,
+        /// Lines are written as `Return` elements (a return, or a voided return).
+        pub returns: bool,
+        pub naming: Naming,
+        pub bare_root: bool,
+        pub civil_times: bool,
+        pub offset_hours: i8,
+        pub omit_total: bool,
+        /// Per line: discount as price modifier or `DiscountAmount`, GTIN typed or not,
+        /// description as CDATA, an unrelated `Tax/Amount` inside the item.
+        pub line_style: Vec<[bool; 4]>,
+        /// Per tender: change handed back, refund by TypeCode.
+        pub tender_style: Vec<(Money, bool)>,
+        pub loyalty_style: usize,
+    }
+
+    fn esc(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&apos;")
+    }
+
+    fn money_text(m: Money, digits: u32) -> String {
+        Decimal::new(m, digits).to_string()
+    }
+
+    /// The POSLog XML for `case`.
+    pub fn write(case: &Document) -> String {
+        let tx = &case.tx;
+        let digits = minor_digits(&tx.currency);
+        let n = |name: &str| match case.naming {
+            Naming::Prefixed(p) => format!("{p}:{name}"),
+            _ => name.to_string(),
+        };
+        let mut x = String::new();
+        let el = |x: &mut String, name: &str, attrs: &str, text: &str| {
+            let name = n(name);
+            x.push_str(&format!("<{name}{attrs}>{text}</{name}>\n"));
+        };
+        let ns = match case.naming {
+            Naming::Plain => String::new(),
+            Naming::DefaultNamespace => {
+                " xmlns=\"http://www.nrf-arts.org/IXRetail/namespace/\"".to_string()
+            }
+            Naming::Prefixed(p) => {
+                format!(" xmlns:{p}=\"http://www.nrf-arts.org/IXRetail/namespace/\"")
+            }
+        };
+        x.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        if !case.bare_root {
+            x.push_str(&format!("<{}{ns}>\n", n("POSLog")));
+        }
+        let training = if tx.test {
+            " TrainingModeFlag=\"true\""
+        } else {
+            ""
+        };
+        let root_ns = if case.bare_root { ns.as_str() } else { "" };
+        x.push_str(&format!("<{}{root_ns}{training}>\n", n("Transaction")));
+        el(&mut x, "RetailStoreID", "", "ignored");
+        if !tx.register.is_empty() {
+            el(&mut x, "WorkstationID", "", &esc(&tx.register));
+        }
+        if let Some(seq) = tx.sequence {
+            el(&mut x, "SequenceNumber", "", &seq.to_string());
+        }
+        el(&mut x, "BusinessDayDate", "", &tx.business_day.to_string());
+        let tz = TimeZone::fixed(jiff::tz::offset(case.offset_hours));
+        let time = |t: Timestamp| {
+            if case.civil_times {
+                t.to_zoned(tz.clone()).datetime().to_string()
+            } else {
+                t.to_string()
+            }
+        };
+        el(&mut x, "BeginDateTime", "", &time(tx.started_at));
+        el(&mut x, "EndDateTime", "", &time(tx.ended_at));
+        if !tx.currency.is_empty() {
+            el(&mut x, "CurrencyCode", "", &tx.currency);
+        }
+        let status = if tx.kind == TransactionKind::Void {
+            " TransactionStatus=\"Voided\""
+        } else {
+            ""
+        };
+        x.push_str(&format!("<{}{status}>\n", n("RetailTransaction")));
+        for (line, style) in tx.lines.iter().zip(&case.line_style) {
+            let void = if line.voided {
+                " VoidFlag=\"true\""
+            } else {
+                ""
+            };
+            x.push_str(&format!("<{}{void}>\n", n("LineItem")));
+            let is_return = case.returns || line.quantity.0.is_sign_negative();
+            let part = if is_return { "Return" } else { "Sale" };
+            x.push_str(&format!("<{}>\n", n(part)));
+            el(&mut x, "ItemID", "", &esc(&line.sku));
+            if let Some(gtin) = &line.gtin {
+                let kind = if style[1] { " POSIDType=\"GTIN\"" } else { "" };
+                let id = format!("<{0}>{gtin}</{0}>", n("POSItemID"));
+                el(&mut x, "POSIdentity", kind, &id);
+            }
+            if let Some(category) = &line.category {
+                el(
+                    &mut x,
+                    "MerchandiseHierarchy",
+                    " Level=\"Department\"",
+                    &esc(category),
+                );
+            }
+            if style[2] {
+                el(
+                    &mut x,
+                    "Description",
+                    "",
+                    &format!("<![CDATA[{}]]>", line.description),
+                );
+            } else {
+                el(&mut x, "Description", "", &esc(&line.description));
+            }
+            el(
+                &mut x,
+                "RegularSalesUnitPrice",
+                "",
+                &money_text(line.unit_price, digits),
+            );
+            el(
+                &mut x,
+                "ExtendedAmount",
+                "",
+                &money_text(line.amount.abs(), digits),
+            );
+            let uom = match line.unit.as_deref() {
+                Some("kg") => " UnitOfMeasureCode=\"KGM\"",
+                Some("l") => " UnitOfMeasureCode=\"LTR\"",
+                Some("g") => " UnitOfMeasureCode=\"GRM\"",
+                Some("m") => " UnitOfMeasureCode=\"MTR\"",
+                _ if style[1] => " UnitOfMeasureCode=\"EA\"",
+                _ => "",
+            };
+            el(&mut x, "Quantity", uom, &line.quantity.0.abs().to_string());
+            let discount = money_text(line.discount.abs(), digits);
+            if style[0] {
+                let amount = format!("<{0} Action=\"Subtract\">{discount}</{0}>", n("Amount"));
+                el(&mut x, "RetailPriceModifier", "", &amount);
+            } else {
+                el(&mut x, "DiscountAmount", "", &discount);
+            }
+            if style[3] {
+                let amount = format!("<{0}>0.01</{0}>", n("Amount"));
+                el(&mut x, "Tax", " TaxType=\"VAT\"", &amount);
+            }
+            x.push_str(&format!("</{}>\n</{}>\n", n(part), n("LineItem")));
+        }
+        for (t, (change, refund)) in tx.tenders.iter().zip(&case.tender_style) {
+            x.push_str(&format!("<{}>\n", n("LineItem")));
+            let (amount, code) = if *refund {
+                (-t.amount, " TypeCode=\"Refund\"")
+            } else {
+                (t.amount, " TypeCode=\"Sale\"")
+            };
+            x.push_str(&format!(
+                "<{} TenderType=\"{}\"{code}>\n",
+                n("Tender"),
+                t.kind
+            ));
+            el(&mut x, "Amount", "", &money_text(amount + change, digits));
+            if *change != 0 {
+                let inner = format!("<{0}>{1}</{0}>", n("Amount"), money_text(*change, digits));
+                el(&mut x, "TenderChange", "", &inner);
+            }
+            x.push_str(&format!("</{}>\n</{}>\n", n("Tender"), n("LineItem")));
+        }
+        if !case.omit_total {
+            el(&mut x, "Total", " TotalType=\"TransactionNetAmount\"", "0");
+            el(
+                &mut x,
+                "Total",
+                " TotalType=\"TransactionGrandAmount\"",
+                &money_text(tx.total, digits),
+            );
+        }
+        if let Some(id) = &tx.loyalty_id {
+            let (outer, inner) = [
+                ("LoyaltyAccount", "LoyaltyAccountID"),
+                ("CustomerAccount", "CustomerAccountID"),
+                ("Customer", "CustomerID"),
+            ][case.loyalty_style];
+            el(
+                &mut x,
+                outer,
+                "",
+                &format!("<{0}>{1}</{0}>", n(inner), esc(id)),
+            );
+        }
+        x.push_str(&format!(
+            "</{}>\n</{}>\n",
+            n("RetailTransaction"),
+            n("Transaction")
+        ));
+        if !case.bare_root {
+            x.push_str(&format!("</{}>\n", n("POSLog")));
+        }
+        x
+    }
+
+    impl Document {
+        /// The plainest spelling: the NRF namespace, UTC times, totals, a loyalty account.
+        pub fn plain(tx: Transaction) -> Document {
+            Document {
+                returns: tx.kind == TransactionKind::Return,
+                naming: Naming::DefaultNamespace,
+                bare_root: false,
+                civil_times: false,
+                offset_hours: 0,
+                omit_total: false,
+                line_style: vec![[false, true, false, false]; tx.lines.len()],
+                tender_style: tx.tenders.iter().map(|_| (0, false)).collect(),
+                loyalty_style: 0,
+                tx,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::writer::{Document as Case, Naming, write};
     use super::*;
     use proptest::prelude::*;
 
@@ -2232,224 +2481,6 @@ mod tests {
     }
 
     // ---- Property test: canonical transactions written as POSLog read back the same. ----
-
-    /// How the test writer spells element names.
-    #[derive(Debug, Clone, Copy)]
-    enum Naming {
-        Plain,
-        DefaultNamespace,
-        Prefixed(&'static str),
-    }
-
-    /// A transaction and the writer's free choices; none of them may change what is read.
-    #[derive(Debug, Clone)]
-    struct Case {
-        tx: Transaction,
-        /// Lines are written as `Return` elements (a return, or a voided return).
-        returns: bool,
-        naming: Naming,
-        bare_root: bool,
-        civil_times: bool,
-        offset_hours: i8,
-        omit_total: bool,
-        /// Per line: discount as price modifier or `DiscountAmount`, GTIN typed or not,
-        /// description as CDATA, an unrelated `Tax/Amount` inside the item.
-        line_style: Vec<[bool; 4]>,
-        /// Per tender: change handed back, refund by TypeCode.
-        tender_style: Vec<(Money, bool)>,
-        loyalty_style: usize,
-    }
-
-    fn esc(s: &str) -> String {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-            .replace('\'', "&apos;")
-    }
-
-    fn money_text(m: Money, digits: u32) -> String {
-        Decimal::new(m, digits).to_string()
-    }
-
-    fn write(case: &Case) -> String {
-        let tx = &case.tx;
-        let digits = minor_digits(&tx.currency);
-        let n = |name: &str| match case.naming {
-            Naming::Prefixed(p) => format!("{p}:{name}"),
-            _ => name.to_string(),
-        };
-        let mut x = String::new();
-        let el = |x: &mut String, name: &str, attrs: &str, text: &str| {
-            let name = n(name);
-            x.push_str(&format!("<{name}{attrs}>{text}</{name}>\n"));
-        };
-        let ns = match case.naming {
-            Naming::Plain => String::new(),
-            Naming::DefaultNamespace => {
-                " xmlns=\"http://www.nrf-arts.org/IXRetail/namespace/\"".to_string()
-            }
-            Naming::Prefixed(p) => {
-                format!(" xmlns:{p}=\"http://www.nrf-arts.org/IXRetail/namespace/\"")
-            }
-        };
-        x.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        if !case.bare_root {
-            x.push_str(&format!("<{}{ns}>\n", n("POSLog")));
-        }
-        let training = if tx.test {
-            " TrainingModeFlag=\"true\""
-        } else {
-            ""
-        };
-        let root_ns = if case.bare_root { ns.as_str() } else { "" };
-        x.push_str(&format!("<{}{root_ns}{training}>\n", n("Transaction")));
-        el(&mut x, "RetailStoreID", "", "ignored");
-        if !tx.register.is_empty() {
-            el(&mut x, "WorkstationID", "", &esc(&tx.register));
-        }
-        if let Some(seq) = tx.sequence {
-            el(&mut x, "SequenceNumber", "", &seq.to_string());
-        }
-        el(&mut x, "BusinessDayDate", "", &tx.business_day.to_string());
-        let tz = TimeZone::fixed(jiff::tz::offset(case.offset_hours));
-        let time = |t: Timestamp| {
-            if case.civil_times {
-                t.to_zoned(tz.clone()).datetime().to_string()
-            } else {
-                t.to_string()
-            }
-        };
-        el(&mut x, "BeginDateTime", "", &time(tx.started_at));
-        el(&mut x, "EndDateTime", "", &time(tx.ended_at));
-        if !tx.currency.is_empty() {
-            el(&mut x, "CurrencyCode", "", &tx.currency);
-        }
-        let status = if tx.kind == TransactionKind::Void {
-            " TransactionStatus=\"Voided\""
-        } else {
-            ""
-        };
-        x.push_str(&format!("<{}{status}>\n", n("RetailTransaction")));
-        for (line, style) in tx.lines.iter().zip(&case.line_style) {
-            let void = if line.voided {
-                " VoidFlag=\"true\""
-            } else {
-                ""
-            };
-            x.push_str(&format!("<{}{void}>\n", n("LineItem")));
-            let is_return = case.returns || line.quantity.0.is_sign_negative();
-            let part = if is_return { "Return" } else { "Sale" };
-            x.push_str(&format!("<{}>\n", n(part)));
-            el(&mut x, "ItemID", "", &esc(&line.sku));
-            if let Some(gtin) = &line.gtin {
-                let kind = if style[1] { " POSIDType=\"GTIN\"" } else { "" };
-                let id = format!("<{0}>{gtin}</{0}>", n("POSItemID"));
-                el(&mut x, "POSIdentity", kind, &id);
-            }
-            if let Some(category) = &line.category {
-                el(
-                    &mut x,
-                    "MerchandiseHierarchy",
-                    " Level=\"Department\"",
-                    &esc(category),
-                );
-            }
-            if style[2] {
-                el(
-                    &mut x,
-                    "Description",
-                    "",
-                    &format!("<![CDATA[{}]]>", line.description),
-                );
-            } else {
-                el(&mut x, "Description", "", &esc(&line.description));
-            }
-            el(
-                &mut x,
-                "RegularSalesUnitPrice",
-                "",
-                &money_text(line.unit_price, digits),
-            );
-            el(
-                &mut x,
-                "ExtendedAmount",
-                "",
-                &money_text(line.amount.abs(), digits),
-            );
-            let uom = match line.unit.as_deref() {
-                Some("kg") => " UnitOfMeasureCode=\"KGM\"",
-                Some("l") => " UnitOfMeasureCode=\"LTR\"",
-                Some("g") => " UnitOfMeasureCode=\"GRM\"",
-                Some("m") => " UnitOfMeasureCode=\"MTR\"",
-                _ if style[1] => " UnitOfMeasureCode=\"EA\"",
-                _ => "",
-            };
-            el(&mut x, "Quantity", uom, &line.quantity.0.abs().to_string());
-            let discount = money_text(line.discount.abs(), digits);
-            if style[0] {
-                let amount = format!("<{0} Action=\"Subtract\">{discount}</{0}>", n("Amount"));
-                el(&mut x, "RetailPriceModifier", "", &amount);
-            } else {
-                el(&mut x, "DiscountAmount", "", &discount);
-            }
-            if style[3] {
-                let amount = format!("<{0}>0.01</{0}>", n("Amount"));
-                el(&mut x, "Tax", " TaxType=\"VAT\"", &amount);
-            }
-            x.push_str(&format!("</{}>\n</{}>\n", n(part), n("LineItem")));
-        }
-        for (t, (change, refund)) in tx.tenders.iter().zip(&case.tender_style) {
-            x.push_str(&format!("<{}>\n", n("LineItem")));
-            let (amount, code) = if *refund {
-                (-t.amount, " TypeCode=\"Refund\"")
-            } else {
-                (t.amount, " TypeCode=\"Sale\"")
-            };
-            x.push_str(&format!(
-                "<{} TenderType=\"{}\"{code}>\n",
-                n("Tender"),
-                t.kind
-            ));
-            el(&mut x, "Amount", "", &money_text(amount + change, digits));
-            if *change != 0 {
-                let inner = format!("<{0}>{1}</{0}>", n("Amount"), money_text(*change, digits));
-                el(&mut x, "TenderChange", "", &inner);
-            }
-            x.push_str(&format!("</{}>\n</{}>\n", n("Tender"), n("LineItem")));
-        }
-        if !case.omit_total {
-            el(&mut x, "Total", " TotalType=\"TransactionNetAmount\"", "0");
-            el(
-                &mut x,
-                "Total",
-                " TotalType=\"TransactionGrandAmount\"",
-                &money_text(tx.total, digits),
-            );
-        }
-        if let Some(id) = &tx.loyalty_id {
-            let (outer, inner) = [
-                ("LoyaltyAccount", "LoyaltyAccountID"),
-                ("CustomerAccount", "CustomerAccountID"),
-                ("Customer", "CustomerID"),
-            ][case.loyalty_style];
-            el(
-                &mut x,
-                outer,
-                "",
-                &format!("<{0}>{1}</{0}>", n(inner), esc(id)),
-            );
-        }
-        x.push_str(&format!(
-            "</{}>\n</{}>\n",
-            n("RetailTransaction"),
-            n("Transaction")
-        ));
-        if !case.bare_root {
-            x.push_str(&format!("</{}>\n", n("POSLog")));
-        }
-        x
-    }
 
     fn arb_text() -> impl Strategy<Value = String> {
         // Markup characters, quotes and umlauts; no ']' so CDATA cannot end early.

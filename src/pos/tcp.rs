@@ -99,6 +99,7 @@ pub async fn connect(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut failing = false;
+    let mut short_lived = false;
     loop {
         let attempt = tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)) => r,
@@ -106,7 +107,9 @@ pub async fn connect(
         };
         match attempt {
             Ok(Ok(stream)) => {
-                backoff.reset();
+                // No backoff reset here: a peer that accepts and at once resets would
+                // otherwise be redialled several times a second. Only a connection that lived
+                // a while ends the streak (below).
                 failing = false;
                 let peer = stream
                     .peer_addr()
@@ -125,12 +128,19 @@ pub async fn connect(
                 if token.is_cancelled() {
                     return;
                 }
-                tracing::warn!(register = %ctx.id.register, %addr, "journal connection closed; reconnecting");
                 component.degraded(format!("{addr}: connection closed; reconnecting"));
-                // A connection that lived a while is not a failure streak.
+                // A connection that lived a while is not a failure streak; a streak of
+                // short-lived ones is one warning, then debug.
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff.reset();
+                    short_lived = false;
                 }
+                if short_lived {
+                    tracing::debug!(register = %ctx.id.register, %addr, "journal connection closed again at once; reconnecting");
+                } else {
+                    tracing::warn!(register = %ctx.id.register, %addr, "journal connection closed; reconnecting");
+                }
+                short_lived = started.elapsed() <= Duration::from_secs(30);
             }
             Ok(Err(e)) => {
                 if !failing {

@@ -79,17 +79,17 @@ pub struct PresenceEvent {
 
 /// The `data` of a `storelink.presence.v1` CloudEvent.
 #[derive(Debug, Serialize)]
-struct PresenceData<'a> {
-    store: &'a str,
-    customer_id: &'a str,
-    event: &'static str,
+pub struct PresenceData<'a> {
+    pub store: &'a str,
+    pub customer_id: &'a str,
+    pub event: &'static str,
     /// A zone name, or `store`.
-    zone: &'a str,
+    pub zone: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lane: Option<&'a str>,
-    confidence: f32,
+    pub lane: Option<&'a str>,
+    pub confidence: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    distance_m: Option<f32>,
+    pub distance_m: Option<f32>,
 }
 
 /// Sightings that led nowhere, counted since the last [`Recogniser::take_counts`].

@@ -18,7 +18,6 @@
 //! - Erasures are flushed before they are acknowledged.
 //! - Neither the token nor profile contents reach the logs; errors name the URL and status.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -102,43 +101,21 @@ impl SyncError {
     }
 }
 
-/// Renders an error with its causes; reqwest's top level alone says only "error sending
-/// request", while the certificate problem is three sources down.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
+pub(crate) use crate::tls::chain;
 
-/// An HTTPS client on rustls with the ring provider: the system's roots, or only the given CA.
-pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, SyncError> {
-    crate::install_crypto_provider();
-    let mut builder = reqwest::Client::builder()
-        .https_only(true)
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(Duration::from_secs(15))
-        .user_agent(concat!("storelink/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = ca_file {
-        let ca_error = |message: String| SyncError::CaFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(chain(&e)))?;
-        if certs.is_empty() {
-            return Err(ca_error("no PEM certificate in it".into()));
-        }
-        builder = builder.tls_certs_only(certs);
-    }
-    builder.build().map_err(|e| SyncError::Client(chain(&e)))
+/// An HTTPS client for central: the shared TLS setup of `[central.https]` (CA file or system
+/// roots, client certificate for mTLS).
+pub fn client(files: &crate::tls::TlsFiles<'_>) -> Result<reqwest::Client, SyncError> {
+    crate::tls::https_client(files, REQUEST_TIMEOUT).map_err(|e| match e.key {
+        "ca_file" => SyncError::CaFile {
+            path: files
+                .ca_file
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            message: e.message,
+        },
+        _ => SyncError::Client(e.to_string()),
+    })
 }
 
 /// Sends a conditional GET: `None` for 304, else the body and the ETag. A status that is not

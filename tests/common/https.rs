@@ -16,8 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use serde_json::{Value, json};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it.
@@ -25,6 +23,8 @@ pub struct Pki {
     pub ca_pem: String,
     pub cert: CertificateDer<'static>,
     pub key_der: Vec<u8>,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Pki {
@@ -45,6 +45,8 @@ impl Pki {
             ca_pem: ca_cert.pem(),
             cert: cert.der().clone(),
             key_der: key.serialize_der(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
         }
     }
 
@@ -94,6 +96,33 @@ pub struct Feed {
     pub campaigns: Option<Vec<u8>>,
     /// `If-None-Match` of each campaigns request, and the status answered.
     pub campaign_requests: Vec<(Option<String>, u16)>,
+    /// Answers for the next `POST …/events:batch` requests (status, `Retry-After`, body);
+    /// once used up, every batch gets 200.
+    pub batch_script: std::collections::VecDeque<(u16, Option<&'static str>, &'static str)>,
+    /// Every batch received, in order.
+    pub batches: Vec<BatchSeen>,
+}
+
+/// One `POST …/events:batch` as central saw it.
+#[derive(Debug, Clone)]
+pub struct BatchSeen {
+    pub store: String,
+    pub idempotency_key: Option<String>,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub gzip: bool,
+    /// The CloudEvents of the batch.
+    pub events: Vec<Value>,
+    pub status: u16,
+}
+
+impl BatchSeen {
+    pub fn ids(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
 }
 
 impl Feed {
@@ -165,40 +194,28 @@ impl CentralHttps {
     pub async fn start(feed: Feed) -> CentralHttps {
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let pki = Arc::new(Pki::generate());
-        let config = ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.cert.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key_der.clone())),
-            )
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let config = storelink::sim::https::server_config(
+            vec![pki.cert.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key_der.clone())),
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let feed = Arc::new(Mutex::new(feed));
         let app = Router::new()
             .route("/v1/stores/{store}/profiles", get(profiles))
             .route("/v1/stores/{store}/campaigns", get(campaigns))
+            .route(
+                "/v1/stores/{store}/{action}",
+                axum::routing::post(events_batch),
+            )
             .with_state(feed.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-                });
-            }
-        });
+        let task = storelink::sim::https::serve_tls(
+            listener,
+            config,
+            app,
+            tokio_util::sync::CancellationToken::new(),
+        );
         CentralHttps {
             addr,
             pki,
@@ -215,6 +232,48 @@ impl CentralHttps {
     pub fn seen(&self) -> Vec<Seen> {
         self.feed.lock().unwrap().seen.clone()
     }
+}
+
+/// `POST /v1/stores/{store}/events:batch` (the router matches the last segment whole; the
+/// action is checked here).
+async fn events_batch(
+    State(feed): State<Arc<Mutex<Feed>>>,
+    axum::extract::Path((store, action)): axum::extract::Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if action != "events:batch" {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let gzip = header("content-encoding").as_deref() == Some("gzip");
+    let events = match storelink::sim::https::decode_batch(&headers, &body) {
+        Ok(events) => events,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    let mut feed = feed.lock().unwrap();
+    let (status, retry_after, text) = feed.batch_script.pop_front().unwrap_or((200, None, ""));
+    feed.batches.push(BatchSeen {
+        store: store.to_string(),
+        idempotency_key: header("idempotency-key"),
+        authorization: header("authorization"),
+        content_type: header("content-type"),
+        gzip,
+        events,
+        status,
+    });
+    let mut response = (StatusCode::from_u16(status).unwrap(), text).into_response();
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, after.parse().unwrap());
+    }
+    response
 }
 
 async fn campaigns(State(feed): State<Arc<Mutex<Feed>>>, headers: HeaderMap) -> Response {

@@ -2,6 +2,10 @@
 //! rule for tests that need an external program.
 #![allow(dead_code)]
 
+pub mod contract;
+pub mod net;
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -68,6 +72,7 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 pub struct Mosquitto {
     pub addr: SocketAddr,
     child: Child,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -77,28 +82,83 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Mosquitto {
+        Self::start_with(port, "persistence false\n")
+    }
+
+    /// A broker that keeps sessions and queued messages across a graceful restart.
+    pub fn start_persistent() -> Mosquitto {
+        Self::start_with(free_port(), "persistence true\n")
+    }
+
+    fn start_with(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
+        // Started as root, mosquitto drops to its own user, which must be able to write its
+        // persistence file here; otherwise it saves nothing and says so only in its log.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\npersistence_location {}/\n{extra}",
+                dir.path().display()
             ),
         )
         .unwrap();
+        let addr = local(port);
+        let child = Self::spawn(&conf, addr);
+        Mosquitto {
+            addr,
+            child,
+            conf,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, addr: SocketAddr) -> Child {
         let child = Command::new(find_program("mosquitto").expect("mosquitto is installed"))
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto starts");
-        let addr = local(port);
         wait_for_port(addr, Duration::from_secs(10));
-        Mosquitto {
-            addr,
-            child,
-            _dir: dir,
+        child
+    }
+
+    /// Stops the broker gracefully (SIGTERM: a persistent one saves its state) and starts it
+    /// again on the same port.
+    pub fn restart(mut self) -> Mosquitto {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        let conf = std::fs::read_to_string(&self.conf).unwrap_or_default();
+        if conf.contains("persistence true") {
+            assert!(
+                self._dir.path().join("mosquitto.db").exists(),
+                "mosquitto saved no persistence file on SIGTERM; the restart would lose its sessions"
+            );
+        }
+        let mut tries = 0;
+        loop {
+            // The port may linger for a moment after the old process exits.
+            let attempt = std::panic::catch_unwind(|| Self::spawn(&self.conf, self.addr));
+            match attempt {
+                Ok(child) => {
+                    self.child = child;
+                    return self;
+                }
+                Err(_) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
         }
     }
 }
@@ -135,13 +195,28 @@ pub struct Central {
 
 impl Central {
     pub async fn subscribe(broker: SocketAddr, filter: &str) -> Central {
+        Self::subscribe_as(broker, filter, &format!("central-{}", rand_suffix()), true).await
+    }
+
+    /// A subscriber with a persistent session: the broker queues what arrives while it is away.
+    pub async fn subscribe_persistent(
+        broker: SocketAddr,
+        filter: &str,
+        client_id: &str,
+    ) -> Central {
+        Self::subscribe_as(broker, filter, client_id, false).await
+    }
+
+    async fn subscribe_as(
+        broker: SocketAddr,
+        filter: &str,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Central {
         let received = Arc::new(Mutex::new(Vec::new()));
         let token = CancellationToken::new();
-        let mut options = MqttOptions::new(
-            format!("central-{}", rand_suffix()),
-            broker.ip().to_string(),
-            broker.port(),
-        );
+        let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+        options.set_clean_session(clean_session);
         options.set_max_packet_size(8 << 20, 8 << 20);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
@@ -167,7 +242,12 @@ impl Central {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let event = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        sink.lock().unwrap().push(Received {
+                        // Every event central receives must match docs/schemas/. Checked under
+                        // the lock: a violation panics this task and poisons `received`, so the
+                        // test also fails at its next look at what central received.
+                        let mut received = sink.lock().unwrap();
+                        contract::check(&event);
+                        received.push(Received {
                             topic: p.topic.clone(),
                             retain: p.retain,
                             event,
@@ -423,12 +503,29 @@ impl TestAgent {
         extra: &str,
     ) -> TestAgent {
         let ports: Vec<(&str, u16)> = registers.iter().map(|r| (*r, free_port())).collect();
-        let token = CancellationToken::new();
         let text = config_text(dir.path(), broker, free_port(), &ports) + extra;
-        let config =
-            storelink::config::Config::parse(&text, "test.toml", &std::collections::HashMap::new())
-                .unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let agent = storelink::daemon::start(config, storelink::clock::system(), token.clone())
+        Self::from_text(
+            dir,
+            &ports,
+            &text,
+            &std::collections::HashMap::new(),
+            storelink::clock::system(),
+        )
+        .await
+    }
+
+    /// Starts an agent on a complete config text whose registers listen on `ports`.
+    pub async fn from_text(
+        dir: tempfile::TempDir,
+        ports: &[(&str, u16)],
+        text: &str,
+        env: &std::collections::HashMap<String, String>,
+        clock: storelink::clock::SharedClock,
+    ) -> TestAgent {
+        let config = storelink::config::Config::parse(text, "test.toml", env)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let token = CancellationToken::new();
+        let agent = storelink::daemon::start(config, clock, token.clone())
             .await
             .unwrap();
         TestAgent {
@@ -472,4 +569,17 @@ impl std::ops::Deref for TestAgent {
     fn deref(&self) -> &Self::Target {
         &self.agent
     }
+}
+
+/// A consenting loyalty customer in the "gamers" segment (card 9990001), for offer tests.
+pub fn gamer() -> storelink::profiles::Profile {
+    let mut p = storelink::profiles::Profile::new("c77");
+    p.first_name = Some("Ada".into());
+    p.tier = Some("gold".into());
+    p.points = 420;
+    p.cards = vec!["9990001".into()];
+    p.consents.personalised_offers = true;
+    p.segments = vec!["gamers".into()];
+    p.version = 3;
+    p
 }

@@ -86,10 +86,21 @@ impl ScannerSettings {
                 reason: "must not be empty".into(),
             });
         }
-        MqttEndpoint::parse(&self.url).map_err(|reason| SourceError::Config {
+        let endpoint = MqttEndpoint::parse(&self.url).map_err(|reason| SourceError::Config {
             key: "presence.scanners.url",
             reason,
-        })
+        })?;
+        if endpoint.scheme != crate::config::MqttScheme::Mqtt {
+            // Scanners sit on the store LAN next to their broker; TLS there buys nothing.
+            return Err(SourceError::Config {
+                key: "presence.scanners.url",
+                reason: format!(
+                    "{:?}: the scanners' broker is reached over mqtt:// only",
+                    self.url
+                ),
+            });
+        }
+        Ok(endpoint)
     }
 
     fn password(&self) -> Result<Option<String>, SourceError> {
