@@ -2,7 +2,8 @@
 //! parsing, normalisation, the outbox (fsynced in group commits) and the acknowledgement back
 //! to the register. Every transaction is acknowledged only after it is on disk.
 //!
-//! `cargo bench --bench ingest [-- --transactions N --connections C --runs R --broker --cache-bytes B]`
+//! `cargo bench --bench ingest [-- --transactions N --connections C --runs R --broker --cache-bytes B
+//! --loyalty-share F]`
 //!
 //! With `--broker`, an in-process broker drains the outbox at the same time, so the figure
 //! includes the uplink competing for the two cores.
@@ -24,6 +25,9 @@ struct Args {
     broker: bool,
     /// `storage.cache_bytes`; the config default without it.
     cache_bytes: Option<u64>,
+    /// Share of transactions with a loyalty card (each updates its customer's KPIs); the
+    /// simulator's 40 % without it.
+    loyalty_share: Option<f64>,
 }
 
 fn args() -> Args {
@@ -33,6 +37,7 @@ fn args() -> Args {
         cache_bytes: None,
         runs: 5,
         broker: false,
+        loyalty_share: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -42,6 +47,7 @@ fn args() -> Args {
             "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
             "--broker" => a.broker = true,
             "--cache-bytes" => a.cache_bytes = Some(it.next().unwrap().parse().unwrap()),
+            "--loyalty-share" => a.loyalty_share = Some(it.next().unwrap().parse().unwrap()),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -90,6 +96,9 @@ async fn run_once(args: &Args) -> f64 {
     let mut work = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let mut sim = SimRegister::new("s042", &format!("lane-{i}"), None, i as u64);
+        if let Some(share) = args.loyalty_share {
+            sim.loyalty_share = share;
+        }
         let lines: Vec<Vec<u8>> = (0..per)
             .map(|n| {
                 let mut l = serde_json::to_vec(

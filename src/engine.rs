@@ -332,41 +332,51 @@ impl Engine {
         // step; a duplicate changes nothing.
         let mut completed = Vec::new();
         let written = written.and_then(|outcomes| {
-            let mut redemptions = Vec::new();
-            for (item, outcome) in batch.iter().zip(&outcomes) {
-                if let (Ingest::Transaction { tx, .. }, AppendOutcome::Stored) = (item, outcome)
-                    && let Some(card) = tx.loyalty_id.as_deref()
-                {
-                    self.profiles.record_transaction(tx)?;
-                    if let Some(ledger) = &self.offers
-                        && crate::profiles::Profile::valid_id(card)
+            let stored: Vec<&Transaction> = batch
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(item, outcome)| match (item, outcome) {
+                    (Ingest::Transaction { tx, .. }, AppendOutcome::Stored)
+                        if tx.loyalty_id.is_some() =>
                     {
-                        let customer = self.profiles.resolve_card(card)?;
-                        for r in ledger.attribute(&customer, &self.store_id, tx)? {
-                            let id = r.event_id();
-                            redemptions.push(NewEvent {
-                                kind: EventKind::Redemption,
-                                payload: events::encode(
-                                    EventKind::Redemption,
-                                    &id,
-                                    &self.store_id,
-                                    r.transaction_at,
-                                    &r,
-                                ),
-                                id,
-                            });
-                            let group = match r.group {
-                                crate::offers::ledger::Group::Exposed => "exposed",
-                                crate::offers::ledger::Group::Control => "control",
-                            };
-                            metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
-                        }
-                        completed.push(Completed {
-                            customer_id: customer,
-                            lane: tx.lane.clone(),
-                            at: tx.ended_at,
-                        });
+                        Some(tx.as_ref())
                     }
+                    _ => None,
+                })
+                .collect();
+            // One sled batch for the whole group: a batch per transaction costs two log writes.
+            self.profiles.record_transactions(stored.iter().copied())?;
+            let mut redemptions = Vec::new();
+            for tx in stored {
+                if let Some(card) = tx.loyalty_id.as_deref()
+                    && let Some(ledger) = &self.offers
+                    && crate::profiles::Profile::valid_id(card)
+                {
+                    let customer = self.profiles.resolve_card(card)?;
+                    for r in ledger.attribute(&customer, &self.store_id, tx)? {
+                        let id = r.event_id();
+                        redemptions.push(NewEvent {
+                            kind: EventKind::Redemption,
+                            payload: events::encode(
+                                EventKind::Redemption,
+                                &id,
+                                &self.store_id,
+                                r.transaction_at,
+                                &r,
+                            ),
+                            id,
+                        });
+                        let group = match r.group {
+                            crate::offers::ledger::Group::Exposed => "exposed",
+                            crate::offers::ledger::Group::Control => "control",
+                        };
+                        metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
+                    }
+                    completed.push(Completed {
+                        customer_id: customer,
+                        lane: tx.lane.clone(),
+                        at: tx.ended_at,
+                    });
                 }
             }
             if !redemptions.is_empty() {
