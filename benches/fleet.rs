@@ -51,14 +51,13 @@ use storelink::uplink::mqtt::{self, Downlink, MqttSettings};
 use storelink::uplink::outbox::{AppendOutcome, Limits, NewEvent, Outbox};
 use tokio_util::sync::CancellationToken;
 
-/// The allocator. The agent ships with mimalloc, but under mimalloc every sled database costs
-/// about 5.3 MiB resident at open: sled's page table is two zeroed allocations of 4 and 2 MiB,
-/// which mimalloc fills with zeros, while glibc's `calloc` maps fresh pages that stay
-/// untouched (about 0.2 MiB per store). 2,000 stores would be 10.6 GiB of zeros on a shared
-/// 24 GiB box, so the fleet runs on the system allocator by default; `FLEET_MIMALLOC=1 cargo
-/// bench --bench fleet` builds it with the agent's allocator (fine up to ~1,000 stores) to
-/// compare the CPU per event. The choice is made at compile time, so no block is ever freed
-/// by the allocator that did not allocate it.
+/// The allocator. The agent ships with mimalloc; the fleet figures in docs/fleet.md were
+/// measured on the system allocator, because mimalloc then asked for transparent huge pages
+/// and every sled database cost 5.3 MiB resident at open (0.29 MiB since mimalloc is built
+/// with `no_thp`). The default stays the system allocator so those figures can be rerun;
+/// `FLEET_MIMALLOC=1 cargo bench --bench fleet` builds it with the agent's allocator. The
+/// choice is made at compile time, so no block is ever freed by the allocator that did not
+/// allocate it.
 struct FleetAlloc;
 
 const MIMALLOC: bool = option_env!("FLEET_MIMALLOC").is_some();

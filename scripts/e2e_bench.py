@@ -89,8 +89,10 @@ def du_mib(path):
     return total / 1048576
 
 
-def agent_config(work, mqtt, api, registers, cache_bytes=None):
+def agent_config(work, mqtt, api, registers, cache_bytes=None, max_seen_ids=None):
     cache = f"cache_bytes = {cache_bytes}" if cache_bytes else ""
+    if max_seen_ids:
+        cache += f"\nmax_seen_ids = {max_seen_ids}"
     lines = f"""
 [store]
 id = "s042"
@@ -133,6 +135,8 @@ def main():
     ap.add_argument("--phones", type=int, default=300)
     ap.add_argument("--card-scans", type=float, default=2.0)
     ap.add_argument("--cache-bytes", type=int, help="storage.cache_bytes for the agent")
+    ap.add_argument("--max-seen-ids", type=int,
+                    help="storage.max_seen_ids: caps the store's growth, to tell growth in time from growth with size")
     ap.add_argument("--series", help="append rate, second, RSS MiB, store MiB per sample to this file")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="storelink-e2e-")
@@ -144,7 +148,8 @@ def main():
                 "max_queued_messages 0\npersistence false\n")
     broker = subprocess.Popen([mosquitto, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(mqtt)
-    config = agent_config(work, mqtt, api, [free_port() for _ in range(3)], args.cache_bytes)
+    config = agent_config(work, mqtt, api, [free_port() for _ in range(3)], args.cache_bytes,
+                          args.max_seen_ids)
     log = open(os.path.join(work, "agent.log"), "w")
     agent = subprocess.Popen([BIN, "run", "--config", config], stdout=subprocess.DEVNULL, stderr=log,
                              env={**os.environ, "RUST_LOG": "warn"})
