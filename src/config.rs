@@ -769,8 +769,9 @@ fn default_min_free_bytes() -> u64 {
 }
 fn default_cache_bytes() -> u64 {
     // sled counts its cache in on-disk bytes and holds several times that in memory: at 16 MiB
-    // the agent's RSS grew by 30 % over a 30-minute soak and still rose; at 4 MiB it stays flat
-    // (BENCHMARKS.md, issue 9), still far above any store's transaction rate.
+    // the agent's RSS grew by 30 % over a 30-minute soak and still rose; at 4 MiB the cache
+    // stops growing early (what grows after that follows the seen-id index, BENCHMARKS.md,
+    // issue 9), and ingest is still far above any store's transaction rate.
     4 * 1024 * 1024
 }
 fn default_max_deadletter_bytes() -> u64 {
