@@ -329,25 +329,34 @@ impl Engine {
             .and_then(|()| self.outbox.append(&events));
         // A loyalty transaction stored for the first time updates its customer's KPIs and is
         // attributed to earlier offers before the flush, so all of it is durable in the same
-        // step; a duplicate changes nothing.
+        // step; a duplicate only completes a KPI update a crash may have lost.
         let mut completed = Vec::new();
         let written = written.and_then(|outcomes| {
-            let stored: Vec<&Transaction> = batch
+            let loyal: Vec<(&Transaction, bool)> = batch
                 .iter()
                 .zip(&outcomes)
                 .filter_map(|(item, outcome)| match (item, outcome) {
-                    (Ingest::Transaction { tx, .. }, AppendOutcome::Stored)
-                        if tx.loyalty_id.is_some() =>
-                    {
-                        Some(tx.as_ref())
+                    (
+                        Ingest::Transaction { tx, .. },
+                        AppendOutcome::Stored | AppendOutcome::Duplicate,
+                    ) if tx.loyalty_id.is_some() => {
+                        Some((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)))
                     }
                     _ => None,
                 })
                 .collect();
             // One sled batch for the whole group: a batch per transaction costs two log writes.
-            self.profiles.record_transactions(stored.iter().copied())?;
+            // Duplicates go in too: the outbox and the KPIs are separate sled batches, so a
+            // crash before the flush can keep the outbox entry (sled flushes in the background)
+            // and lose the KPI update. The register resends what was never acknowledged, and
+            // the ledger's own check keeps an update from counting twice.
+            self.profiles
+                .record_transactions(loyal.iter().map(|(tx, _)| *tx))?;
             let mut redemptions = Vec::new();
-            for tx in stored {
+            for tx in loyal
+                .into_iter()
+                .filter_map(|(tx, stored)| stored.then_some(tx))
+            {
                 if let Some(card) = tx.loyalty_id.as_deref()
                     && let Some(ledger) = &self.offers
                     && crate::profiles::Profile::valid_id(card)

@@ -213,6 +213,45 @@ async fn a_resent_transaction_is_acknowledged_again_but_held_once() {
     agent.stop().await;
 }
 
+/// The outbox entry and the KPI update are separate sled batches in one group commit; a crash
+/// before the flush can keep the first (sled's background flush) and lose the second. The
+/// register resends what was never acknowledged: that duplicate must complete the KPIs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_loyalty_transaction_completes_kpis_a_crash_lost() {
+    use storelink::events::{self, EventKind};
+    use storelink::uplink::outbox::{AppendOutcome, NewEvent};
+
+    let agent = TestAgent::start(local(free_port()), &["lane-1"]).await;
+    let mut tx = SimRegister::new("s042", "lane-1", Some("1"), 6).next(start_time());
+    tx.kind = storelink::pos::transaction::TransactionKind::Sale;
+    tx.loyalty_id = Some("4712".into());
+    // What survived the crash: the outbox entry alone.
+    let event = NewEvent {
+        kind: EventKind::Transaction,
+        id: tx.id.clone(),
+        payload: events::encode(EventKind::Transaction, &tx.id, "s042", tx.ended_at, &tx),
+    };
+    assert_eq!(
+        agent.outbox.append(&[event]).unwrap(),
+        vec![AppendOutcome::Stored]
+    );
+    assert!(agent.profiles.kpis("4712").unwrap().is_none());
+
+    let mut client = agent.client(0).await;
+    for _ in 0..2 {
+        assert_eq!(client.submit(&tx).await.unwrap(), format!("ok {}", tx.id));
+    }
+    assert_eq!(agent.outbox.depth(), 1, "held once");
+    let kpis = agent
+        .profiles
+        .kpis("4712")
+        .unwrap()
+        .expect("KPIs completed");
+    assert_eq!(kpis.purchases, 1, "and counted once");
+    assert_eq!(kpis.revenue_by_year[&tx.business_day.year()], tx.total);
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loyalty_transaction_updates_kpis_once_however_often_it_is_sent() {
     let agent = TestAgent::start(local(free_port()), &["lane-1"]).await;
