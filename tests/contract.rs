@@ -12,7 +12,9 @@ mod common;
 use std::time::Duration;
 
 use common::contract;
-use common::{Central, TestAgent, eventually, local, start_rumqttd};
+use common::{
+    Central, TENANT_UUID, TestAgent, eventually, local, replay_presence_config, start_rumqttd,
+};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use storelink::events::EventKind;
@@ -22,8 +24,6 @@ use storelink::presence::walk::{self, SimConfig, Walk};
 use storelink::profiles::{Profile, ProfileStore};
 use storelink::sim::{JsonlClient, SimRegister};
 use storelink::store::{Store, StoreOptions};
-
-const TENANT_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
 
 /// Data fields each schema may leave out (Rust `Option`s skipped when `None`, flags skipped
 /// when false). Every other field of a real event must be required by its schema.
@@ -208,37 +208,10 @@ fn downlink_examples_match_their_schemas_and_broken_ones_do_not() {
     );
 }
 
-/// The demo store's zones with short timers, replaying `file`.
-fn presence_config(file: &std::path::Path) -> String {
-    let (_, zones) = walk::demo_store();
-    let mut text = format!(
-        "\n[presence]\nsource = \"replay\"\nservice_uuid = \"{TENANT_UUID}\"\nstore_away_s = 6\n\n[presence.replay]\nfile = \"{}\"\n",
-        file.display()
-    );
-    for z in zones {
-        text.push_str(&format!(
-            "\n[[presence.zones]]\nname = \"{}\"\n{}scanners = {:?}\nenter_m = {}\nexit_m = {}\ndwell_s = 3\naway_s = 3\n",
-            z.name,
-            z.lane.map(|l| format!("lane = \"{l}\"\n")).unwrap_or_default(),
-            z.scanners,
-            z.enter_m,
-            z.exit_m,
-        ));
-    }
-    text
-}
-
 /// One phone: in at the entrance, a while at lane 2, out of range.
 fn walk_to_lane_2() -> Walk {
     let (layout, _) = walk::demo_store();
-    let at = |name: &str| {
-        layout
-            .scanners
-            .iter()
-            .find(|(s, _)| s == name)
-            .map(|(_, p)| *p)
-            .unwrap()
-    };
+    let at = |name: &str| layout.position(name).expect("a demo-store scanner");
     let (entrance, lane) = (at("entrance"), at("lane-2"));
     Walk {
         phone: 0,
@@ -410,7 +383,7 @@ format = "receipt"
 template = "{}/config/receipts/supermarket.toml"
 transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{receipt_port}" }}
 "#,
-        presence_config(&replay),
+        replay_presence_config(&replay),
         env!("CARGO_MANIFEST_DIR"),
     );
     let agent = TestAgent::start_in(dir, broker, &["lane-1"], &extra).await;

@@ -7,15 +7,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Central, TestAgent, start_rumqttd};
+use common::{Central, TENANT_UUID, TestAgent, replay_presence_config, start_rumqttd};
 use storelink::presence::advert::{Advertisement, Payload};
 use storelink::presence::identity;
 use storelink::presence::phones::{self, Phone};
 use storelink::presence::walk::{self, SimConfig, Walk};
 use storelink::profiles::{Profile, ProfileStore};
 use storelink::store::{Store, StoreOptions};
-
-const TENANT_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
 
 fn tenant() -> uuid::Uuid {
     uuid::Uuid::parse_str(TENANT_UUID).unwrap()
@@ -34,45 +32,10 @@ fn seed(dir: &std::path::Path, phones: &[Phone]) {
     store.flush_blocking().unwrap();
 }
 
-/// The demo store's zones as config, with short timers so the test is quick.
-fn presence_config(file: &std::path::Path) -> String {
-    let (_, zones) = walk::demo_store();
-    let mut text = format!(
-        r#"
-[presence]
-source = "replay"
-service_uuid = "{TENANT_UUID}"
-store_away_s = 6
-
-[presence.replay]
-file = "{}"
-"#,
-        file.display()
-    );
-    for z in zones {
-        text.push_str(&format!(
-            "\n[[presence.zones]]\nname = \"{}\"\n{}scanners = {:?}\nenter_m = {}\nexit_m = {}\ndwell_s = 3\naway_s = 3\n",
-            z.name,
-            z.lane.map(|l| format!("lane = \"{l}\"\n")).unwrap_or_default(),
-            z.scanners,
-            z.enter_m,
-            z.exit_m,
-        ));
-    }
-    text
-}
-
 /// One phone: in at the entrance, through the aisle, eight seconds at lane 2, out.
 fn short_walk() -> Walk {
     let (layout, _) = walk::demo_store();
-    let at = |name: &str| {
-        layout
-            .scanners
-            .iter()
-            .find(|(s, _)| s == name)
-            .map(|(_, p)| *p)
-            .unwrap()
-    };
+    let at = |name: &str| layout.position(name).expect("a demo-store scanner");
     let entrance = at("entrance");
     let aisle = at("aisle");
     let lane = at("lane-2");
@@ -115,7 +78,7 @@ async fn a_replayed_walk_reaches_central_as_the_expected_event_sequence() {
     let file = dir.path().join("walk.jsonl");
     phones::write_replay(&file, &phones::adverts(&samples, &phones, &tenant(), 900)).unwrap();
 
-    let agent = TestAgent::start_in(dir, broker, &[], &presence_config(&file)).await;
+    let agent = TestAgent::start_in(dir, broker, &[], &replay_presence_config(&file)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     let mut events = loop {
         let events = central.of_type("storelink.presence.v1");
@@ -211,7 +174,7 @@ async fn withdrawn_consent_ends_tracking_at_once_and_silently() {
     );
     let file = dir.path().join("stand.jsonl");
     phones::write_replay(&file, &phones::adverts(&samples, &phones, &tenant(), 900)).unwrap();
-    let agent = TestAgent::start_in(dir, broker, &[], &presence_config(&file)).await;
+    let agent = TestAgent::start_in(dir, broker, &[], &replay_presence_config(&file)).await;
     let mut events = agent.presence.subscribe();
     let entered = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

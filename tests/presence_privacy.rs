@@ -11,14 +11,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestAgent, free_port, get, local};
+use common::{TENANT_UUID, TestAgent, free_port, get, local};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use storelink::presence::identity;
 use storelink::profiles::{Profile, ProfileStore};
 use storelink::store::{Store, StoreOptions, TreeName};
 
-const TENANT_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
 const FLOOD: usize = 100_000;
 
 /// Everything any part of the agent logs, at every level.

@@ -583,3 +583,27 @@ pub fn gamer() -> storelink::profiles::Profile {
     p.version = 3;
     p
 }
+
+/// The loyalty app's service UUID that the presence tests advertise.
+pub const TENANT_UUID: &str = "6f3c1a52-8d1e-4c1b-9a7e-5b2d0c4e8f11";
+
+/// Presence config replaying `file` through the demo store's zones, with short timers so the
+/// tests are quick.
+pub fn replay_presence_config(file: &Path) -> String {
+    let (_, zones) = storelink::presence::walk::demo_store();
+    let mut text = format!(
+        "\n[presence]\nsource = \"replay\"\nservice_uuid = \"{TENANT_UUID}\"\nstore_away_s = 6\n\n[presence.replay]\nfile = \"{}\"\n",
+        file.display()
+    );
+    for z in zones {
+        text.push_str(&format!(
+            "\n[[presence.zones]]\nname = \"{}\"\n{}scanners = {:?}\nenter_m = {}\nexit_m = {}\ndwell_s = 3\naway_s = 3\n",
+            z.name,
+            z.lane.map(|l| format!("lane = \"{l}\"\n")).unwrap_or_default(),
+            z.scanners,
+            z.enter_m,
+            z.exit_m,
+        ));
+    }
+    text
+}
