@@ -724,6 +724,7 @@ fn open_sim(i: usize, root: &Path, port: u16, clock: &SharedClock) -> Sim {
         &config.storage.path,
         &StoreOptions {
             cache_bytes: CACHE_BYTES,
+            log_cache_bytes: CACHE_BYTES,
         },
     )
     .unwrap();

@@ -129,6 +129,7 @@ fn main() {
         &data,
         &StoreOptions {
             cache_bytes: args.sled_cache_mib << 20,
+            ..StoreOptions::default()
         },
     )
     .unwrap();

@@ -121,6 +121,16 @@ fn default_status_ttl_s() -> Option<u64> {
     Some(3600)
 }
 
+impl StorageSection {
+    /// The engines' settings.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            cache_bytes: self.cache_bytes,
+            log_cache_bytes: crate::store::StoreOptions::default().log_cache_bytes,
+        }
+    }
+}
+
 impl Default for StorageSection {
     fn default() -> Self {
         Self {

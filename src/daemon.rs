@@ -29,7 +29,7 @@ use crate::presence::source;
 use crate::profiles::ProfileStore;
 use crate::profiles::erasure::Eraser;
 use crate::profiles::sync::{self, Syncer};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{Store, StoreError};
 use crate::supervisor::{StatusBoard, Supervisor};
 use crate::uplink::mqtt::{self, MqttSettings};
 use crate::uplink::outbox::{Limits, Outbox};
@@ -40,6 +40,10 @@ const API_BIND_PATIENCE: Duration = Duration::from_secs(2);
 /// Messages from central waiting for the core; beyond this the uplink drops (and counts) them
 /// rather than stall, and sync catches up.
 const DOWNLINK_CHANNEL: usize = 1024;
+
+/// How often the profile cache is made durable, so the log's journal of work owed to it stays
+/// short (what a power cut can leave to replay).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Tasks get this long to drain after a stop signal; the final flush follows.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
@@ -79,15 +83,20 @@ pub async fn start(
     let metrics = api::metrics_handle();
     let store = {
         let path = config.storage.path.clone();
-        let options = StoreOptions {
-            cache_bytes: config.storage.cache_bytes,
-        };
+        let options = config.storage.store_options();
         let now = clock.now();
-        tokio::task::spawn_blocking(move || Store::open_or_quarantine(&path, &options, now))
+        tokio::task::spawn_blocking(move || Store::open_or_salvage(&path, &options, now))
             .await
             .map_err(|e| DaemonError::Setup(format!("opening the store: {e}")))??
     };
-    let (store, quarantined) = store;
+    let (store, salvaged) = store;
+    if let Some(m) = store.migrated() {
+        tracing::info!(
+            events = m.entries,
+            dead_letters = m.deadletters,
+            "store upgraded: the outbox moved from sled to outbox.redb with everything it held"
+        );
+    }
     let outbox = Arc::new(Outbox::open(
         &store,
         Limits {
@@ -110,8 +119,8 @@ pub async fn start(
 
     let board = StatusBoard::new(clock.clone());
     let supervisor = Supervisor::new(token.clone(), board.clone());
-    if let Some(q) = &quarantined {
-        report_quarantine(q, &config, &board, &deadletters, &outbox, &store, &clock).await?;
+    if let Some(s) = &salvaged {
+        report_salvage(s, &config, &board, &deadletters, &outbox, &store, &clock).await?;
     }
 
     let (ingest, rx) = engine::channel();
@@ -129,6 +138,25 @@ pub async fn start(
     )
     .with_offers(offer_ledger.clone(), completed_tx)
     .with_reserve(config.storage.min_free_bytes);
+    // What a power cut left owed to the profile cache is finished before anything new comes in.
+    core.recover().await?;
+    {
+        // The cache's durable point, for what the log's journal holds until then.
+        let (store, token) = (store.clone(), token.clone());
+        supervisor.spawn("storage.checkpoint", move |component| {
+            let (store, token) = (store.clone(), token.clone());
+            async move {
+                component.running(None);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                        _ = token.cancelled() => return Ok::<(), DaemonError>(()),
+                    }
+                    store.checkpoint().await?;
+                }
+            }
+        });
+    }
     let offers = Offers::open(
         live::Settings {
             store_id: config.store.id.clone(),
@@ -550,6 +578,7 @@ impl Agent {
             );
         }
         self.store.flush().await?;
+        self.store.checkpoint().await?;
         tracing::info!(outbox_depth = self.outbox.depth(), "stopped; store flushed");
         Ok(())
     }
@@ -607,12 +636,12 @@ fn stream_ttls(
     out
 }
 
-/// Says loudly that the store was unreadable and replaced: an error in the log, the `storage`
-/// component degraded for as long as this process runs, a metric, and a dead letter that
-/// reaches central (events that were still unsent are in the quarantined copy, not lost
-/// silently).
-async fn report_quarantine(
-    q: &crate::store::Quarantined,
+/// Says loudly that the store was damaged and what was saved: an error in the log, the
+/// `storage` component degraded for as long as this process runs, metrics, and a dead letter
+/// that reaches central with the counts and the first unreadable bytes. The salvaged events
+/// themselves are already back in the outbox and go to central like any others.
+async fn report_salvage(
+    s: &crate::store::Salvaged,
     config: &Config,
     board: &StatusBoard,
     deadletters: &DeadLetters,
@@ -620,13 +649,31 @@ async fn report_quarantine(
     store: &Store,
     clock: &SharedClock,
 ) -> Result<(), DaemonError> {
+    let cache = if s.cache_lost {
+        "; the profile cache was unreadable too: profiles come back with the next sync from central, the damaged cache's KPIs and offer history are lost"
+    } else {
+        ""
+    };
     let what = format!(
-        "the store was unreadable and was moved to {}; the agent started with a fresh one. Events it still held are in that copy ({})",
-        q.moved_to.display(),
-        q.reason
+        "the store was damaged and its files were moved to {}; the agent started with a fresh store and salvaged {} records from the damaged log ({} events for central, sent as usual); {} damaged records could not be read{cache} ({})",
+        s.moved_to.display(),
+        s.records,
+        s.events,
+        s.unreadable,
+        s.reason
     );
-    tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "store quarantined; started with a fresh store");
+    tracing::error!(
+        moved_to = %s.moved_to.display(),
+        salvaged = s.records,
+        events = s.events,
+        unreadable = s.unreadable,
+        cache_lost = s.cache_lost,
+        reason = %s.reason,
+        "store quarantined: damaged files moved aside, readable records salvaged into a fresh store"
+    );
     metrics::counter!("storelink_store_quarantined_total").increment(1);
+    metrics::counter!("storelink_store_salvaged_records_total").increment(s.records);
+    metrics::counter!("storelink_store_unreadable_records_total").increment(s.unreadable);
     board.component("storage").degraded(&what);
     let now = clock.now();
     let letter = crate::deadletter::DeadLetter::new(
@@ -634,9 +681,9 @@ async fn report_quarantine(
         "storage",
         &what,
         now,
-        Vec::new(),
-        0,
-        0,
+        s.sample.clone(),
+        s.sample.len() as u64,
+        s.sample.len(),
     );
     deadletters.record(std::slice::from_ref(&letter))?;
     outbox.append(&[crate::uplink::outbox::NewEvent {

@@ -1,7 +1,7 @@
 //! Dead letters: input the agent could not use, kept with its raw bytes and the reason.
 //!
 //! Invariants:
-//! - Every rejected frame is kept locally (the `deadletter` tree) and also goes to central as a
+//! - Every rejected frame is kept locally (the log's `deadletters` table) and also goes to central as a
 //!   `storelink.deadletter.v1` event, so nothing disappears silently.
 //! - The local store is capped in bytes; the oldest records go first, and that is counted.
 //! - Raw bytes are never logged; only their length and the reason are.
@@ -12,7 +12,7 @@ use base64::Engine as _;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Batch, Store, StoreError, Tree, TreeName};
+use crate::store::{Commit, LogTable, LogWrite, Store, StoreError};
 
 /// One rejected frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,94 +75,118 @@ pub(crate) mod base64_bytes {
     }
 }
 
-/// The local dead-letter store.
+/// The local dead-letter store, in the log's `deadletters` table.
 pub struct DeadLetters {
-    tree: Tree,
+    store: Store,
     max_bytes: u64,
     state: Mutex<DlState>,
 }
 
+#[derive(Debug, Clone, Copy)]
 struct DlState {
     next_seq: u64,
     bytes: u64,
+    count: u64,
     evicted: u64,
 }
 
 impl DeadLetters {
     pub fn open(store: &Store, max_bytes: u64) -> Result<DeadLetters, StoreError> {
-        let tree = store.tree(TreeName::DeadLetter)?;
-        let mut bytes = 0;
-        for item in tree.iter() {
-            let (k, v) = item?;
-            bytes += (k.len() + v.len()) as u64;
+        let view = store.view(LogTable::DeadLetters)?;
+        let (mut bytes, mut count) = (0, 0);
+        let mut next_seq = 1;
+        for item in view.iter()? {
+            let item = item?;
+            bytes += (item.key().len() + item.value().len()) as u64;
+            count += 1;
+            if let Some(seq) = seq_of(item.key()) {
+                next_seq = next_seq.max(seq + 1);
+            }
         }
-        let next_seq = match tree.last()? {
-            Some((k, _)) => seq_of(&k).map(|s| s + 1).unwrap_or(1),
-            None => 1,
-        };
         Ok(DeadLetters {
-            tree,
+            store: store.clone(),
             max_bytes,
             state: Mutex::new(DlState {
                 next_seq,
                 bytes,
+                count,
                 evicted: 0,
             }),
         })
     }
 
-    /// Stores records, evicting the oldest to stay under the cap. Not durable until the store
-    /// is flushed.
+    /// Stores records in a transaction of their own, committed lazily: not durable until the
+    /// store is flushed.
     pub fn record(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         if letters.is_empty() {
             return Ok(());
         }
-        let mut state = self.state.lock().expect("dead-letter lock");
-        let mut batch = Batch::default();
-        let mut added = 0u64;
-        let mut next_seq = state.next_seq;
+        self.store
+            .write(Commit::Lazy, |w| self.record_in(w, letters))
+    }
+
+    /// Stores records within the caller's transaction, evicting the oldest to stay under the
+    /// cap.
+    pub fn record_in<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut next = *self.state.lock().expect("dead-letter lock");
+        let table = w.table(LogTable::DeadLetters)?;
         for letter in letters {
             let value = serde_json::to_vec(letter).expect("dead letter serialises");
-            added += 8 + value.len() as u64;
-            batch.insert(next_seq.to_be_bytes(), value);
-            next_seq += 1;
+            next.bytes += 8 + value.len() as u64;
+            next.count += 1;
+            table.insert(&next.next_seq.to_be_bytes(), &value)?;
+            next.next_seq += 1;
         }
-        self.tree.apply(batch)?;
-        state.next_seq = next_seq;
-        state.bytes += added;
         let mut evicted = 0u64;
-        if state.bytes > self.max_bytes {
-            let mut batch = Batch::default();
-            for item in self.tree.iter() {
-                if state.bytes <= self.max_bytes {
+        if next.bytes > self.max_bytes {
+            let mut oldest = Vec::new();
+            let mut bytes = next.bytes;
+            for item in table.iter_all()? {
+                if bytes <= self.max_bytes {
                     break;
                 }
-                let (k, v) = item?;
-                state.bytes = state.bytes.saturating_sub((k.len() + v.len()) as u64);
-                batch.remove(k);
-                evicted += 1;
+                let item = item?;
+                bytes = bytes.saturating_sub((item.key().len() + item.value().len()) as u64);
+                oldest.push(item.key().to_vec());
             }
-            self.tree.apply(batch)?;
-            state.evicted += evicted;
+            for k in &oldest {
+                table.remove(k)?;
+            }
+            evicted = oldest.len() as u64;
+            next.bytes = bytes;
+            next.count -= evicted;
+            next.evicted += evicted;
         }
-        metrics::counter!("storelink_deadletters_total").increment(letters.len() as u64);
-        if evicted > 0 {
-            metrics::counter!("storelink_deadletters_evicted_total").increment(evicted);
-            tracing::warn!(
-                evicted,
-                max_bytes = self.max_bytes,
-                "dead-letter store full: removed the oldest local records (central has its copy)"
-            );
-        }
+        let recorded = letters.len() as u64;
+        w.after_commit(move || {
+            *self.state.lock().expect("dead-letter lock") = next;
+            metrics::counter!("storelink_deadletters_total").increment(recorded);
+            if evicted > 0 {
+                metrics::counter!("storelink_deadletters_evicted_total").increment(evicted);
+                tracing::warn!(
+                    evicted,
+                    max_bytes = self.max_bytes,
+                    "dead-letter store full: removed the oldest local records (central has its copy)"
+                );
+            }
+        });
         Ok(())
     }
 
     /// The most recent records, newest first.
     pub fn recent(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let view = self.store.view(LogTable::DeadLetters)?;
         let mut out = Vec::new();
-        for item in self.tree.iter().rev().take(limit) {
-            let (_, v) = item?;
-            if let Ok(letter) = serde_json::from_slice(&v) {
+        for item in view.iter()?.rev().take(limit) {
+            let item = item?;
+            if let Ok(letter) = serde_json::from_slice(item.value()) {
                 out.push(letter);
             }
         }
@@ -170,11 +194,11 @@ impl DeadLetters {
     }
 
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.state.lock().expect("dead-letter lock").count as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
     }
 }
 

@@ -21,12 +21,21 @@ use crate::offers::ledger::OfferLedger;
 use crate::offers::live::Completed;
 use crate::pos::transaction::Transaction;
 use crate::profiles::ProfileStore;
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, LogWrite, Store, StoreError};
 use crate::supervisor::Component;
 use crate::uplink::outbox::{AppendOutcome, NewEvent, Outbox};
 
 /// Most items written under one flush.
 pub const MAX_BATCH: usize = 1024;
+
+/// Journal record tag: a loyalty transaction whose cache share (KPIs, attribution) is owed.
+const JOURNAL_TRANSACTION: u8 = b'T';
+
+fn journal_record(tx: &Transaction) -> Vec<u8> {
+    let mut record = vec![JOURNAL_TRANSACTION];
+    serde_json::to_writer(&mut record, tx).expect("a transaction serialises");
+    record
+}
 
 /// Capacity of the ingest channel: sources wait (backpressure) when it is full.
 pub const CHANNEL_CAPACITY: usize = 4096;
@@ -234,6 +243,169 @@ impl Engine {
         self
     }
 
+    /// The durable step of a group commit: dead letters, outbox entries, the cache's share
+    /// (KPIs and offer attribution, journaled), and the redemptions it yields, in one log
+    /// transaction committed durably. Nothing is acknowledged before this returns.
+    fn write_batch(
+        &self,
+        batch: &[Ingest],
+    ) -> Result<(Vec<AppendOutcome>, Vec<Completed>), StoreError> {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut letters = Vec::new();
+        for item in batch {
+            match item {
+                Ingest::Transaction { tx, .. } => events.push(NewEvent {
+                    kind: EventKind::Transaction,
+                    id: tx.id.clone(),
+                    payload: events::encode(
+                        EventKind::Transaction,
+                        &tx.id,
+                        &self.store_id,
+                        tx.ended_at,
+                        tx.as_ref(),
+                    ),
+                }),
+                Ingest::DeadLetter { letter, .. } => {
+                    events.push(NewEvent {
+                        kind: EventKind::DeadLetter,
+                        id: letter.id.clone(),
+                        payload: events::encode(
+                            EventKind::DeadLetter,
+                            &letter.id,
+                            &self.store_id,
+                            letter.received_at,
+                            letter.as_ref(),
+                        ),
+                    });
+                    letters.push(letter.as_ref().clone());
+                }
+                Ingest::Event { event } => events.push(event.as_ref().clone()),
+                // Taken out by `commit_answering_probes`: every item here has an event, so
+                // outcomes line up with the batch.
+                Ingest::Probe { .. } => unreachable!("probes never reach commit"),
+            }
+        }
+        self.store.write(Commit::Durable, |w| {
+            self.deadletters.record_in(w, &letters)?;
+            let outcomes = self.outbox.append_in(w, &events)?;
+            // Duplicates go to the cache too: a register resends what it was never told `ok`
+            // about, and the cache's share of the first copy may be what a crash lost (a
+            // store migrated from before the journal). The ledger's own check keeps an update
+            // from counting twice.
+            let loyal: Vec<(&Transaction, bool)> = batch
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(item, outcome)| match (item, outcome) {
+                    (
+                        Ingest::Transaction { tx, .. },
+                        AppendOutcome::Stored | AppendOutcome::Duplicate,
+                    ) if tx.loyalty_id.is_some() => {
+                        Some((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)))
+                    }
+                    _ => None,
+                })
+                .collect();
+            for (tx, _) in &loyal {
+                w.journal(&journal_record(tx))?;
+            }
+            let completed = self.apply_to_cache(w, &loyal)?;
+            Ok((outcomes, completed))
+        })
+    }
+
+    /// The cache's share of loyalty transactions: KPI updates (one sled batch for the group)
+    /// and offer attribution, whose redemptions join the log transaction `w`. Idempotent, so
+    /// that the journal can replay it. Returns the completions of the transactions marked new.
+    fn apply_to_cache<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        loyal: &[(&Transaction, bool)],
+    ) -> Result<Vec<Completed>, StoreError> {
+        // One sled batch for the whole group: a batch per transaction costs two log writes.
+        self.profiles
+            .record_transactions(loyal.iter().map(|(tx, _)| *tx))?;
+        let mut redemptions = Vec::new();
+        let mut completed = Vec::new();
+        for (tx, new) in loyal {
+            let Some(card) = tx.loyalty_id.as_deref() else {
+                continue;
+            };
+            if !crate::profiles::Profile::valid_id(card) {
+                continue;
+            }
+            let customer = self.profiles.resolve_card(card)?;
+            if let Some(ledger) = &self.offers {
+                for r in ledger.attribute(&customer, &self.store_id, tx)? {
+                    let id = r.event_id();
+                    redemptions.push(NewEvent {
+                        kind: EventKind::Redemption,
+                        payload: events::encode(
+                            EventKind::Redemption,
+                            &id,
+                            &self.store_id,
+                            r.transaction_at,
+                            &r,
+                        ),
+                        id,
+                    });
+                    if *new {
+                        let group = match r.group {
+                            crate::offers::ledger::Group::Exposed => "exposed",
+                            crate::offers::ledger::Group::Control => "control",
+                        };
+                        metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
+                    }
+                }
+            }
+            if *new && self.offers.is_some() {
+                completed.push(Completed {
+                    customer_id: customer,
+                    lane: tx.lane.clone(),
+                    at: tx.ended_at,
+                });
+            }
+        }
+        if !redemptions.is_empty() {
+            self.outbox.append_in(w, &redemptions)?;
+        }
+        Ok(completed)
+    }
+
+    /// Finishes what the cache journal still holds (a power cut came before the cache was on
+    /// disk), then checkpoints. Run once at start, before any source is started.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let pending = self.store.journal()?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let txs: Vec<Transaction> = pending
+            .iter()
+            .filter_map(|(_, record)| match record.split_first() {
+                Some((&JOURNAL_TRANSACTION, json)) => serde_json::from_slice(json).ok(),
+                _ => None,
+            })
+            .collect();
+        let engine = self.clone();
+        let replayed = tokio::task::spawn_blocking(move || {
+            let loyal: Vec<(&Transaction, bool)> = txs.iter().map(|tx| (tx, false)).collect();
+            engine
+                .store
+                .write(Commit::Durable, |w| engine.apply_to_cache(w, &loyal))
+                .map(|_| txs.len())
+        })
+        .await
+        .map_err(|e| StoreError::Engine {
+            path: self.store.path().to_path_buf(),
+            detail: format!("journal replay failed: {e}"),
+        })??;
+        self.store.checkpoint().await?;
+        tracing::info!(
+            transactions = replayed,
+            "finished the profile cache's share of transactions a power cut interrupted"
+        );
+        Ok(replayed)
+    }
+
     /// Runs until cancelled, then drains what is queued. Storage failures are answered per item
     /// and reported; they do not end the loop, because the next batch may well succeed.
     pub async fn run(
@@ -273,7 +445,7 @@ impl Engine {
         }
     }
 
-    /// Writes one batch, flushes once, then replies to every item.
+    /// Writes one batch in one durable log commit, then replies to every item.
     async fn commit(&self, batch: Vec<Ingest>, component: &Component) {
         if let Some(why) = self.short_of_space() {
             if component.state() == Some(crate::supervisor::ComponentState::Running) {
@@ -287,120 +459,24 @@ impl Engine {
             }
             return;
         }
-        let mut events = Vec::with_capacity(batch.len());
-        let mut letters = Vec::new();
-        for item in &batch {
-            match item {
-                Ingest::Transaction { tx, .. } => events.push(NewEvent {
-                    kind: EventKind::Transaction,
-                    id: tx.id.clone(),
-                    payload: events::encode(
-                        EventKind::Transaction,
-                        &tx.id,
-                        &self.store_id,
-                        tx.ended_at,
-                        tx.as_ref(),
-                    ),
-                }),
-                Ingest::DeadLetter { letter, .. } => {
-                    events.push(NewEvent {
-                        kind: EventKind::DeadLetter,
-                        id: letter.id.clone(),
-                        payload: events::encode(
-                            EventKind::DeadLetter,
-                            &letter.id,
-                            &self.store_id,
-                            letter.received_at,
-                            letter.as_ref(),
-                        ),
-                    });
-                    letters.push(letter.as_ref().clone());
-                }
-                Ingest::Event { event } => events.push(event.as_ref().clone()),
-                // Taken out by `commit_answering_probes`: every item here has an event, so
-                // outcomes line up with the batch.
-                Ingest::Probe { .. } => unreachable!("probes never reach commit"),
+        // The commit waits on an fsync: off the async threads, so sources keep reading.
+        let engine = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let written = engine.write_batch(&batch);
+            (batch, written)
+        })
+        .await;
+        let (batch, written) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                // The batch went with the task; its sources see their reply channels close and
+                // tell their registers `err`.
+                tracing::error!(error = %e, "the storage task failed; the batch was not stored");
+                component.degraded(format!("storage: the storage task failed: {e}"));
+                return;
             }
-        }
-
-        let written = self
-            .deadletters
-            .record(&letters)
-            .and_then(|()| self.outbox.append(&events));
-        // A loyalty transaction stored for the first time updates its customer's KPIs and is
-        // attributed to earlier offers before the flush, so all of it is durable in the same
-        // step; a duplicate only completes a KPI update a crash may have lost.
-        let mut completed = Vec::new();
-        let written = written.and_then(|outcomes| {
-            let loyal: Vec<(&Transaction, bool)> = batch
-                .iter()
-                .zip(&outcomes)
-                .filter_map(|(item, outcome)| match (item, outcome) {
-                    (
-                        Ingest::Transaction { tx, .. },
-                        AppendOutcome::Stored | AppendOutcome::Duplicate,
-                    ) if tx.loyalty_id.is_some() => {
-                        Some((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)))
-                    }
-                    _ => None,
-                })
-                .collect();
-            // One sled batch for the whole group: a batch per transaction costs two log writes.
-            // Duplicates go in too: the outbox and the KPIs are separate sled batches, so a
-            // crash before the flush can keep the outbox entry (sled flushes in the background)
-            // and lose the KPI update. The register resends what was never acknowledged, and
-            // the ledger's own check keeps an update from counting twice.
-            self.profiles
-                .record_transactions(loyal.iter().map(|(tx, _)| *tx))?;
-            let mut redemptions = Vec::new();
-            for tx in loyal
-                .into_iter()
-                .filter_map(|(tx, stored)| stored.then_some(tx))
-            {
-                if let Some(card) = tx.loyalty_id.as_deref()
-                    && let Some(ledger) = &self.offers
-                    && crate::profiles::Profile::valid_id(card)
-                {
-                    let customer = self.profiles.resolve_card(card)?;
-                    for r in ledger.attribute(&customer, &self.store_id, tx)? {
-                        let id = r.event_id();
-                        redemptions.push(NewEvent {
-                            kind: EventKind::Redemption,
-                            payload: events::encode(
-                                EventKind::Redemption,
-                                &id,
-                                &self.store_id,
-                                r.transaction_at,
-                                &r,
-                            ),
-                            id,
-                        });
-                        let group = match r.group {
-                            crate::offers::ledger::Group::Exposed => "exposed",
-                            crate::offers::ledger::Group::Control => "control",
-                        };
-                        metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
-                    }
-                    completed.push(Completed {
-                        customer_id: customer,
-                        lane: tx.lane.clone(),
-                        at: tx.ended_at,
-                    });
-                }
-            }
-            if !redemptions.is_empty() {
-                self.outbox.append(&redemptions)?;
-            }
-            Ok(outcomes)
-        });
-        let outcomes = match written {
-            Ok(outcomes) => match self.store.flush().await {
-                Ok(()) => Ok(outcomes),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
         };
-        let outcomes = match outcomes {
+        let (outcomes, completed) = match written {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, items = batch.len(), "could not make a batch durable; refusing it");

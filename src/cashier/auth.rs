@@ -20,7 +20,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
-use crate::store::{Store, StoreError, TreeName};
+use crate::store::{Commit, LogTable, Store, StoreError};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -49,12 +49,14 @@ impl LaneAuth {
         if let Some(secret) = configured {
             return Ok(LaneAuth::new(secret.expose().as_bytes()));
         }
-        let meta = store.tree(TreeName::Meta)?;
-        if let Some(kept) = meta.get(LANE_SECRET_KEY)? {
-            return Ok(LaneAuth::new(kept.as_ref()));
+        if let Some(kept) = store.view(LogTable::Meta)?.get(LANE_SECRET_KEY)? {
+            return Ok(LaneAuth::new(kept.bytes()));
         }
         let made: [u8; 32] = rand::random();
-        meta.insert(LANE_SECRET_KEY, made)?;
+        // Durable at once: a secret lost to a power cut would change every display's URL.
+        store.write(Commit::Durable, |w| {
+            w.table(LogTable::Meta)?.insert(LANE_SECRET_KEY, &made)
+        })?;
         Ok(LaneAuth::new(&made))
     }
 

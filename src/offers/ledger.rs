@@ -390,6 +390,11 @@ impl OfferLedger {
     /// Attributes a completed transaction of `customer` to the offers (and control decisions)
     /// whose window it falls in and whose items it contains: the latest open record per
     /// campaign is marked redeemed and counted. Returns the redemptions to send.
+    ///
+    /// Idempotent: for a transaction already attributed, the same redemptions come back (same
+    /// event ids, so the outbox keeps them once) without counting them again. The engine relies
+    /// on it when it replays the cache journal after a power cut, or when a register resends a
+    /// transaction whose attribution reached the cache but whose outbox entry did not.
     pub fn attribute(
         &self,
         customer: &str,
@@ -410,7 +415,19 @@ impl OfferLedger {
             let Ok(record) = serde_json::from_slice::<ShownRecord>(&v) else {
                 continue;
             };
-            if record.redeemed_by.is_some() || at > tx.ended_at || tx.ended_at >= record.until {
+            let again = record.redeemed_by.as_deref() == Some(tx.id.as_str());
+            if (record.redeemed_by.is_some() && !again)
+                || at > tx.ended_at
+                || tx.ended_at >= record.until
+            {
+                continue;
+            }
+            // An earlier attribution of this very transaction wins over any other open record.
+            if !again
+                && open
+                    .get(campaign)
+                    .is_some_and(|(_, r, _)| r.redeemed_by.is_some())
+            {
                 continue;
             }
             open.insert(campaign.to_string(), (k.to_vec(), record, at));
@@ -440,14 +457,17 @@ impl OfferLedger {
                 .iter()
                 .map(|l| l.cost.map(|c| l.net() - c))
                 .sum::<Option<Money>>();
-            record.redeemed_by = Some(tx.id.clone());
-            self.tree
-                .insert(key, serde_json::to_vec(&record).expect("record serialises"))?;
             let group = if record.control {
                 Group::Control
             } else {
                 Group::Exposed
             };
+            let again = record.redeemed_by.is_some();
+            if !again {
+                record.redeemed_by = Some(tx.id.clone());
+                self.tree
+                    .insert(key, serde_json::to_vec(&record).expect("record serialises"))?;
+            }
             let delta = match group {
                 Group::Exposed => Counts {
                     redeemed: 1,
@@ -462,7 +482,9 @@ impl OfferLedger {
                     ..Counts::default()
                 },
             };
-            self.bump(&campaign, record.variant.as_deref(), &delta)?;
+            if !again {
+                self.bump(&campaign, record.variant.as_deref(), &delta)?;
+            }
             out.push(Redemption {
                 store: store.to_string(),
                 customer_id: customer.to_string(),

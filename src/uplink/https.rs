@@ -30,7 +30,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, Secret};
 use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::events::{self, EventKind};
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, Store, StoreError};
 use crate::supervisor::{Backoff, Component};
 use crate::uplink::PathState;
 use crate::uplink::outbox::{Entry, NewEvent, Outbox, Stream, Take};
@@ -253,8 +253,9 @@ impl HttpsUplink {
             };
             let wait = match outcome {
                 Ok((Verdict::Delivered, _)) => {
+                    let keys: Vec<_> = batch.iter().map(|e| e.key).collect();
+                    self.outbox.ack_many(&keys, Commit::Lazy)?;
                     for e in &batch {
-                        self.outbox.ack(&e.key)?;
                         metrics::counter!("storelink_uplink_delivered_total", "path" => "https", "stream" => e.stream().name())
                             .increment(1);
                     }
@@ -381,11 +382,32 @@ impl HttpsUplink {
             }
             letters.push(letter);
         }
-        self.deadletters.record(&letters)?;
-        self.outbox.append(&events_out)?;
-        self.store.flush().await?;
-        for e in batch {
-            self.outbox.ack(&e.key)?;
+        // One durable transaction: the local records, the events telling central, and the
+        // removal of what was refused; a cut leaves either all of it or none.
+        let keys: Vec<_> = batch.iter().map(|e| e.key).collect();
+        let (store, deadletters, outbox) = (
+            self.store.clone(),
+            self.deadletters.clone(),
+            self.outbox.clone(),
+        );
+        let moved = keys.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            store.write(Commit::Durable, |w| {
+                deadletters.record_in(w, &letters)?;
+                outbox.append_in(w, &events_out)?;
+                outbox.ack_in(w, &moved)
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Engine {
+            path: self.store.path().to_path_buf(),
+            detail: format!("dead-lettering task failed: {e}"),
+        })
+        .and_then(|r| r);
+        if let Err(e) = written {
+            // They stay in the outbox; they must not stay hidden behind this sender's claim.
+            self.outbox.release(keys.iter());
+            return Err(e);
         }
         self.outbox.notify();
         metrics::counter!("storelink_uplink_deadlettered_total", "path" => "https")

@@ -37,6 +37,9 @@ use crate::uplink::PathState;
 use crate::uplink::outbox::{EntryKey, Outbox, Take};
 use crate::uplink::session::{self, Client, Session, SessionOptions, Wire};
 
+/// At least this often an acknowledgement batch is committed durably (the others are lazy).
+const ACK_DURABLE_EVERY: Duration = Duration::from_secs(1);
+
 /// Largest MQTT packet the uplink sends or accepts. Register frames are capped at 1 MiB; their
 /// CloudEvent can be somewhat larger.
 pub const MAX_PACKET: usize = 4 * 1024 * 1024;
@@ -225,6 +228,9 @@ enum Slot {
 
 #[derive(Default)]
 struct Shared {
+    /// PUBACKed entries whose removal from the outbox is still to be written (batched by the
+    /// acker: one log commit for many acknowledgements).
+    acked: Vec<EntryKey>,
     connected: bool,
     /// Publishes handed to rumqttc whose packet id is not known yet, in hand-over order.
     fifo: VecDeque<Slot>,
@@ -243,6 +249,8 @@ struct Link<'a> {
     client: Client,
     shared: Mutex<Shared>,
     component: &'a Component,
+    /// Wakes the acker when `acked` gains entries.
+    acks_ready: Notify,
 }
 
 /// What an event meant, for the caller's bookkeeping.
@@ -274,7 +282,10 @@ impl Link<'_> {
         };
         match slot {
             Some(Slot::Entry(key)) => {
-                self.outbox.ack(&key)?;
+                // The window slot is free now; the entry stays claimed (so it is not sent
+                // again) until the acker has written its removal.
+                self.shared.lock().expect("uplink lock").acked.push(key);
+                self.acks_ready.notify_one();
                 metrics::counter!("storelink_uplink_delivered_total", "path" => "mqtt", "stream" => key.stream().name())
                     .increment(1);
                 self.component.success();
@@ -332,6 +343,37 @@ impl Link<'_> {
             sh.fifo.push_back(Slot::Status);
         }
         ok
+    }
+
+    /// Writes the removal of every acknowledged entry gathered so far, in one commit. Returns
+    /// when the last durable one was.
+    async fn write_acks(
+        &self,
+        outbox: &Arc<Outbox>,
+        last_durable: tokio::time::Instant,
+    ) -> Result<tokio::time::Instant, UplinkError> {
+        let keys = std::mem::take(&mut self.shared.lock().expect("uplink lock").acked);
+        if keys.is_empty() {
+            return Ok(last_durable);
+        }
+        let now = tokio::time::Instant::now();
+        let durable = now.duration_since(last_durable) >= ACK_DURABLE_EVERY;
+        let commit = if durable {
+            crate::store::Commit::Durable
+        } else {
+            crate::store::Commit::Lazy
+        };
+        let outbox = outbox.clone();
+        let path_error = |e: tokio::task::JoinError| {
+            UplinkError::Outbox(StoreError::Engine {
+                path: std::path::PathBuf::new(),
+                detail: format!("acknowledgement task failed: {e}"),
+            })
+        };
+        tokio::task::spawn_blocking(move || outbox.ack_many(&keys, commit))
+            .await
+            .map_err(path_error)??;
+        Ok(if durable { now } else { last_durable })
     }
 
     /// Forgets the connection: rumqttc's requests, the FIFO, and the claims, which go back to
@@ -460,6 +502,7 @@ pub async fn run(
         client,
         shared: Mutex::new(Shared::default()),
         component: &component,
+        acks_ready: Notify::new(),
     };
     let wake = Notify::new();
     let broker = settings.endpoint.to_string();
@@ -514,6 +557,8 @@ pub async fn run(
                 Ok(event) => {
                     if let Wire::Acked(_) = event {
                         refusals.reset();
+                        // A window slot is free: top it up without waiting for the removal.
+                        wake.notify_one();
                     }
                     link.on_event(&event, &mut refusals)?;
                     if let Wire::Refused { .. } = event {
@@ -560,12 +605,33 @@ pub async fn run(
         }
     };
 
-    let result = tokio::try_join!(driver, feeder);
+    // Removes acknowledged entries in batches: while one commit runs, the next PUBACKs gather.
+    // Lazy commits (a lost removal is a resend with the same id), with a durable one every
+    // second so the log can reuse the space of what was removed.
+    let acker = async {
+        let mut last_durable = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = link.acks_ready.notified() => {}
+                _ = token.cancelled() => return Ok::<(), UplinkError>(()),
+            }
+            last_durable = link.write_acks(&outbox, last_durable).await?;
+        }
+    };
+
+    let result = tokio::try_join!(driver, feeder, acker);
     if result.is_ok() {
         say_goodbye(&link, &mut session, started_at, &clock).await;
     }
-    // Whatever is still claimed goes back, so nothing stays hidden from a restarted uplink.
+    // Whatever is still claimed goes back, so nothing stays hidden from a restarted uplink;
+    // what central acknowledged is removed first.
+    if let Err(e) = link.write_acks(&outbox, tokio::time::Instant::now()).await {
+        tracing::warn!(error = %e, "could not record the last acknowledgements; those events will be sent again");
+    }
     link.forget(&mut session);
+    if let Err(e) = link.write_acks(&outbox, tokio::time::Instant::now()).await {
+        tracing::warn!(error = %e, "could not record the last acknowledgements; those events will be sent again");
+    }
     metrics::gauge!("storelink_uplink_connected", "path" => "mqtt").set(0.0);
     paths.mqtt_down(clock.now());
     result.map(|_| ())

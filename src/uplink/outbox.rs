@@ -1,19 +1,21 @@
 //! The outbox: every event bound for central, held durably until central acknowledges it.
 //!
-//! Layout, in the `outbox` tree:
-//! - `0x00 ‖ stream ‖ seq (u64 BE)` → entry (header ‖ CloudEvent bytes). Key order is send
-//!   order: streams by priority, then oldest first within a stream.
-//! - `0x02 ‖ event id` → first-seen time (i64 BE), followed by the entry key while the event is
-//!   held; and `0x03 ‖ time ‖ event id` for expiry. Every id the outbox ever accepted is kept
-//!   after delivery for [`Limits::seen_retention`] (at most [`Limits::max_seen`] ids); an id
-//!   still held never expires. This is what makes counting exactly-once at the edge: a
-//!   transaction a register sends again, even after it reached central and even after a
-//!   restart, is recognised and not stored, counted or forwarded twice. It lives in this tree,
-//!   written in the same atomic batch as the entry, because a "seen" mark that survived a crash
-//!   without its entry would make the register's resend look like a duplicate and lose it.
+//! Layout, in the log (see [`crate::store`]):
+//! - table `outbox`: `0x00 ‖ stream ‖ seq (u64 BE)` → entry (header ‖ CloudEvent bytes). Key
+//!   order is send order: streams by priority, then oldest first within a stream.
+//! - table `seen`: `0x02 ‖ event id` → first-seen time (i64 BE), followed by the entry key while
+//!   the event is held; and `0x03 ‖ time ‖ event id` for expiry. Every id the outbox ever
+//!   accepted is kept after delivery for [`Limits::seen_retention`] (at most
+//!   [`Limits::max_seen`] ids); an id still held never expires. This is what makes counting
+//!   exactly-once at the edge: a transaction a register sends again, even after it reached
+//!   central and even after a restart, is recognised and not stored, counted or forwarded
+//!   twice. It is written in the same transaction as the entry, because a "seen" mark that
+//!   survived a crash without its entry would make the register's resend look like a duplicate
+//!   and lose it.
 //!
 //! Invariants:
-//! - An entry leaves only by [`Outbox::ack`] (central acknowledged it) or by the drop policy.
+//! - An entry leaves only by [`Outbox::ack`] (central acknowledged it), the drop policy, or its
+//!   stream's TTL.
 //! - Ids are unique: appending an id that is held, or was seen within the retention period, is a
 //!   no-op that reports [`AppendOutcome::Duplicate`].
 //! - The outbox holds at most `max_bytes`. When full, droppable streams (status, presence,
@@ -21,27 +23,33 @@
 //!   and only to make room for an event of equal or higher priority. Transactions and
 //!   redemptions are never dropped: when only they remain, new ones are refused, so the register
 //!   is told `err` instead of being acknowledged. Every drop is counted and logged.
-//! - Appending does not flush. The caller flushes the store before acknowledging anything
-//!   (see [`crate::store`]).
+//! - Appending is durable only with the transaction it is part of: [`Outbox::append_in`] joins
+//!   the caller's (the engine commits its group durably); [`Outbox::append`] commits lazily and
+//!   the caller flushes the store before acknowledging anything.
+//! - In-memory counts and claims change only in commit hooks, so they always describe what is
+//!   committed. A sender claims (under the claims lock, from a snapshot taken under it) only
+//!   entries no one holds; an acknowledged entry's claim goes only after its removal is
+//!   committed, so no snapshot can show it unclaimed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use bytes::{Bytes, BytesMut};
 use jiff::Timestamp;
 use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
 use crate::events::EventKind;
-use crate::store::{Batch, Store, StoreError, Tree, TreeName, Value};
+use crate::store::{Commit, LogTable, LogTableMut, LogView, LogWrite, Store, StoreError};
 
 const ENTRY_PREFIX: u8 = 0x00;
 const SEEN_PREFIX: u8 = 0x02;
 const SEEN_BY_TIME_PREFIX: u8 = 0x03;
 const FORMAT_V1: u8 = 1;
 const HEADER_LEN: usize = 1 + 1 + 1 + 8 + 2;
-/// Bytes an entry costs beyond its id and payload: keys, header, the entry key in its seen
-/// record.
-const OVERHEAD: u64 = 10 + HEADER_LEN as u64 + 10;
+/// Bytes an entry costs beyond its id and payload: keys, header, the log's record frame, the
+/// entry key in its seen record.
+const OVERHEAD: u64 = 10 + HEADER_LEN as u64 + 25 + 10;
 
 /// Outbox streams, in priority order (lower sends first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -99,6 +107,11 @@ impl Stream {
     fn from_u8(b: u8) -> Option<Stream> {
         Stream::ALL.get(b as usize).copied()
     }
+
+    /// The first and one-past-the-last keys of this stream's entries.
+    fn bounds(self) -> ([u8; 2], [u8; 2]) {
+        ([ENTRY_PREFIX, self as u8], [ENTRY_PREFIX, self as u8 + 1])
+    }
 }
 
 /// Key of one outbox entry; orders like the send order.
@@ -154,7 +167,8 @@ pub struct Entry {
     pub kind: EventKind,
     pub id: String,
     pub enqueued_at: Timestamp,
-    raw: Value,
+    /// The stored entry; shares one buffer with the other entries of a claim.
+    raw: Bytes,
     payload_at: usize,
 }
 
@@ -168,6 +182,19 @@ impl std::fmt::Debug for Entry {
     }
 }
 
+/// Parsed header of a stored entry: kind, enqueue time, id, and where the payload starts.
+fn parse_entry(raw: &[u8]) -> Option<(EventKind, Timestamp, &str, usize)> {
+    if raw.len() < HEADER_LEN || raw[0] != FORMAT_V1 {
+        return None;
+    }
+    let kind = *EventKind::ALL.get(raw[2] as usize)?;
+    let micros = i64::from_be_bytes(raw[3..11].try_into().ok()?);
+    let id_len = u16::from_be_bytes(raw[11..13].try_into().ok()?) as usize;
+    let id_end = HEADER_LEN.checked_add(id_len)?;
+    let id = std::str::from_utf8(raw.get(HEADER_LEN..id_end)?).ok()?;
+    Some((kind, Timestamp::from_microsecond(micros).ok()?, id, id_end))
+}
+
 impl Entry {
     pub fn stream(&self) -> Stream {
         self.key.stream()
@@ -178,30 +205,41 @@ impl Entry {
         &self.raw[self.payload_at..]
     }
 
+    /// The CloudEvent bytes, sharing the claim's buffer (no copy).
+    pub fn payload_bytes(&self) -> Bytes {
+        self.raw.slice(self.payload_at..)
+    }
+
     fn size(&self) -> u64 {
         self.raw.len() as u64 + self.id.len() as u64 + OVERHEAD
     }
 
-    fn decode(key: EntryKey, raw: Value) -> Option<Entry> {
-        if raw.len() < HEADER_LEN || raw[0] != FORMAT_V1 {
-            return None;
-        }
-        let kind = *EventKind::ALL.get(raw[2] as usize)?;
-        let micros = i64::from_be_bytes(raw[3..11].try_into().ok()?);
-        let id_len = u16::from_be_bytes(raw[11..13].try_into().ok()?) as usize;
-        let id_end = HEADER_LEN.checked_add(id_len)?;
-        let id = std::str::from_utf8(raw.get(HEADER_LEN..id_end)?)
-            .ok()?
-            .to_string();
+    fn decode(key: EntryKey, raw: Bytes) -> Option<Entry> {
+        let (kind, enqueued_at, id, payload_at) = parse_entry(&raw)?;
+        let id = id.to_string();
         Some(Entry {
             key,
             kind,
             id,
-            enqueued_at: Timestamp::from_microsecond(micros).ok()?,
+            enqueued_at,
             raw,
-            payload_at: id_end,
+            payload_at,
         })
     }
+
+    /// Decodes a stored entry, copying its bytes into `buf` (one buffer for many entries).
+    fn read(key: &[u8], raw: &[u8], buf: &mut BytesMut) -> Option<Entry> {
+        let key = EntryKey::from_bytes(key)?;
+        parse_entry(raw)?;
+        buf.extend_from_slice(raw);
+        Entry::decode(key, buf.split().freeze())
+    }
+}
+
+/// Size an entry costs, from its stored bytes alone.
+fn stored_size(raw: &[u8]) -> Option<u64> {
+    let (_, _, id, _) = parse_entry(raw)?;
+    Some(raw.len() as u64 + id.len() as u64 + OVERHEAD)
 }
 
 fn encode_entry(event: &NewEvent, stream: Stream, now: Timestamp) -> Vec<u8> {
@@ -221,9 +259,13 @@ fn encode_entry(event: &NewEvent, stream: Stream, now: Timestamp) -> Vec<u8> {
 }
 
 fn seen_key(id: &str) -> Vec<u8> {
+    seen_key_bytes(id.as_bytes())
+}
+
+fn seen_key_bytes(id: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(SEEN_PREFIX);
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id);
     k
 }
 
@@ -346,17 +388,36 @@ impl State {
     }
 }
 
+/// What senders hold.
+#[derive(Default)]
+struct Claims {
+    /// Entries a sender has taken and not yet acknowledged or released.
+    keys: HashSet<EntryKey>,
+    /// Every entry before this key is claimed (or gone): a claim from the front starts here
+    /// instead of walking the whole in-flight window again. Lowered by releases and by appends
+    /// of higher-priority events.
+    frontier: Option<EntryKey>,
+}
+
+impl Claims {
+    fn lower_frontier(&mut self, key: EntryKey) {
+        if self.frontier.is_some_and(|f| key < f) {
+            self.frontier = Some(key);
+        }
+    }
+}
+
 /// Durable queue of events for central.
 pub struct Outbox {
-    tree: Tree,
+    store: Store,
     clock: SharedClock,
     max_bytes: u64,
     limits: Limits,
     state: Mutex<State>,
     changed: Notify,
-    /// Entries a sender has taken and not yet acknowledged or released; no other sender sees
-    /// them, so the MQTT and HTTPS paths never carry the same entry at once.
-    claimed: Mutex<HashSet<EntryKey>>,
+    /// Entries a sender has taken; no other sender sees them, so the MQTT and HTTPS paths never
+    /// carry the same entry at once.
+    claims: Mutex<Claims>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -368,51 +429,78 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// Opens the outbox and counts what it holds from a previous run.
+    /// Opens the outbox and counts what it holds from a previous run. Entries that cannot be
+    /// read are removed; a held entry without its seen record (a salvaged log) gets one, and a
+    /// second entry of an id already held is removed.
     pub fn open(store: &Store, limits: Limits, clock: SharedClock) -> Result<Outbox, StoreError> {
-        let tree = store.tree(TreeName::Outbox)?;
         let mut state = State {
             next_seq: 1,
             streams: [StreamCounts::default(); STREAM_COUNT],
             seen: 0,
         };
-        for item in tree.scan_prefix([SEEN_BY_TIME_PREFIX]) {
+        let seen = store.view(LogTable::Seen)?;
+        for item in seen.range(&[SEEN_BY_TIME_PREFIX], Some(&[SEEN_BY_TIME_PREFIX + 1]))? {
             item?;
             state.seen += 1;
         }
         let mut unreadable = Vec::new();
-        for item in tree.scan_prefix([ENTRY_PREFIX]) {
-            let (k, v) = item?;
-            match EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v)) {
-                Some(entry) => {
-                    let s = &mut state.streams[entry.stream() as usize];
-                    s.depth += 1;
-                    s.bytes += entry.size();
-                    state.next_seq = state.next_seq.max(entry.key.seq() + 1);
+        let mut unindexed: Vec<(EntryKey, String, Timestamp)> = Vec::new();
+        {
+            let entries = store.view(LogTable::Outbox)?;
+            let mut held: HashSet<String> = HashSet::new();
+            for item in entries.iter()? {
+                let item = item?;
+                let parsed = EntryKey::from_bytes(item.key())
+                    .and_then(|key| Some((key, parse_entry(item.value())?)));
+                let Some((key, (_, at, id, _))) = parsed else {
+                    unreadable.push(item.key().to_vec());
+                    continue;
+                };
+                let indexed = seen
+                    .get(&seen_key(id))?
+                    .is_some_and(|v| v.bytes().get(8..18) == Some(&key.0[..]));
+                if !indexed {
+                    if !held.insert(id.to_string()) || seen_held_elsewhere(&seen, id, &key)? {
+                        unreadable.push(item.key().to_vec());
+                        continue;
+                    }
+                    unindexed.push((key, id.to_string(), at));
                 }
-                None => unreadable.push(k),
+                let s = &mut state.streams[key.stream() as usize];
+                s.depth += 1;
+                s.bytes += stored_size(item.value()).unwrap_or(0);
+                state.next_seq = state.next_seq.max(key.seq() + 1);
             }
         }
-        if !unreadable.is_empty() {
-            // Only a bug or disk corruption gets here; such entries can never be sent.
-            tracing::error!(
-                count = unreadable.len(),
-                "outbox holds unreadable entries; removing them"
-            );
-            let mut batch = Batch::default();
-            for k in unreadable {
-                batch.remove(k);
+        if !unreadable.is_empty() || !unindexed.is_empty() {
+            if !unreadable.is_empty() {
+                // Only disk damage, a bug, or a salvage's second copy of an id gets here.
+                tracing::error!(
+                    count = unreadable.len(),
+                    "outbox holds unreadable or repeated entries; removing them"
+                );
             }
-            tree.apply(batch)?;
+            store.write(Commit::Durable, |w| {
+                let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+                for k in &unreadable {
+                    entries.remove(k)?;
+                }
+                for (key, id, at) in &unindexed {
+                    seen.insert(&seen_key(id), &seen_value(*at, Some(key)))?;
+                    seen.insert(&seen_by_time_key(*at, id.as_bytes()), &[])?;
+                    state.seen += 1;
+                }
+                Ok(())
+            })?;
         }
         let outbox = Outbox {
-            tree,
+            store: store.clone(),
             clock,
             max_bytes: limits.max_bytes,
             limits,
             state: Mutex::new(state),
             changed: Notify::new(),
-            claimed: Mutex::default(),
+            claims: Mutex::default(),
         };
         for stream in Stream::ALL {
             outbox.publish_metrics(stream, &state);
@@ -420,22 +508,36 @@ impl Outbox {
         Ok(outbox)
     }
 
-    /// Appends events atomically, skipping ids already held and applying the size cap.
-    /// Nothing is durable until the caller flushes the store.
+    /// Appends events in a transaction of their own, committed lazily: nothing is durable until
+    /// the caller flushes the store.
     pub fn append(&self, events: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.store
+            .write(Commit::Lazy, |w| self.append_in(w, events))
+    }
+
+    /// Appends events within the caller's transaction, skipping ids already held and applying
+    /// the size cap. Counts change when the transaction commits.
+    pub fn append_in<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        events: &[NewEvent],
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
         let now = self.clock.now();
-        let mut state = self.state.lock().expect("outbox lock");
-        let mut next = *state;
+        let before = *self.state.lock().expect("outbox lock");
+        let mut next = before;
         let mut total = next.total_bytes();
-        let mut batch = Batch::default();
         let mut in_batch: HashSet<&str> = HashSet::with_capacity(events.len());
         let mut outcomes = Vec::with_capacity(events.len());
         let mut victims = Victims::default();
+        let mut dropped_keys = Vec::new();
         let mut refused: HashMap<Stream, u64> = HashMap::new();
+        let mut lowest_new: Option<EntryKey> = None;
 
         for event in events {
             let stream = Stream::of(event.kind);
-            if in_batch.contains(event.id.as_str()) || self.tree.contains(seen_key(&event.id))? {
+            if in_batch.contains(event.id.as_str())
+                || w.table(LogTable::Seen)?.contains(&seen_key(&event.id))?
+            {
                 outcomes.push(AppendOutcome::Duplicate);
                 continue;
             }
@@ -443,12 +545,16 @@ impl Outbox {
             // An event bigger than the whole outbox must not cost anyone else their place.
             let fits_at_all = size <= self.max_bytes;
             while fits_at_all && total + size > self.max_bytes {
-                let Some(victim) = victims.next_oldest(&self.tree, stream, &next)? else {
+                let Some(victim) =
+                    victims.next_oldest(w.table(LogTable::Outbox)?, stream, &next)?
+                else {
                     break;
                 };
                 // A dropped event stays "seen": the drop was the decision about it.
-                batch.remove(victim.key.0);
-                batch.insert(seen_key(&victim.id), seen_value(victim.enqueued_at, None));
+                let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+                entries.remove(&victim.key.0)?;
+                seen.insert(&seen_key(&victim.id), &seen_value(victim.enqueued_at, None))?;
+                dropped_keys.push(victim.key);
                 let counts = &mut next.streams[victim.stream() as usize];
                 counts.depth -= 1;
                 counts.bytes -= victim.size();
@@ -465,15 +571,17 @@ impl Outbox {
             }
             let key = EntryKey::new(stream, next.next_seq);
             next.next_seq += 1;
-            batch.insert(key.0, encode_entry(event, stream, now));
-            batch.insert(seen_key(&event.id), seen_value(now, Some(&key)));
-            batch.insert(seen_by_time_key(now, event.id.as_bytes()), []);
+            let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+            entries.insert(&key.0, &encode_entry(event, stream, now))?;
+            seen.insert(&seen_key(&event.id), &seen_value(now, Some(&key)))?;
+            seen.insert(&seen_by_time_key(now, event.id.as_bytes()), &[])?;
             next.seen += 1;
             let counts = &mut next.streams[stream as usize];
             counts.depth += 1;
             counts.bytes += size;
             total += size;
             in_batch.insert(&event.id);
+            lowest_new = Some(lowest_new.map_or(key, |k| k.min(key)));
             outcomes.push(AppendOutcome::Stored);
         }
 
@@ -481,13 +589,30 @@ impl Outbox {
             .iter()
             .filter(|o| **o == AppendOutcome::Stored)
             .count();
-        self.forget_old_ids(&mut batch, &mut next, now, 2 * stored + 16)?;
-        if !batch.is_empty() {
-            self.tree.apply(batch)?;
-        }
+        self.forget_old_ids(w.table(LogTable::Seen)?, &mut next, now, 2 * stored + 16)?;
+        w.after_commit(move || {
+            *self.state.lock().expect("outbox lock") = next;
+            {
+                let mut claims = self.claims.lock().expect("claims lock");
+                for k in &dropped_keys {
+                    claims.keys.remove(k);
+                }
+                if let Some(k) = lowest_new {
+                    claims.lower_frontier(k);
+                }
+            }
+            self.report_drops(&before, &next, &refused);
+            for stream in Stream::ALL {
+                self.publish_metrics(stream, &next);
+            }
+        });
+        Ok(outcomes)
+    }
+
+    fn report_drops(&self, before: &State, next: &State, refused: &HashMap<Stream, u64>) {
         for stream in Stream::ALL {
             let dropped =
-                next.streams[stream as usize].dropped - state.streams[stream as usize].dropped;
+                next.streams[stream as usize].dropped - before.streams[stream as usize].dropped;
             let refused_here = refused.get(&stream).copied().unwrap_or(0);
             if dropped > 0 {
                 metrics::counter!("storelink_outbox_dropped_total", "stream" => stream.name())
@@ -510,19 +635,14 @@ impl Outbox {
                 );
             }
         }
-        *state = next;
-        for stream in Stream::ALL {
-            self.publish_metrics(stream, &next);
-        }
-        Ok(outcomes)
     }
 
-    /// Adds to `batch` the removal of up to `budget` remembered ids that are past the retention
-    /// period or over the cap, oldest first. Bounded, so an append never stalls on a backlog of
-    /// expiry; the budget outruns the rate of new ids, so the set converges.
+    /// Removes up to `budget` remembered ids that are past the retention period or over the
+    /// cap, oldest first. Bounded, so an append never stalls on a backlog of expiry; the budget
+    /// outruns the rate of new ids, so the set converges.
     fn forget_old_ids(
         &self,
-        batch: &mut Batch,
+        seen: &mut LogTableMut<'_>,
         state: &mut State,
         now: Timestamp,
         budget: usize,
@@ -533,30 +653,33 @@ impl Outbox {
                     .unwrap_or(jiff::SignedDuration::MAX),
             )
             .unwrap_or(Timestamp::MIN);
-        let mut forgotten = 0;
-        for item in self.tree.scan_prefix([SEEN_BY_TIME_PREFIX]) {
-            if forgotten >= budget {
+        // Looked at first, changed after: a table cannot be walked and written at once.
+        let mut oldest = Vec::new();
+        let mut over = state.seen.saturating_sub(self.limits.max_seen);
+        for item in seen.range(&[SEEN_BY_TIME_PREFIX], Some(&[SEEN_BY_TIME_PREFIX + 1]))? {
+            if oldest.len() >= budget {
                 break;
             }
-            let (key, _) = item?;
-            let Some((at, id)) = parse_seen_by_time(&key) else {
-                batch.remove(key);
+            let item = item?;
+            let stale = parse_seen_by_time(item.key()).is_none_or(|(at, _)| at < cutoff);
+            if !stale && over == 0 {
+                break;
+            }
+            over = over.saturating_sub(1);
+            oldest.push(item.key().to_vec());
+        }
+        for key in oldest {
+            seen.remove(&key)?;
+            let Some((_, id)) = parse_seen_by_time(&key) else {
                 continue;
             };
-            if at >= cutoff && state.seen <= self.limits.max_seen {
-                break;
-            }
-            let mut sk = Vec::with_capacity(1 + id.len());
-            sk.push(SEEN_PREFIX);
-            sk.extend_from_slice(id);
-            batch.remove(&key);
-            forgotten += 1;
-            if self.tree.get(&sk)?.is_some_and(|v| seen_is_held(&v)) {
+            let sk = seen_key_bytes(id);
+            if seen.get(&sk)?.is_some_and(|v| seen_is_held(v.bytes())) {
                 // Still waiting for central (a long outage): never forget it, look again later.
-                batch.insert(seen_by_time_key(now, id), []);
+                seen.insert(&seen_by_time_key(now, id), &[])?;
                 continue;
             }
-            batch.remove(sk);
+            seen.remove(&sk)?;
             state.seen = state.seen.saturating_sub(1);
         }
         Ok(())
@@ -588,15 +711,17 @@ impl Outbox {
         if limit == 0 {
             return Ok(out);
         }
-        for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
-            let (k, v) = item?;
-            let Some(key) = EntryKey::from_bytes(&k) else {
+        let view = self.store.view(LogTable::Outbox)?;
+        let mut buf = BytesMut::new();
+        for item in view.iter()? {
+            let item = item?;
+            let Some(key) = EntryKey::from_bytes(item.key()) else {
                 continue;
             };
             if skip(&key) {
                 continue;
             }
-            if let Some(entry) = Entry::decode(key, v) {
+            if let Some(entry) = Entry::read(item.key(), item.value(), &mut buf) {
                 out.push(entry);
                 if out.len() >= limit {
                     break;
@@ -606,42 +731,88 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Removes an entry that central acknowledged. Returns false when it was already gone
-    /// (acknowledged twice, or dropped by the size cap while in flight).
+    /// Removes an entry that central acknowledged (a lazy commit of its own). Returns false
+    /// when it was already gone (acknowledged twice, or dropped by the size cap while in
+    /// flight).
     pub fn ack(&self, key: &EntryKey) -> Result<bool, StoreError> {
-        let removed = self.remove_acked(key);
-        // The claim goes only after the entry has left the tree: dropped first, a concurrent
-        // claim by the other path could take the acknowledged entry and send it a second time.
-        self.claimed.lock().expect("claims lock").remove(key);
-        let acked = removed?;
-        if acked {
+        Ok(self.ack_many(std::slice::from_ref(key), Commit::Lazy)? == 1)
+    }
+
+    /// Removes entries central acknowledged, in one transaction. Lazy is right for a PUBACK:
+    /// a removal lost to a power cut only means the event is sent again with its stable id.
+    /// Returns how many were still there.
+    pub fn ack_many(&self, keys: &[EntryKey], commit: Commit) -> Result<usize, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let result = self.store.write(commit, |w| self.ack_in(w, keys));
+        if result.is_err() {
+            // The entries stay and are sent again; they must not stay hidden behind a claim.
+            self.release(keys);
+        }
+        let acked = result?;
+        if acked > 0 {
             self.changed.notify_one();
         }
         Ok(acked)
     }
 
-    fn remove_acked(&self, key: &EntryKey) -> Result<bool, StoreError> {
-        let mut state = self.state.lock().expect("outbox lock");
-        let Some(raw) = self.tree.get(key.0)? else {
-            return Ok(false);
-        };
-        let Some(entry) = Entry::decode(*key, raw) else {
-            self.tree.remove(key.0)?;
-            return Ok(false);
-        };
-        let mut batch = Batch::default();
-        batch.remove(key.0);
-        batch.insert(seen_key(&entry.id), seen_value(entry.enqueued_at, None));
-        self.tree.apply(batch)?;
-        let counts = &mut state.streams[entry.stream() as usize];
-        counts.depth = counts.depth.saturating_sub(1);
-        counts.bytes = counts.bytes.saturating_sub(entry.size());
-        metrics::counter!("storelink_outbox_acked_total", "stream" => entry.stream().name())
-            .increment(1);
-        let snapshot = *state;
-        drop(state);
-        self.publish_metrics(entry.stream(), &snapshot);
-        Ok(true)
+    /// Acknowledges within the caller's transaction.
+    pub fn ack_in<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        keys: &[EntryKey],
+    ) -> Result<usize, StoreError> {
+        let mut gone: Vec<(Stream, u64)> = Vec::with_capacity(keys.len());
+        let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+        for key in keys {
+            let parsed = match entries.get(&key.0)? {
+                Some(raw) => parse_entry(raw.bytes()).map(|(_, at, id, _)| {
+                    (seen_key(id), at, stored_size(raw.bytes()).unwrap_or(0))
+                }),
+                None => continue,
+            };
+            entries.remove(&key.0)?;
+            if let Some((sk, at, size)) = parsed {
+                seen.insert(&sk, &seen_value(at, None))?;
+                gone.push((key.stream(), size));
+            }
+        }
+        let keys = keys.to_vec();
+        let acked = gone.len();
+        w.after_commit(move || {
+            let snapshot = {
+                let mut state = self.state.lock().expect("outbox lock");
+                for (stream, size) in &gone {
+                    let counts = &mut state.streams[*stream as usize];
+                    counts.depth = counts.depth.saturating_sub(1);
+                    counts.bytes = counts.bytes.saturating_sub(*size);
+                }
+                *state
+            };
+            // The claims go only now that the removal is committed: dropped first, a
+            // concurrent claim from an older snapshot could take an acknowledged entry and
+            // send it a second time.
+            {
+                let mut claims = self.claims.lock().expect("claims lock");
+                for k in &keys {
+                    claims.keys.remove(k);
+                }
+            }
+            let mut per_stream = [0u64; STREAM_COUNT];
+            for (stream, _) in &gone {
+                per_stream[*stream as usize] += 1;
+            }
+            for stream in Stream::ALL {
+                let n = per_stream[stream as usize];
+                if n > 0 {
+                    metrics::counter!("storelink_outbox_acked_total", "stream" => stream.name())
+                        .increment(n);
+                    self.publish_metrics(stream, &snapshot);
+                }
+            }
+        });
+        Ok(acked)
     }
 
     /// Takes up to `limit` entries (and about `max_bytes` of payload, at least one entry) that
@@ -653,76 +824,92 @@ impl Outbox {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let now = self.clock.now();
-        let mut claimed = self.claimed.lock().expect("claims lock");
-        let mut out = Vec::new();
+        let mut claims = self.claims.lock().expect("claims lock");
+        // The snapshot is taken under the claims lock: an ack's hook (which removes its claims
+        // after its commit) cannot run in between, so every acknowledged entry this snapshot
+        // still shows is still claimed.
+        let view = self.store.view(LogTable::Outbox)?;
+        let mut out: Vec<Entry> = Vec::new();
         let mut expired = 0usize;
         let mut bytes = 0usize;
-        let mut room = |entry: &Entry, out: &Vec<Entry>| {
-            let fits = out.is_empty() || bytes + entry.payload().len() <= max_bytes;
+        let mut buf = BytesMut::with_capacity(limit.min(256) * 1024);
+        let mut room = |len: usize, out: &Vec<Entry>| {
+            let fits = out.is_empty() || bytes + len <= max_bytes;
             if fits {
-                bytes += entry.payload().len();
+                bytes += len;
             }
             fits
         };
-        if limit == 0 {
-            return Ok(out);
-        }
         match take {
             Take::Front => {
-                for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
-                    let (k, v) = item?;
-                    let Some(key) = EntryKey::from_bytes(&k) else {
+                let start = claims.frontier.map(|k| k.0.to_vec()).unwrap_or_default();
+                // Whether every entry walked so far was claimed: the frontier may move past.
+                let mut contiguous = true;
+                for item in view.range(&start, None)? {
+                    let item = item?;
+                    let Some(key) = EntryKey::from_bytes(item.key()) else {
                         continue;
                     };
-                    if claimed.contains(&key) {
+                    if claims.keys.contains(&key) {
+                        if contiguous {
+                            claims.frontier = Some(key);
+                        }
                         continue;
                     }
-                    let Some(entry) = Entry::decode(key, v) else {
+                    let Some((_, at, _, payload_at)) = parse_entry(item.value()) else {
                         continue;
                     };
-                    if self.is_expired(&entry, now) {
+                    if self.is_expired(key.stream(), at, now) {
                         expired += 1;
+                        contiguous = false;
                         continue;
                     }
-                    if !room(&entry, &out) {
+                    if out.len() >= limit || !room(item.value().len() - payload_at, &out) {
                         break;
                     }
+                    let Some(entry) = Entry::read(item.key(), item.value(), &mut buf) else {
+                        continue;
+                    };
+                    if contiguous {
+                        claims.frontier = Some(key);
+                    }
+                    claims.keys.insert(key);
                     out.push(entry);
-                    if out.len() >= limit {
-                        break;
-                    }
                 }
             }
             Take::Live { since } => {
                 'streams: for stream in Stream::ALL {
+                    let (from, to) = stream.bounds();
                     // Newest first until the first older entry, then oldest first.
                     let mut live = Vec::new();
-                    for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]).rev() {
-                        let (k, v) = item?;
-                        let Some(entry) =
-                            EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
-                        else {
+                    for item in view.range(&from, Some(&to))?.rev() {
+                        let item = item?;
+                        let Some(entry) = Entry::read(item.key(), item.value(), &mut buf) else {
                             continue;
                         };
                         if entry.enqueued_at < since {
                             break;
                         }
-                        if !claimed.contains(&entry.key) {
+                        if !claims.keys.contains(&entry.key) {
                             live.push(entry);
                         }
                     }
                     for entry in live.into_iter().rev() {
-                        if out.len() >= limit || !room(&entry, &out) {
+                        if out.len() >= limit || !room(entry.payload().len(), &out) {
                             break 'streams;
                         }
+                        claims.keys.insert(entry.key);
                         out.push(entry);
                     }
                 }
             }
         }
-        claimed.extend(out.iter().map(|e| e.key));
-        drop(claimed);
+        drop(claims);
+        drop(view);
         // Skipped expired entries sit at the front of their stream; remove them now rather
         // than walk over them on every claim until the periodic sweep.
         if expired > 0 {
@@ -733,22 +920,23 @@ impl Outbox {
 
     /// Hands claimed entries back, unsent, for any sender to take again.
     pub fn release<'a>(&self, keys: impl IntoIterator<Item = &'a EntryKey>) {
-        let mut claimed = self.claimed.lock().expect("claims lock");
+        let mut claims = self.claims.lock().expect("claims lock");
         for key in keys {
-            claimed.remove(key);
+            claims.keys.remove(key);
+            claims.lower_frontier(*key);
         }
-        drop(claimed);
+        drop(claims);
         self.changed.notify_one();
     }
 
     /// Entries currently taken by a sender.
     pub fn claimed(&self) -> usize {
-        self.claimed.lock().expect("claims lock").len()
+        self.claims.lock().expect("claims lock").keys.len()
     }
 
-    fn is_expired(&self, entry: &Entry, now: Timestamp) -> bool {
-        self.limits.ttl[entry.stream() as usize]
-            .is_some_and(|ttl| now.duration_since(entry.enqueued_at).unsigned_abs() > ttl)
+    fn is_expired(&self, stream: Stream, enqueued_at: Timestamp, now: Timestamp) -> bool {
+        self.limits.ttl[stream as usize]
+            .is_some_and(|ttl| now.duration_since(enqueued_at).unsigned_abs() > ttl)
     }
 
     /// Removes unsent events that outlived their stream's TTL, counting and logging them, and
@@ -760,48 +948,60 @@ impl Outbox {
             if self.limits.ttl[stream as usize].is_none() {
                 continue;
             }
-            let mut batch = Batch::default();
-            let mut gone = Vec::new();
-            for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
-                let (k, v) = item?;
-                let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
-                else {
-                    continue;
-                };
-                // Oldest first: the first one still fresh ends the scan.
-                if !self.is_expired(&entry, now) {
-                    break;
+            let gone = self.store.write(Commit::Lazy, |w| {
+                let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+                let (from, to) = stream.bounds();
+                let mut gone: Vec<(Vec<u8>, String, Timestamp, u64)> = Vec::new();
+                for item in entries.range(&from, Some(&to))? {
+                    let item = item?;
+                    let Some((_, at, id, _)) = parse_entry(item.value()) else {
+                        continue;
+                    };
+                    // Oldest first: the first one still fresh ends the scan.
+                    if !self.is_expired(stream, at, now) {
+                        break;
+                    }
+                    let size = stored_size(item.value()).unwrap_or(0);
+                    gone.push((item.key().to_vec(), id.to_string(), at, size));
+                    if gone.len() >= 10_000 {
+                        break;
+                    }
                 }
-                batch.remove(entry.key.0);
-                batch.insert(seen_key(&entry.id), seen_value(entry.enqueued_at, None));
-                gone.push(entry);
-                if gone.len() >= 10_000 {
-                    break;
+                for (key, id, at, _) in &gone {
+                    entries.remove(key)?;
+                    seen.insert(&seen_key(id), &seen_value(*at, None))?;
                 }
-            }
-            if gone.is_empty() {
+                let sizes: Vec<u64> = gone.iter().map(|g| g.3).collect();
+                let n = sizes.len();
+                w.after_commit(move || {
+                    let snapshot = {
+                        let mut state = self.state.lock().expect("outbox lock");
+                        let counts = &mut state.streams[stream as usize];
+                        for size in &sizes {
+                            counts.depth = counts.depth.saturating_sub(1);
+                            counts.bytes = counts.bytes.saturating_sub(*size);
+                            counts.expired += 1;
+                        }
+                        *state
+                    };
+                    if !sizes.is_empty() {
+                        self.publish_metrics(stream, &snapshot);
+                    }
+                });
+                Ok(n)
+            })?;
+            if gone == 0 {
                 continue;
             }
-            let mut state = self.state.lock().expect("outbox lock");
-            self.tree.apply(batch)?;
-            let counts = &mut state.streams[stream as usize];
-            for entry in &gone {
-                counts.depth = counts.depth.saturating_sub(1);
-                counts.bytes = counts.bytes.saturating_sub(entry.size());
-                counts.expired += 1;
-            }
-            let snapshot = *state;
-            drop(state);
-            self.publish_metrics(stream, &snapshot);
             metrics::counter!("storelink_outbox_expired_total", "stream" => stream.name())
-                .increment(gone.len() as u64);
+                .increment(gone as u64);
             tracing::warn!(
                 stream = stream.name(),
-                expired = gone.len(),
+                expired = gone,
                 ttl_s = self.limits.ttl[stream as usize].map(|d| d.as_secs()),
                 "removed undelivered events older than the stream's TTL"
             );
-            removed += gone.len() as u64;
+            removed += gone as u64;
         }
         self.stats()?;
         Ok(removed)
@@ -809,18 +1009,18 @@ impl Outbox {
 
     /// When the oldest held event was enqueued, over all streams.
     pub fn oldest_enqueued(&self) -> Result<Option<Timestamp>, StoreError> {
+        let depths = self.state.lock().expect("outbox lock").streams;
+        if depths.iter().all(|s| s.depth == 0) {
+            return Ok(None);
+        }
+        let view = self.store.view(LogTable::Outbox)?;
         let mut oldest: Option<Timestamp> = None;
         for stream in Stream::ALL {
-            if self.state.lock().expect("outbox lock").streams[stream as usize].depth == 0 {
+            if depths[stream as usize].depth == 0 {
                 continue;
             }
-            for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
-                let (k, v) = item?;
-                if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
-                {
-                    oldest = Some(oldest.map_or(entry.enqueued_at, |o| o.min(entry.enqueued_at)));
-                    break;
-                }
+            if let Some(at) = first_enqueued(&view, stream)? {
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
             }
         }
         Ok(oldest)
@@ -829,9 +1029,10 @@ impl Outbox {
     /// Whether an event id is currently held.
     pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self
-            .tree
-            .get(seen_key(id))?
-            .is_some_and(|v| seen_is_held(&v)))
+            .store
+            .view(LogTable::Seen)?
+            .get(&seen_key(id))?
+            .is_some_and(|v| seen_is_held(v.bytes())))
     }
 
     pub fn depth(&self) -> u64 {
@@ -841,22 +1042,25 @@ impl Outbox {
 
     /// Age of the oldest entry of `stream`, by the injectable clock.
     pub fn oldest_age(&self, stream: Stream) -> Result<Option<std::time::Duration>, StoreError> {
+        let view = self.store.view(LogTable::Outbox)?;
+        self.age_of_first(&view, stream)
+    }
+
+    fn age_of_first(
+        &self,
+        view: &LogView,
+        stream: Stream,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
         let now = self.clock.now();
-        for item in self.tree.scan_prefix([ENTRY_PREFIX, stream as u8]) {
-            let (k, v) = item?;
-            if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v)) {
-                let age = now.duration_since(entry.enqueued_at);
-                return Ok(Some(age.unsigned_abs()));
-            }
-        }
-        Ok(None)
+        Ok(first_enqueued(view, stream)?.map(|at| now.duration_since(at).unsigned_abs()))
     }
 
     pub fn stats(&self) -> Result<OutboxStats, StoreError> {
         let state = *self.state.lock().expect("outbox lock");
+        let view = self.store.view(LogTable::Outbox)?;
         let mut streams = Vec::with_capacity(STREAM_COUNT);
         for stream in Stream::ALL {
-            let oldest = self.oldest_age(stream)?;
+            let oldest = self.age_of_first(&view, stream)?;
             // 0 for an empty stream: leaving the last value would show a drained outbox as
             // still holding an old event, and an alert on age would never clear.
             metrics::gauge!("storelink_outbox_oldest_age_seconds", "stream" => stream.name())
@@ -884,6 +1088,27 @@ impl Outbox {
     }
 }
 
+/// Whether the seen record of `id` names an entry other than `key` that is held: the entry at
+/// `key` is then a second copy of the same event.
+fn seen_held_elsewhere(seen: &LogView, id: &str, key: &EntryKey) -> Result<bool, StoreError> {
+    Ok(seen.get(&seen_key(id))?.is_some_and(|v| {
+        let v = v.bytes();
+        seen_is_held(v) && v.get(8..18) != Some(&key.0[..])
+    }))
+}
+
+/// When the first (oldest) entry of `stream` was enqueued.
+fn first_enqueued(view: &LogView, stream: Stream) -> Result<Option<Timestamp>, StoreError> {
+    let (from, to) = stream.bounds();
+    for item in view.range(&from, Some(&to))? {
+        let item = item?;
+        if let Some((_, at, _, _)) = parse_entry(item.value()) {
+            return Ok(Some(at));
+        }
+    }
+    Ok(None)
+}
+
 /// Finds drop victims for one append: the oldest entries of droppable streams, lowest priority
 /// first, never of higher priority than the event that needs the room.
 #[derive(Default)]
@@ -895,10 +1120,11 @@ struct Victims {
 impl Victims {
     fn next_oldest(
         &mut self,
-        tree: &Tree,
+        entries: &LogTableMut<'_>,
         incoming: Stream,
         state: &State,
     ) -> Result<Option<Entry>, StoreError> {
+        let mut buf = BytesMut::new();
         for stream in Stream::ALL.into_iter().rev() {
             if !stream.droppable() || stream < incoming || state.streams[stream as usize].depth == 0
             {
@@ -910,13 +1136,12 @@ impl Victims {
                     next.push(0);
                     next
                 }
-                None => vec![ENTRY_PREFIX, stream as u8],
+                None => stream.bounds().0.to_vec(),
             };
-            let end = [ENTRY_PREFIX, stream as u8 + 1];
-            for item in tree.range(start.as_slice()..&end[..]) {
-                let (k, v) = item?;
-                if let Some(entry) = EntryKey::from_bytes(&k).and_then(|key| Entry::decode(key, v))
-                {
+            let end = stream.bounds().1;
+            for item in entries.range(&start, Some(&end))? {
+                let item = item?;
+                if let Some(entry) = Entry::read(item.key(), item.value(), &mut buf) {
                     self.after.insert(stream, entry.key);
                     return Ok(Some(entry));
                 }
