@@ -28,12 +28,14 @@ use crate::uplink::outbox::{AppendOutcome, NewEvent, Outbox};
 /// Most items written under one flush.
 pub const MAX_BATCH: usize = 1024;
 
-/// Journal record tag: a loyalty transaction whose cache share (KPIs, attribution) is owed.
+/// Journal record tag: a loyalty transaction whose cache share (KPIs, attribution) is owed,
+/// followed by its CloudEvent (already encoded for the outbox, so nothing is serialised twice).
 const JOURNAL_TRANSACTION: u8 = b'T';
 
-fn journal_record(tx: &Transaction) -> Vec<u8> {
-    let mut record = vec![JOURNAL_TRANSACTION];
-    serde_json::to_writer(&mut record, tx).expect("a transaction serialises");
+fn journal_record(event: &NewEvent) -> Vec<u8> {
+    let mut record = Vec::with_capacity(1 + event.payload.len());
+    record.push(JOURNAL_TRANSACTION);
+    record.extend_from_slice(&event.payload);
     record
 }
 
@@ -292,21 +294,17 @@ impl Engine {
             // about, and the cache's share of the first copy may be what a crash lost (a
             // store migrated from before the journal). The ledger's own check keeps an update
             // from counting twice.
-            let loyal: Vec<(&Transaction, bool)> = batch
-                .iter()
-                .zip(&outcomes)
-                .filter_map(|(item, outcome)| match (item, outcome) {
-                    (
-                        Ingest::Transaction { tx, .. },
-                        AppendOutcome::Stored | AppendOutcome::Duplicate,
-                    ) if tx.loyalty_id.is_some() => {
-                        Some((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)))
-                    }
-                    _ => None,
-                })
-                .collect();
-            for (tx, _) in &loyal {
-                w.journal(&journal_record(tx))?;
+            let mut loyal: Vec<(&Transaction, bool)> = Vec::new();
+            for ((item, outcome), event) in batch.iter().zip(&outcomes).zip(&events) {
+                if let (
+                    Ingest::Transaction { tx, .. },
+                    AppendOutcome::Stored | AppendOutcome::Duplicate,
+                ) = (item, outcome)
+                    && tx.loyalty_id.is_some()
+                {
+                    w.journal(&journal_record(event))?;
+                    loyal.push((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)));
+                }
             }
             let completed = self.apply_to_cache(w, &loyal)?;
             Ok((outcomes, completed))
@@ -381,7 +379,7 @@ impl Engine {
         let txs: Vec<Transaction> = pending
             .iter()
             .filter_map(|(_, record)| match record.split_first() {
-                Some((&JOURNAL_TRANSACTION, json)) => serde_json::from_slice(json).ok(),
+                Some((&JOURNAL_TRANSACTION, event)) => events::decode_data(event),
                 _ => None,
             })
             .collect();

@@ -108,6 +108,15 @@ pub fn encode<T: Serialize>(
     serde_json::to_vec(&envelope).expect("CloudEvent data serialises")
 }
 
+/// The `data` of a CloudEvent this module encoded, read back.
+pub fn decode_data<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    #[derive(serde::Deserialize)]
+    struct Data<T> {
+        data: T,
+    }
+    serde_json::from_slice::<Data<T>>(bytes).ok().map(|d| d.data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,11 @@ pub fn parse(line: &[u8]) -> Result<Transaction, ParseError> {
             e.valid_up_to()
         ))
     })?;
+    // Plain serde first: path tracking costs on every field, and only an error needs the path.
+    if let Ok(mut tx) = serde_json::from_str::<Transaction>(text) {
+        tx.source_format = SourceFormat::Jsonl;
+        return Ok(tx);
+    }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let mut tx: Transaction = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();

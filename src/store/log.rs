@@ -98,17 +98,26 @@ pub enum Commit {
 pub(super) const MAGIC: [u8; 4] = [0xF3, 0x5A, 0x1C, 0xE7];
 pub(super) const FRAME_OVERHEAD: usize = 4 + 1 + 2 + 4 + 4;
 
+#[cfg(test)]
 pub(super) fn frame(table: LogTable, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(FRAME_OVERHEAD + key.len() + value.len());
-    f.extend_from_slice(&MAGIC);
-    f.push(table.id());
-    f.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    f.extend_from_slice(key);
-    f.extend_from_slice(&(value.len() as u32).to_be_bytes());
-    f.extend_from_slice(value);
-    let crc = crc32fast::hash(&f[4..]);
-    f.extend_from_slice(&crc.to_le_bytes());
+    let mut f = vec![0u8; FRAME_OVERHEAD + key.len() + value.len()];
+    write_frame(&mut f, table, key, value);
     f
+}
+
+/// Writes the frame of `key`/`value` into `out`, which is exactly as long as the frame.
+fn write_frame(out: &mut [u8], table: LogTable, key: &[u8], value: &[u8]) {
+    let (magic, rest) = out.split_at_mut(4);
+    magic.copy_from_slice(&MAGIC);
+    rest[0] = table.id();
+    rest[1..3].copy_from_slice(&(key.len() as u16).to_be_bytes());
+    rest[3..3 + key.len()].copy_from_slice(key);
+    let at = 3 + key.len();
+    rest[at..at + 4].copy_from_slice(&(value.len() as u32).to_be_bytes());
+    rest[at + 4..at + 4 + value.len()].copy_from_slice(value);
+    let crc_at = at + 4 + value.len();
+    let crc = crc32fast::hash(&rest[..crc_at]);
+    rest[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The value inside a frame that redb stored (redb's checksums vouch for it; salvage checks
@@ -371,8 +380,11 @@ pub struct LogTableMut<'a> {
 impl LogTableMut<'_> {
     pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let result = if self.table.framed() {
-            let framed = frame(self.table, key, value);
-            self.inner.insert(key, framed.as_slice()).map(|_| ())
+            // Written in place: no copy of the value on its way in.
+            let len = FRAME_OVERHEAD + key.len() + value.len();
+            self.inner.insert_reserve(key, len).map(|mut slot| {
+                write_frame(slot.as_mut(), self.table, key, value);
+            })
         } else {
             self.inner.insert(key, value).map(|_| ())
         };
@@ -385,6 +397,24 @@ impl LogTableMut<'_> {
             .remove(key)
             .map(|old| old.is_some())
             .map_err(|e| redb_error(self.file, e))
+    }
+
+    /// Removes `key` and hands its value to `f` on the way out: one lookup where a read and a
+    /// removal would take two.
+    pub fn remove_with<R>(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        let framed = self.table.framed();
+        let old = self
+            .inner
+            .remove(key)
+            .map_err(|e| redb_error(self.file, e))?;
+        Ok(old.map(|guard| {
+            let raw = guard.value();
+            f(if framed { unframe(raw) } else { raw })
+        }))
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<LogValue<'_>>, StoreError> {

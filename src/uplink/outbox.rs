@@ -3,8 +3,10 @@
 //! Layout, in the log (see [`crate::store`]):
 //! - table `outbox`: `0x00 ‖ stream ‖ seq (u64 BE)` → entry (header ‖ CloudEvent bytes). Key
 //!   order is send order: streams by priority, then oldest first within a stream.
-//! - table `seen`: `0x02 ‖ event id` → first-seen time (i64 BE), followed by the entry key while
-//!   the event is held; and `0x03 ‖ time ‖ event id` for expiry. Every id the outbox ever
+//! - table `seen`: `0x02 ‖ event id` → first-seen time (i64 BE), followed by the entry key it
+//!   was stored under (none when it was dropped on arrival); and `0x03 ‖ time ‖ event id` for
+//!   expiry. The event is held while that entry exists: an acknowledgement removes the entry
+//!   alone, one write, and the seen record keeps pointing at a key that is gone. Every id the outbox ever
 //!   accepted is kept after delivery for [`Limits::seen_retention`] (at most
 //!   [`Limits::max_seen`] ids); an id still held never expires. This is what makes counting
 //!   exactly-once at the edge: a transaction a register sends again, even after it reached
@@ -46,6 +48,8 @@ const ENTRY_PREFIX: u8 = 0x00;
 const SEEN_PREFIX: u8 = 0x02;
 const SEEN_BY_TIME_PREFIX: u8 = 0x03;
 const FORMAT_V1: u8 = 1;
+/// The next entry sequence number, in the log's meta table.
+const NEXT_SEQ_KEY: &[u8] = b"outbox.next_seq";
 const HEADER_LEN: usize = 1 + 1 + 1 + 8 + 2;
 /// Bytes an entry costs beyond its id and payload: keys, header, the log's record frame, the
 /// entry key in its seen record.
@@ -287,9 +291,9 @@ fn seen_value(at: Timestamp, held: Option<&EntryKey>) -> Vec<u8> {
     v
 }
 
-/// Whether a seen record says the event is still held.
-fn seen_is_held(value: &[u8]) -> bool {
-    value.len() >= 8 + 10
+/// The entry key a seen record points at; the event is held while that entry exists.
+fn held_key(value: &[u8]) -> Option<EntryKey> {
+    EntryKey::from_bytes(value.get(8..18)?)
 }
 
 /// Splits a `0x03 ‖ time ‖ id` key.
@@ -438,6 +442,11 @@ impl Outbox {
             streams: [StreamCounts::default(); STREAM_COUNT],
             seen: 0,
         };
+        if let Some(v) = store.view(LogTable::Meta)?.get(NEXT_SEQ_KEY)?
+            && let Ok(b) = <[u8; 8]>::try_from(v.bytes())
+        {
+            state.next_seq = u64::from_be_bytes(b).max(1);
+        }
         let seen = store.view(LogTable::Seen)?;
         for item in seen.range(&[SEEN_BY_TIME_PREFIX], Some(&[SEEN_BY_TIME_PREFIX + 1]))? {
             item?;
@@ -460,7 +469,9 @@ impl Outbox {
                     .get(&seen_key(id))?
                     .is_some_and(|v| v.bytes().get(8..18) == Some(&key.0[..]));
                 if !indexed {
-                    if !held.insert(id.to_string()) || seen_held_elsewhere(&seen, id, &key)? {
+                    if !held.insert(id.to_string())
+                        || seen_held_elsewhere(&seen, &entries, id, &key)?
+                    {
                         unreadable.push(item.key().to_vec());
                         continue;
                     }
@@ -589,7 +600,13 @@ impl Outbox {
             .iter()
             .filter(|o| **o == AppendOutcome::Stored)
             .count();
-        self.forget_old_ids(w.table(LogTable::Seen)?, &mut next, now, 2 * stored + 16)?;
+        if next.next_seq != before.next_seq {
+            // Sequence numbers are never reused, even once the outbox is empty: a seen record
+            // keeps the key of an entry long gone, and must never point at a newer one.
+            w.table(LogTable::Meta)?
+                .insert(NEXT_SEQ_KEY, &next.next_seq.to_be_bytes())?;
+        }
+        self.forget_old_ids(w, &mut next, now, 2 * stored + 16)?;
         w.after_commit(move || {
             *self.state.lock().expect("outbox lock") = next;
             {
@@ -642,11 +659,12 @@ impl Outbox {
     /// outruns the rate of new ids, so the set converges.
     fn forget_old_ids(
         &self,
-        seen: &mut LogTableMut<'_>,
+        w: &mut LogWrite<'_, '_>,
         state: &mut State,
         now: Timestamp,
         budget: usize,
     ) -> Result<(), StoreError> {
+        let [seen, entries] = w.tables(LogTable::Seen, LogTable::Outbox)?;
         let cutoff = now
             .checked_sub(
                 jiff::SignedDuration::try_from(self.limits.seen_retention)
@@ -674,7 +692,13 @@ impl Outbox {
                 continue;
             };
             let sk = seen_key_bytes(id);
-            if seen.get(&sk)?.is_some_and(|v| seen_is_held(v.bytes())) {
+            let held = match seen.get(&sk)? {
+                Some(v) => held_key(v.bytes()),
+                None => None,
+            };
+            if let Some(key) = held
+                && entries.contains(&key.0)?
+            {
                 // Still waiting for central (a long outage): never forget it, look again later.
                 seen.insert(&seen_by_time_key(now, id), &[])?;
                 continue;
@@ -757,24 +781,17 @@ impl Outbox {
         Ok(acked)
     }
 
-    /// Acknowledges within the caller's transaction.
+    /// Acknowledges within the caller's transaction: one removal per entry (its seen record
+    /// stays as it is; see the module's layout).
     pub fn ack_in<'h>(
         &'h self,
         w: &mut LogWrite<'_, 'h>,
         keys: &[EntryKey],
     ) -> Result<usize, StoreError> {
         let mut gone: Vec<(Stream, u64)> = Vec::with_capacity(keys.len());
-        let [entries, seen] = w.tables(LogTable::Outbox, LogTable::Seen)?;
+        let entries = w.table(LogTable::Outbox)?;
         for key in keys {
-            let parsed = match entries.get(&key.0)? {
-                Some(raw) => parse_entry(raw.bytes()).map(|(_, at, id, _)| {
-                    (seen_key(id), at, stored_size(raw.bytes()).unwrap_or(0))
-                }),
-                None => continue,
-            };
-            entries.remove(&key.0)?;
-            if let Some((sk, at, size)) = parsed {
-                seen.insert(&sk, &seen_value(at, None))?;
+            if let Some(size) = entries.remove_with(&key.0, |raw| stored_size(raw).unwrap_or(0))? {
                 gone.push((key.stream(), size));
             }
         }
@@ -1028,11 +1045,15 @@ impl Outbox {
 
     /// Whether an event id is currently held.
     pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
+        let Some(key) = self
             .store
             .view(LogTable::Seen)?
             .get(&seen_key(id))?
-            .is_some_and(|v| seen_is_held(v.bytes())))
+            .and_then(|v| held_key(v.bytes()))
+        else {
+            return Ok(false);
+        };
+        self.store.view(LogTable::Outbox)?.contains(&key.0)
     }
 
     pub fn depth(&self) -> u64 {
@@ -1088,13 +1109,22 @@ impl Outbox {
     }
 }
 
-/// Whether the seen record of `id` names an entry other than `key` that is held: the entry at
-/// `key` is then a second copy of the same event.
-fn seen_held_elsewhere(seen: &LogView, id: &str, key: &EntryKey) -> Result<bool, StoreError> {
-    Ok(seen.get(&seen_key(id))?.is_some_and(|v| {
-        let v = v.bytes();
-        seen_is_held(v) && v.get(8..18) != Some(&key.0[..])
-    }))
+/// Whether the seen record of `id` names another entry than `key` that is still there: the
+/// entry at `key` is then a second copy of the same event.
+fn seen_held_elsewhere(
+    seen: &LogView,
+    entries: &LogView,
+    id: &str,
+    key: &EntryKey,
+) -> Result<bool, StoreError> {
+    let other = match seen.get(&seen_key(id))? {
+        Some(v) => held_key(v.bytes()).filter(|k| k != key),
+        None => None,
+    };
+    match other {
+        Some(k) => entries.contains(&k.0),
+        None => Ok(false),
+    }
 }
 
 /// When the first (oldest) entry of `stream` was enqueued.
