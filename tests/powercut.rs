@@ -27,7 +27,12 @@
 //! - `STORELINK_POWERCUT_MODE=drop|torn|both` (default both: alternating);
 //! - `STORELINK_POWERCUT_SECS=N`: stop cutting after N seconds even if fewer cuts were made
 //!   (default: 150, or 6 s per cut when more than 20 cuts are asked for);
-//! - `STORELINK_POWERCUT_SEED=N`: replay a run (the seed is printed and in the report).
+//! - `STORELINK_POWERCUT_SEED=N`: replay a run (the seed is printed and in the report);
+//! - `STORELINK_POWERCUT_BASELINE=0`: no baseline. By default the agent first runs for a
+//!   second and everything it wrote is then declared durable (`PowerCutFs::settle`), as a
+//!   kernel's background writeback would have made a store that has existed for a while;
+//!   the cuts start from there. Without it the strict model also undoes the creation of the
+//!   store's own files whenever the engine never fsyncs their directory.
 //!
 //! Each scenario writes its report to `target/tmp/powercut-{scenario}.json` and to stderr.
 
@@ -290,6 +295,7 @@ struct Plan {
     modes: Vec<CutMode>,
     budget: Duration,
     seed: u64,
+    baseline: bool,
 }
 
 impl Plan {
@@ -324,11 +330,13 @@ impl Plan {
             "POWERCUT {scenario}: seed {seed} (replay with STORELINK_POWERCUT_SEED={seed}), {cuts} cuts, modes {:?}",
             modes.iter().map(|m| m.name()).collect::<Vec<_>>()
         );
+        let baseline = var("STORELINK_POWERCUT_BASELINE").as_deref() != Some("0");
         Plan {
             cuts,
             modes,
             budget,
             seed,
+            baseline,
         }
     }
 }
@@ -366,6 +374,9 @@ struct CutTotals {
     names_undone: usize,
     names_kept: usize,
     conflicts: usize,
+    /// fsync and fsyncdir requests the agent made, over all runs.
+    fsyncs: u64,
+    fsyncdirs: u64,
     /// Which files lost writes, over all cuts: path → (dropped, torn).
     files: BTreeMap<String, (usize, usize)>,
 }
@@ -474,6 +485,8 @@ impl Rig {
         t.names_undone += report.names_undone;
         t.names_kept += report.names_kept;
         t.conflicts += report.conflicts;
+        t.fsyncs += report.fsyncs;
+        t.fsyncdirs += report.fsyncdirs;
         for (file, (d, torn)) in report.files {
             let e = t.files.entry(file).or_default();
             e.0 += d;
@@ -652,6 +665,14 @@ async fn cut_loop<B, R>(
     R: AsyncFnMut(&Rig, usize),
 {
     let started = Instant::now();
+    if plan.baseline {
+        rig.set_link(true).await;
+        rig.spawn();
+        if rig.ready(Duration::from_secs(60)).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        rig.fs.settle();
+    }
     let mut n = 0;
     while n < plan.cuts && started.elapsed() < plan.budget {
         let open = rng.random_bool(0.5);
@@ -725,6 +746,7 @@ async fn common_findings(
     let json = json!({
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "seed": plan.seed,
+        "baseline_settled": plan.baseline,
         "cuts": rig.cuts.len(),
         "per_mode": rig.totals,
         "sent": totals.sent,

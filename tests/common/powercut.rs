@@ -91,9 +91,13 @@ pub struct CutReport {
     /// Undo steps that met something a durable later change had put in their place; see
     /// `Journal::apply`.
     pub conflicts: usize,
-    /// Per file (path as it stands after the cut, relative to the mount): writes dropped,
-    /// writes torn.
+    /// Per file (its path when the power went, relative to the mount; an unlinked file by
+    /// the name it had): writes dropped, writes torn.
     pub files: BTreeMap<String, (usize, usize)>,
+    /// FUSE fsync and fsyncdir requests since the previous mount: what the program asked to
+    /// be made durable.
+    pub fsyncs: u64,
+    pub fsyncdirs: u64,
 }
 
 /// A change not yet durable, with what it takes to undo it.
@@ -166,6 +170,8 @@ struct Journal {
     handles: HashMap<u64, (u64, File)>,
     next_fh: u64,
     next_grave: u64,
+    /// Graveyard path → the path the thing had when it was removed, for reports.
+    origins: HashMap<PathBuf, PathBuf>,
     log: Vec<Undo>,
     /// Counters since the last cut, for tests of the filesystem itself.
     fsyncs: u64,
@@ -182,6 +188,7 @@ impl Journal {
             handles: HashMap::new(),
             next_fh: 1,
             next_grave: 0,
+            origins: HashMap::new(),
             log: Vec::new(),
             fsyncs: 0,
             fsyncdirs: 0,
@@ -296,7 +303,23 @@ impl Journal {
     /// what torn mode keeps. Runs only while unmounted.
     fn apply(&mut self, mode: CutMode, rng: &mut impl Rng) -> io::Result<CutReport> {
         let log = std::mem::take(&mut self.log);
-        let mut report = CutReport::default();
+        let mut report = CutReport {
+            fsyncs: self.fsyncs,
+            fsyncdirs: self.fsyncdirs,
+            ..Default::default()
+        };
+        // Files are reported by the name they had when the power went (or when unlinked).
+        let names_at_cut: HashMap<u64, PathBuf> = self
+            .nodes
+            .iter()
+            .map(|(i, p)| {
+                let name = match self.origins.get(p) {
+                    Some(o) => PathBuf::from(format!("{} (unlinked)", o.display())),
+                    None => p.clone(),
+                };
+                (*i, name)
+            })
+            .collect();
         // What survives, per record: None = undone whole, Some(None) = kept whole,
         // Some(Some(p)) = a write of which the first p bytes are kept.
         let mut keep: Vec<Option<Option<u64>>> = vec![None; log.len()];
@@ -432,8 +455,7 @@ impl Journal {
         }
         report.files_touched = touched.len();
         for (ino, counts) in touched {
-            let name = self
-                .nodes
+            let name = names_at_cut
                 .get(&ino)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -688,6 +710,7 @@ impl fuser::Filesystem for Fs {
                 let victim_ino = j.ino_for(&to);
                 let grave = j.fresh_grave();
                 j.relocate(&to, &grave).map_err(errno)?;
+                j.origins.insert(grave.clone(), to.clone());
                 victim = Some((victim_ino, grave));
             }
             j.relocate(&from, &to).map_err(errno)?;
@@ -1073,6 +1096,7 @@ impl Fs {
             let ino = j.ino_for(&rel);
             let grave = j.fresh_grave();
             j.relocate(&rel, &grave).map_err(errno)?;
+            j.origins.insert(grave.clone(), rel.clone());
             j.log.push(Undo::Removed {
                 dir: parent.0,
                 name: name.to_string_lossy().into_owned(),
@@ -1241,6 +1265,14 @@ impl PowerCutFs {
         *j = Journal::new(&self.backing);
         drop(j);
         self.start();
+    }
+
+    /// Declares everything written so far durable, as a kernel's periodic writeback and
+    /// journal commits would have made it on a machine that has been up a while. Strict
+    /// POSIX says a name is durable only through its directory's fsync; a program that never
+    /// fsyncs its directory would otherwise lose files it created hours ago.
+    pub fn settle(&self) {
+        self.journal.lock().unwrap().log.clear();
     }
 
     /// Changes not yet durable (for tests of the filesystem).
