@@ -615,10 +615,26 @@ fn expected_kpis(acks: &Acks) -> BTreeMap<String, (u64, i64)> {
     out
 }
 
-/// Compares the agent's KPIs with [`expected_kpis`]; one line per customer that differs.
-async fn kpi_mismatches(rig: &Rig, acks: &Acks) -> (usize, Vec<String>) {
+/// KPIs compared with what the register was told `ok`.
+#[derive(Default)]
+struct KpiCheck {
+    customers: usize,
+    /// One line per customer that differs.
+    mismatches: Vec<String>,
+    /// Customers with fewer purchases than acknowledged (records lost) and with more
+    /// (something counted twice).
+    under: usize,
+    over: usize,
+}
+
+/// Compares the agent's KPIs with [`expected_kpis`].
+async fn kpi_mismatches(rig: &Rig, acks: &Acks) -> KpiCheck {
     let expected = expected_kpis(acks);
-    let mut mismatches = Vec::new();
+    let mut check = KpiCheck {
+        customers: expected.len(),
+        ..Default::default()
+    };
+    let mismatches = &mut check.mismatches;
     for (card, (purchases, revenue)) in &expected {
         let (status, body) = rig.profile(card).await;
         let k = &body["kpis"];
@@ -626,13 +642,19 @@ async fn kpi_mismatches(rig: &Rig, acks: &Acks) -> (usize, Vec<String>) {
         let got_revenue: Option<i64> = k["revenue_by_year"]
             .as_object()
             .map(|years| years.values().filter_map(Value::as_i64).sum());
+        match got_purchases {
+            Some(n) if n > *purchases => check.over += 1,
+            Some(n) if n < *purchases => check.under += 1,
+            None => check.under += 1,
+            _ => {}
+        }
         if status != 200 || got_purchases != Some(*purchases) || got_revenue != Some(*revenue) {
             mismatches.push(format!(
                 "{card}: register got ok for {purchases} purchases, net {revenue}; agent says {status} purchases {got_purchases:?} net {got_revenue:?}"
             ));
         }
     }
-    (expected.len(), mismatches)
+    check
 }
 
 /// Ids lost, by the mode of the first cut after their `ok` ("none" if acknowledged after
@@ -852,12 +874,15 @@ async fn powercut_acknowledged_transactions_and_kpis_survive_power_loss() {
     cut_loop(&mut rig, &plan, &mut rng, |_, _| {}, async |_, _| {}).await;
     let totals = wind_down(&mut rig, load).await;
     settle(&rig, &central, &totals.acked, Duration::from_secs(90)).await;
-    let (customers, kpis) = kpi_mismatches(&rig, &acks).await;
+    let kpi = kpi_mismatches(&rig, &acks).await;
+    let (customers, kpis) = (kpi.customers, &kpi.mismatches);
     let c = common_findings(&rig, &plan, started, &central, &totals, &acks).await;
     let mut report = c.json.clone();
     report["scenario"] = json!("outbox");
     report["loyalty_customers"] = json!(customers);
     report["kpi_mismatches"] = json!(kpis.len());
+    report["kpi_customers_undercounted"] = json!(kpi.under);
+    report["kpi_customers_overcounted"] = json!(kpi.over);
     report["kpi_mismatch_examples"] = json!(&kpis[..kpis.len().min(8)]);
     Finding {
         scenario: "outbox",
@@ -1047,6 +1072,11 @@ async fn powercut_erasures_and_the_profile_sync_cursor_survive_power_loss() {
     report["erasures_acknowledged"] = json!(acknowledged.borrow().len());
     report["stale_upserts_after_acknowledged_erasures"] = json!(m.stale_upserts);
     report["erasure_violations_after_a_cut"] = json!(violations.len());
+    // 404: the tombstone was gone (a stale upsert would then be taken); 200: visible again.
+    report["erasure_violations_tombstone_gone"] =
+        json!(violations.iter().filter(|v| v.contains(" 404")).count());
+    report["erasure_violations_resurrected"] =
+        json!(violations.iter().filter(|v| v.contains(" 200")).count());
     report["erasure_violation_examples"] = json!(&violations[..violations.len().min(5)]);
     report["final_sync_caught_up"] = json!(caught_up);
     report["profiles_missing_after_final_sync"] = json!(missing.len());
