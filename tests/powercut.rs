@@ -470,8 +470,16 @@ impl Rig {
 
     /// SIGKILL, then the power cut, then the remount. The agent is not started again here.
     fn cut(&mut self, mode: CutMode, during_startup: bool) {
-        if let Some(agent) = self.agent.take() {
-            agent.kill9();
+        if let Some(mut agent) = self.agent.take() {
+            match agent.exited() {
+                // It went before the power did: that is a failure of its own.
+                Some(status) => self.died_alone.push(format!(
+                    "before cut {}: {status}; log tail: {}",
+                    self.cuts.len() + 1,
+                    self.log_tail(6)
+                )),
+                None => agent.kill9(),
+            }
         }
         let mut rng = StdRng::seed_from_u64(self.seed_for_cut());
         let report = self.fs.cut(mode, &mut rng);
@@ -968,6 +976,9 @@ async fn powercut_erasures_and_the_profile_sync_cursor_survive_power_loss() {
             see_acks(n);
             let mut m = model.borrow_mut();
             let mut feed = https.feed.lock().unwrap();
+            // Until the checks after the start are done, the agent cannot fetch a page, so
+            // what they see is what the store kept through the cut, not a fresh re-sync.
+            feed.held = true;
             let id = format!("p{:05}", m.next_new);
             m.next_new += 1;
             feed.extra.push(https::upsert(profile(&id, 1, "bronze")));
@@ -1009,9 +1020,11 @@ async fn powercut_erasures_and_the_profile_sync_cursor_survive_power_loss() {
                     ));
                 }
             }
+            https.feed.lock().unwrap().held = false;
         },
     )
     .await;
+    https.feed.lock().unwrap().held = false;
     let totals = wind_down(&mut rig, load).await;
     // The final sync: the agent asks from the end of the feed after this start.
     let feed_len = https.feed.lock().unwrap().len();
