@@ -88,6 +88,8 @@ pub struct CutReport {
     pub names_undone: usize,
     /// Unsynced name changes kept (torn mode only).
     pub names_kept: usize,
+    /// Each name change undone, as "create|remove|rename path" (paths relative to the mount).
+    pub names: Vec<String>,
     /// Undo steps that met something a durable later change had put in their place; see
     /// `Journal::apply`.
     pub conflicts: usize,
@@ -412,6 +414,7 @@ impl Journal {
                     let grave = self.fresh_grave();
                     self.relocate(&at, &grave)?;
                     report.names_undone += 1;
+                    report.names.push(format!("create {}", at.display()));
                 }
                 (
                     Undo::Removed {
@@ -427,6 +430,7 @@ impl Journal {
                     let _ = ino;
                     self.relocate(&grave, &at)?;
                     report.names_undone += 1;
+                    report.names.push(format!("remove {}", at.display()));
                 }
                 (
                     Undo::Renamed {
@@ -450,6 +454,9 @@ impl Journal {
                         self.relocate(&grave, &at)?;
                     }
                     report.names_undone += 1;
+                    report
+                        .names
+                        .push(format!("rename {} -> {to_name}", back.display()));
                 }
             }
         }
