@@ -20,21 +20,28 @@
 //! `ok` sometimes means "held in the outbox" and sometimes PUBACK removals are under way.
 //!
 //! CI runs the short form: 20 cuts per scenario (drop and torn alternating), both scenarios in
-//! parallel, in about two minutes. The long form:
+//! parallel, in about a minute on the 2-core machine. The long form:
 //!   STORELINK_POWERCUT_CUTS=1000 STORELINK_POWERCUT_MODE=both \
 //!     cargo test --test powercut -- --nocapture
 //! - `STORELINK_POWERCUT_CUTS=N`: cuts per scenario (default 20);
 //! - `STORELINK_POWERCUT_MODE=drop|torn|both` (default both: alternating);
 //! - `STORELINK_POWERCUT_SECS=N`: stop cutting after N seconds even if fewer cuts were made
 //!   (default: 150, or 6 s per cut when more than 20 cuts are asked for);
-//! - `STORELINK_POWERCUT_SEED=N`: replay a run (the seed is printed and in the report);
+//! - `STORELINK_POWERCUT_SEED=N`: replay a run (the seed is printed and in the report). The
+//!   seed fixes every choice the test makes (link, run lengths, modes, what a torn cut keeps
+//!   of a given set of writes); the agent's own timing still differs between runs, so a
+//!   replay lands its cuts near, not exactly at, the same writes;
+//! - `STORELINK_POWERCUT_NAMES=strict|journal`: when a name change is durable: strict (the
+//!   default) only through its directory's fsync, as POSIX says; journal also through any
+//!   later fsync, as ext4 and XFS do (one journal commits everything before it);
 //! - `STORELINK_POWERCUT_BASELINE=0`: no baseline. By default the agent first runs for a
 //!   second and everything it wrote is then declared durable (`PowerCutFs::settle`), as a
 //!   kernel's background writeback would have made a store that has existed for a while;
 //!   the cuts start from there. Without it the strict model also undoes the creation of the
 //!   store's own files whenever the engine never fsyncs their directory.
 //!
-//! Each scenario writes its report to `target/tmp/powercut-{scenario}.json` and to stderr.
+//! Each scenario writes its report to `target/tmp/powercut-{scenario}.json` and to stderr, and
+//! the agent's log (all runs) to `target/tmp/powercut-{scenario}-agent.log`.
 
 mod common;
 #[path = "common/https.rs"]
@@ -44,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::powercut::{CutMode, CutReport, PowerCutFs, require_fuse};
+use common::powercut::{CutMode, CutReport, NameDurability, PowerCutFs, require_fuse};
 use common::process::{AgentProcess, write_config};
 use common::register::{Acks, Load, Totals};
 use common::*;
@@ -69,6 +76,10 @@ struct Mounted {
 
 impl Mounted {
     fn new() -> Option<Mounted> {
+        Self::with(NameDurability::Strict)
+    }
+
+    fn with(names: NameDurability) -> Option<Mounted> {
         if !require_fuse("powercut filesystem tests") {
             return None;
         }
@@ -77,7 +88,7 @@ impl Mounted {
         std::fs::create_dir_all(&backing).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
         Some(Mounted {
-            fs: PowerCutFs::mount(&backing, &mnt),
+            fs: PowerCutFs::mount_with(&backing, &mnt, names),
             _dir: dir,
         })
     }
@@ -189,6 +200,27 @@ fn fs_rename_over_a_file_without_a_directory_fsync_is_undone() {
 }
 
 #[test]
+fn fs_journal_mode_commits_earlier_names_with_any_fsync_and_strict_mode_does_not() {
+    for (names, survives) in [
+        (NameDurability::Journal, true),
+        (NameDurability::Strict, false),
+    ] {
+        let Some(mut m) = Mounted::with(names) else {
+            return;
+        };
+        m.durable("other", b"");
+        m.durable("snap.tmp", b"snapshot");
+        std::fs::rename(m.path("snap.tmp"), m.path("snap")).unwrap();
+        // An fsync of an unrelated file, after the rename: one journal commits both.
+        append(&m.path("other"), b"x").sync_all().unwrap();
+        m.cut(CutMode::Drop, 9);
+        assert_eq!(m.path("snap").exists(), survives, "{names:?}");
+        assert_eq!(m.path("snap.tmp").exists(), !survives, "{names:?}");
+        assert_eq!(std::fs::read(m.path("other")).unwrap(), b"x");
+    }
+}
+
+#[test]
 fn fs_unlink_and_truncate_without_fsync_are_undone() {
     let Some(mut m) = Mounted::new() else { return };
     m.durable("log", b"0123456789");
@@ -296,6 +328,7 @@ struct Plan {
     budget: Duration,
     seed: u64,
     baseline: bool,
+    names: NameDurability,
 }
 
 impl Plan {
@@ -331,12 +364,18 @@ impl Plan {
             modes.iter().map(|m| m.name()).collect::<Vec<_>>()
         );
         let baseline = var("STORELINK_POWERCUT_BASELINE").as_deref() != Some("0");
+        let names = match var("STORELINK_POWERCUT_NAMES").as_deref() {
+            None | Some("strict") => NameDurability::Strict,
+            Some("journal") => NameDurability::Journal,
+            Some(other) => panic!("STORELINK_POWERCUT_NAMES={other}: strict or journal"),
+        };
         Plan {
             cuts,
             modes,
             budget,
             seed,
             baseline,
+            names,
         }
     }
 }
@@ -388,12 +427,12 @@ impl Rig {
     /// A mount whose backing directory already holds an empty, durable `data/` directory (on
     /// a gateway the package creates it long before the first transaction), and a config
     /// with the store in it; `extra` is appended to the config.
-    fn new(broker: std::net::SocketAddr, extra: &str, seed: u64) -> Rig {
+    fn new(broker: std::net::SocketAddr, extra: &str, plan: &Plan) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
         std::fs::create_dir_all(backing.join("data")).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
-        let fs = PowerCutFs::mount(&backing, &mnt);
+        let fs = PowerCutFs::mount_with(&backing, &mnt, plan.names);
         let data = mnt.join("data");
         let link = Proxy::new(broker);
         let (register, api_port) = (free_port(), free_port());
@@ -416,7 +455,7 @@ impl Rig {
             totals: BTreeMap::new(),
             died_alone: Vec::new(),
             never_ready: 0,
-            seed,
+            seed: plan.seed,
             _dir: dir,
         }
     }
@@ -829,6 +868,7 @@ async fn common_findings(
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "seed": plan.seed,
         "baseline_settled": plan.baseline,
+        "names_durable": format!("{:?}", plan.names).to_lowercase(),
         "cuts": rig.cuts.len(),
         "per_mode": rig.totals,
         "sent": totals.sent,
@@ -927,7 +967,7 @@ async fn powercut_acknowledged_transactions_and_kpis_survive_power_loss() {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let broker = Mosquitto::start();
     let central = Central::subscribe(broker.addr, FEED).await;
-    let mut rig = Rig::new(broker.addr, "", plan.seed);
+    let mut rig = Rig::new(broker.addr, "", &plan);
     let started = Instant::now();
     let load = Load::start(local(rig.register), "lane-1", 100.0);
     let acks = load.acks.clone();
@@ -997,7 +1037,7 @@ async fn powercut_erasures_and_the_profile_sync_cursor_survive_power_loss() {
         https.base_url(),
         ca.display()
     );
-    let mut rig = Rig::new(broker.addr, &extra, plan.seed);
+    let mut rig = Rig::new(broker.addr, &extra, &plan);
     let started = Instant::now();
     let load = Load::start(local(rig.register), "lane-1", 30.0);
     let acks = load.acks.clone();

@@ -53,6 +53,18 @@ const GRAVEYARD: &str = ".powercut-graveyard";
 /// nothing stale survives a rename or a cut (the remount drops the rest).
 const TTL: Duration = Duration::ZERO;
 
+/// When a name change (create, unlink, rename, …) becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameDurability {
+    /// POSIX's rule: only through an fsync of its directory (f2fs' default `fsync_mode=posix`
+    /// and btrfs behave close to this).
+    #[default]
+    Strict,
+    /// Like a filesystem with one metadata journal (ext4 `data=ordered`, XFS): an fsync of
+    /// any file or directory also commits every name change made before it.
+    Journal,
+}
+
 /// What a power cut keeps of the changes that were not made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutMode {
@@ -175,13 +187,14 @@ struct Journal {
     /// Graveyard path → the path the thing had when it was removed, for reports.
     origins: HashMap<PathBuf, PathBuf>,
     log: Vec<Undo>,
+    names: NameDurability,
     /// Counters since the last cut, for tests of the filesystem itself.
     fsyncs: u64,
     fsyncdirs: u64,
 }
 
 impl Journal {
-    fn new(root: &Path) -> Journal {
+    fn new(root: &Path, names: NameDurability) -> Journal {
         let mut j = Journal {
             root: root.to_path_buf(),
             nodes: HashMap::new(),
@@ -192,6 +205,7 @@ impl Journal {
             next_grave: 0,
             origins: HashMap::new(),
             log: Vec::new(),
+            names,
             fsyncs: 0,
             fsyncdirs: 0,
         };
@@ -917,7 +931,11 @@ impl fuser::Filesystem for Fs {
         // one does. Durable now: every earlier write and size change of this file.
         let mut j = self.j();
         j.fsyncs += 1;
-        j.log.retain(|r| r.data_ino() != Some(ino.0));
+        let journal = j.names == NameDurability::Journal;
+        // With one journal, the commit takes every earlier name change along.
+        j.log.retain(|r| {
+            r.data_ino().is_some_and(|i| i != ino.0) || (!journal && r.data_ino().is_none())
+        });
         reply.ok()
     }
 
@@ -932,6 +950,11 @@ impl fuser::Filesystem for Fs {
         let mut j = self.j();
         j.fsyncdirs += 1;
         let dir = ino.0;
+        if j.names == NameDurability::Journal {
+            j.log.retain(|r| r.data_ino().is_some());
+            reply.ok();
+            return;
+        }
         for r in j.log.iter_mut() {
             if let Undo::Renamed {
                 from_dir,
@@ -1151,6 +1174,7 @@ fn open_backing_as(path: &Path, flags: i32, create: bool) -> Result<File, Errno>
 
 /// A mounted power-cut filesystem. Unmounts on drop.
 pub struct PowerCutFs {
+    names: NameDurability,
     backing: PathBuf,
     mountpoint: PathBuf,
     journal: Arc<Mutex<Journal>>,
@@ -1172,12 +1196,18 @@ pub fn require_fuse(test: &str) -> bool {
 }
 
 impl PowerCutFs {
-    /// Mounts a filesystem over `backing` at `mountpoint` (both existing directories).
+    /// Mounts a filesystem over `backing` at `mountpoint` (both existing directories), with
+    /// POSIX's strict rule for names.
     pub fn mount(backing: &Path, mountpoint: &Path) -> PowerCutFs {
+        Self::mount_with(backing, mountpoint, NameDurability::Strict)
+    }
+
+    pub fn mount_with(backing: &Path, mountpoint: &Path, names: NameDurability) -> PowerCutFs {
         let backing = backing.canonicalize().expect("backing directory exists");
         std::fs::create_dir_all(backing.join(GRAVEYARD)).unwrap();
         let mut fs = PowerCutFs {
-            journal: Arc::new(Mutex::new(Journal::new(&backing))),
+            names,
+            journal: Arc::new(Mutex::new(Journal::new(&backing, names))),
             backing,
             mountpoint: mountpoint.to_path_buf(),
             session: None,
@@ -1254,7 +1284,7 @@ impl PowerCutFs {
             let report = j
                 .apply(mode, rng)
                 .expect("rolling back the backing directory");
-            *j = Journal::new(&self.backing);
+            *j = Journal::new(&self.backing, self.names);
             report
         };
         let graves = self.backing.join(GRAVEYARD);
@@ -1269,7 +1299,7 @@ impl PowerCutFs {
         self.stop();
         let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         j.log.clear();
-        *j = Journal::new(&self.backing);
+        *j = Journal::new(&self.backing, self.names);
         drop(j);
         self.start();
     }
