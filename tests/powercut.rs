@@ -24,7 +24,9 @@
 //!   STORELINK_POWERCUT_CUTS=1000 STORELINK_POWERCUT_MODE=both \
 //!     cargo test --test powercut -- --nocapture
 //! - `STORELINK_POWERCUT_CUTS=N`: cuts per scenario (default 20);
-//! - `STORELINK_POWERCUT_MODE=drop|torn|both` (default both: alternating);
+//! - `STORELINK_POWERCUT_MODE=drop|torn|both` (default both: alternating); `keep` is the
+//!   control: SIGKILL and remount, nothing lost, so the scenario must pass with any engine
+//!   that survives SIGKILL;
 //! - `STORELINK_POWERCUT_SECS=N`: stop cutting after N seconds even if fewer cuts were made
 //!   (default: 150, or 6 s per cut when more than 20 cuts are asked for);
 //! - `STORELINK_POWERCUT_SEED=N`: replay a run (the seed is printed and in the report). The
@@ -340,8 +342,9 @@ impl Plan {
         let modes = match var("STORELINK_POWERCUT_MODE").as_deref() {
             Some("drop") => vec![CutMode::Drop],
             Some("torn") => vec![CutMode::Torn],
+            Some("keep") => vec![CutMode::Keep],
             None | Some("both") => vec![CutMode::Drop, CutMode::Torn],
-            Some(other) => panic!("STORELINK_POWERCUT_MODE={other}: drop, torn or both"),
+            Some(other) => panic!("STORELINK_POWERCUT_MODE={other}: drop, torn, both or keep"),
         };
         let budget = var("STORELINK_POWERCUT_SECS")
             .and_then(|s| s.parse().ok())

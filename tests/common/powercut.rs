@@ -74,6 +74,9 @@ pub enum CutMode {
     /// random byte prefix of write k+1, the rest dropped. For each directory, a random prefix
     /// of its unsynced name changes survives.
     Torn,
+    /// Nothing is lost: a SIGKILL and a remount only. The control run: a scenario that
+    /// fails with it fails for a reason of its own, not the power.
+    Keep,
 }
 
 impl CutMode {
@@ -81,6 +84,7 @@ impl CutMode {
         match self {
             CutMode::Drop => "drop",
             CutMode::Torn => "torn",
+            CutMode::Keep => "keep",
         }
     }
 }
@@ -339,6 +343,9 @@ impl Journal {
         // What survives, per record: None = undone whole, Some(None) = kept whole,
         // Some(Some(p)) = a write of which the first p bytes are kept.
         let mut keep: Vec<Option<Option<u64>>> = vec![None; log.len()];
+        if mode == CutMode::Keep {
+            keep.fill(Some(None));
+        }
         if mode == CutMode::Torn {
             let mut by_file: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
             let mut by_dir: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
