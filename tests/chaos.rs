@@ -17,19 +17,15 @@
 
 mod common;
 
-use std::collections::{BTreeSet, VecDeque};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::net::FaultProxy;
 use common::process::{AgentProcess, write_config};
+use common::register::{Load, Totals};
 use common::*;
 use jiff::Timestamp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use storelink::pos::transaction::Transaction;
-use storelink::sim::{JsonlClient, SimRegister};
-use tokio_util::sync::CancellationToken;
 
 const FEED: &str = "storelink/v1/acme/+/events/#";
 const TX: &str = "storelink.transaction.v1";
@@ -41,134 +37,6 @@ fn scenario_length(ci_default_s: u64) -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(ci_default_s);
     Duration::from_secs(secs)
-}
-
-/// What a register saw.
-#[derive(Debug, Default)]
-struct Totals {
-    sent: u64,
-    acked: BTreeSet<String>,
-    refusals: Vec<String>,
-    /// Still not acknowledged when the load stopped.
-    unacked: usize,
-}
-
-/// A register that keeps ringing up at `rate` per second: pipelined lines, in-order answers.
-/// Like a real register it keeps every transaction until the agent says `ok`, and after a
-/// lost connection or a refusal it sends them all again (same transactions, same ids).
-struct Load {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Totals>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, register: &str, rate: f64) -> Load {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(ring(addr, register.to_string(), rate, stop.clone()));
-        Load { stop, task }
-    }
-
-    /// Stops ringing up and waits (up to a minute) until everything sent is acknowledged.
-    async fn finish(self) -> Totals {
-        self.stop.cancel();
-        self.task.await.unwrap()
-    }
-}
-
-async fn ring(addr: SocketAddr, name: String, rate: f64, stop: CancellationToken) -> Totals {
-    let mut totals = Totals::default();
-    let first = Timestamp::now().as_millisecond() as u64 * 1000;
-    let lane = name.trim_start_matches("lane-").to_string();
-    let mut register = SimRegister::new("s042", &name, Some(&lane), first).with_sequence(first);
-    let mut unacked: VecDeque<Transaction> = VecDeque::new();
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let mut next = tokio::time::Instant::now();
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
-    'connection: loop {
-        if stop.is_cancelled() {
-            let deadline = *drain_deadline
-                .get_or_insert(tokio::time::Instant::now() + Duration::from_secs(60));
-            if unacked.is_empty() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-        }
-        let Ok(client) = JsonlClient::connect(addr).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (mut sender, mut replies) = client.split();
-        let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<String>(8192);
-        let reader = tokio::spawn(async move {
-            while let Ok(line) = replies.reply().await {
-                if lines_tx.send(line).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut owed: VecDeque<String> = VecDeque::new();
-        for t in &unacked {
-            if sender.send(t).await.is_err() {
-                reader.abort();
-                continue 'connection;
-            }
-            owed.push_back(t.id.clone());
-        }
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        loop {
-            let stopping = stop.is_cancelled();
-            if stopping && unacked.is_empty() {
-                break;
-            }
-            if let Some(d) = drain_deadline
-                && tokio::time::Instant::now() >= d
-            {
-                break;
-            }
-            let retry = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep_until(next), if !stopping => {
-                    next += period;
-                    let t = register.next(Timestamp::now());
-                    totals.sent += 1;
-                    owed.push_back(t.id.clone());
-                    unacked.push_back(t);
-                    if sender.send(unacked.back().expect("just pushed")).await.is_err() {
-                        break;
-                    }
-                }
-                line = lines.recv() => {
-                    let (Some(line), Some(id)) = (line, owed.pop_front()) else { break };
-                    if line.starts_with("ok") {
-                        if let Some(i) = unacked.iter().position(|t| t.id == id) {
-                            unacked.remove(i);
-                        }
-                        totals.acked.insert(id);
-                    } else {
-                        if totals.refusals.len() < 1000 {
-                            totals.refusals.push(line);
-                        }
-                        // Try again in a second, as a register's retry would.
-                        retry_at.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(1));
-                    }
-                }
-                _ = retry => break,
-                _ = stop.cancelled(), if !stopping => {
-                    drain_deadline.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(60));
-                }
-            }
-        }
-        reader.abort();
-        if !(stop.is_cancelled() && unacked.is_empty()) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    totals.unacked = unacked.len();
-    totals
 }
 
 /// The end of a scenario: what central got, compared with what the agent acknowledged.

@@ -101,6 +101,9 @@ pub struct Feed {
     pub batch_script: std::collections::VecDeque<(u16, Option<&'static str>, &'static str)>,
     /// Every batch received, in order.
     pub batches: Vec<BatchSeen>,
+    /// While true, profile page requests wait (unanswered) instead of being served: a test
+    /// looks at what the agent kept before it can fetch anything again.
+    pub held: bool,
 }
 
 /// One `POST …/events:batch` as central saw it.
@@ -330,6 +333,9 @@ async fn profiles(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    while feed.lock().unwrap().held {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut f = feed.lock().unwrap();
     let mut seen = Seen {
         cursor: q.cursor.clone(),

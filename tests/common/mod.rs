@@ -4,7 +4,9 @@
 
 pub mod contract;
 pub mod net;
+pub mod powercut;
 pub mod process;
+pub mod register;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
