@@ -251,6 +251,8 @@ struct Link<'a> {
     component: &'a Component,
     /// Wakes the acker when `acked` gains entries.
     acks_ready: Notify,
+    /// The events topic of each kind (by `EventKind as usize`), formatted once.
+    topics: Vec<String>,
 }
 
 /// What an event meant, for the caller's bookkeeping.
@@ -338,7 +340,7 @@ impl Link<'_> {
         let mut sh = self.shared.lock().expect("uplink lock");
         let ok = self
             .client
-            .try_publish(self.settings.status_topic(), true, payload);
+            .try_publish(self.settings.status_topic(), true, payload.into());
         if ok {
             sh.fifo.push_back(Slot::Status);
         }
@@ -447,10 +449,10 @@ impl Link<'_> {
                 unsent.push(entry.key);
                 continue;
             }
-            let topic = self.settings.events_topic(entry.kind);
+            let topic = self.topics[entry.kind as usize].clone();
             if !self
                 .client
-                .try_publish(topic, false, entry.payload().to_vec())
+                .try_publish(topic, false, entry.payload_bytes())
             {
                 unsent.push(entry.key);
                 continue;
@@ -503,6 +505,10 @@ pub async fn run(
         shared: Mutex::new(Shared::default()),
         component: &component,
         acks_ready: Notify::new(),
+        topics: EventKind::ALL
+            .iter()
+            .map(|k| settings.events_topic(*k))
+            .collect(),
     };
     let wake = Notify::new();
     let broker = settings.endpoint.to_string();

@@ -197,10 +197,19 @@ pub fn open(o: &SessionOptions) -> (Client, Session) {
 }
 
 impl Client {
-    /// Queues a QoS 1 publish; false when the request queue is full.
-    pub fn try_publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
+    /// Queues a QoS 1 publish; false when the request queue is full. The payload is shared,
+    /// not copied (it is a slice of the outbox claim's buffer).
+    pub fn try_publish(&self, topic: String, retain: bool, payload: bytes::Bytes) -> bool {
+        use futures_util::FutureExt;
         match self {
-            Client::V4(c) => c.try_publish(topic, qos4(), retain, payload).is_ok(),
+            // The 3.1.1 client's `try_publish` wants a Vec (a copy of every event); its
+            // `publish_bytes` takes the bytes as they are. Polled once: the request queue is
+            // sized above the window, so it is ready unless full, and then nothing was queued
+            // (flume drops an unfinished send).
+            Client::V4(c) => c
+                .publish_bytes(topic, qos4(), retain, payload)
+                .now_or_never()
+                .is_some_and(|r| r.is_ok()),
             Client::V5(c) => c.try_publish(topic, qos5(), retain, payload).is_ok(),
         }
     }
