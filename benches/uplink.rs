@@ -275,7 +275,17 @@ async fn raw_mosquitto_pub(port: u16, payloads: &[Vec<u8>], sub: &Subscriber) ->
     }
     let started = Instant::now();
     let mut child = std::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", TOPIC, "-l"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            TOPIC,
+            "-l",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -384,8 +394,7 @@ impl AgentProcess {
 
     /// A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM).
     fn kib(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
             .find(|l| l.starts_with(field))
@@ -416,7 +425,9 @@ async fn live_once(port: u16, lines: &[Vec<u8>], sub: &Subscriber) -> Live {
     // Settled and connected before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss_kib = agent.kib("VmRSS:");
-    let stream = tokio::net::TcpStream::connect(agent.register).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(agent.register)
+        .await
+        .unwrap();
     stream.set_nodelay(true).unwrap();
     let (read, mut write) = stream.into_split();
     let n = lines.len();

@@ -60,9 +60,14 @@ pub struct StorageSection {
     /// Cap on the bytes held in the outbox (payloads and headers).
     #[serde(default = "default_max_outbox_bytes")]
     pub max_outbox_bytes: u64,
-    /// Memory sled may use for its page cache.
-    #[serde(default = "default_cache_bytes")]
-    pub cache_bytes: u64,
+    /// What the storage engines may hold in memory: the log's page cache (redb) and the
+    /// profile cache's (sled) together. Default 8 MiB, or `cache_bytes` + 4 MiB when only that
+    /// is given.
+    #[serde(default)]
+    pub memory_budget_bytes: Option<u64>,
+    /// The profile cache's (sled's) share of the budget; default half of it.
+    #[serde(default)]
+    pub cache_bytes: Option<u64>,
     /// Cap on the bytes kept in the local dead-letter store; the oldest go first.
     #[serde(default = "default_max_deadletter_bytes")]
     pub max_deadletter_bytes: u64,
@@ -122,11 +127,22 @@ fn default_status_ttl_s() -> Option<u64> {
 }
 
 impl StorageSection {
-    /// The engines' settings.
+    /// The whole storage memory budget, as configured or by default.
+    pub fn memory_budget(&self) -> u64 {
+        match (self.memory_budget_bytes, self.cache_bytes) {
+            (Some(budget), _) => budget,
+            (None, Some(cache)) => cache + DEFAULT_LOG_CACHE_BYTES,
+            (None, None) => DEFAULT_MEMORY_BUDGET_BYTES,
+        }
+    }
+
+    /// The engines' settings: the budget split between the profile cache and the log.
     pub fn store_options(&self) -> crate::store::StoreOptions {
+        let budget = self.memory_budget();
+        let cache = self.cache_bytes.unwrap_or(budget / 2);
         crate::store::StoreOptions {
-            cache_bytes: self.cache_bytes,
-            log_cache_bytes: crate::store::StoreOptions::default().log_cache_bytes,
+            cache_bytes: cache,
+            log_cache_bytes: budget.saturating_sub(cache).max(MIN_CACHE_BYTES),
         }
     }
 }
@@ -136,7 +152,8 @@ impl Default for StorageSection {
         Self {
             path: default_storage_path(),
             max_outbox_bytes: default_max_outbox_bytes(),
-            cache_bytes: default_cache_bytes(),
+            memory_budget_bytes: None,
+            cache_bytes: None,
             max_deadletter_bytes: default_max_deadletter_bytes(),
             seen_retention_days: default_seen_retention_days(),
             max_seen_ids: default_max_seen_ids(),
@@ -777,13 +794,15 @@ fn default_max_outbox_bytes() -> u64 {
 fn default_min_free_bytes() -> u64 {
     64 * 1024 * 1024
 }
-fn default_cache_bytes() -> u64 {
-    // sled counts its cache in on-disk bytes and holds several times that in memory: at 16 MiB
-    // the agent's RSS grew by 30 % over a 30-minute soak and still rose; at 4 MiB the cache
-    // stops growing early (what grows after that follows the seen-id index, BENCHMARKS.md,
-    // issue 9), and ingest is still far above any store's transaction rate.
-    4 * 1024 * 1024
-}
+/// The storage engines' memory, split in half by default: sled counts its cache in on-disk
+/// bytes and holds several times that in memory (at 16 MiB the agent's RSS grew by 30 % over a
+/// 30-minute soak; at 4 MiB it stops growing early, BENCHMARKS.md), and redb's cache holds the
+/// outbox's hot pages, which a drained outbox keeps small.
+const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 8 * 1024 * 1024;
+/// The log's share when only the profile cache's is configured.
+const DEFAULT_LOG_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+/// Least either engine is given.
+const MIN_CACHE_BYTES: u64 = 1024 * 1024;
 fn default_max_deadletter_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -1047,10 +1066,28 @@ impl Config {
                 ),
             );
         }
-        if self.storage.cache_bytes < 1024 * 1024 {
+        if let Some(cache) = self.storage.cache_bytes
+            && cache < MIN_CACHE_BYTES
+        {
             v.problem(
                 "storage.cache_bytes",
                 "too small; use at least 1048576 (1 MiB)",
+            );
+        }
+        let budget = self.storage.memory_budget();
+        if budget < 2 * MIN_CACHE_BYTES {
+            v.problem(
+                "storage.memory_budget_bytes",
+                format!("{budget} is too small; use at least 2097152 (2 MiB)"),
+            );
+        } else if let Some(cache) = self.storage.cache_bytes
+            && cache > budget - MIN_CACHE_BYTES
+        {
+            v.problem(
+                "storage.cache_bytes",
+                format!(
+                    "{cache} leaves less than 1 MiB of storage.memory_budget_bytes ({budget}) for the outbox's log; lower it or raise the budget"
+                ),
             );
         }
         if self.storage.max_deadletter_bytes < 64 * 1024 {
@@ -2076,6 +2113,35 @@ url = "mqtt://127.0.0.1:1883"
 
     fn keys(problems: &[Problem]) -> Vec<&str> {
         problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn the_storage_memory_budget_is_split_between_the_engines() {
+        let options = |extra: &str| {
+            let text = format!("{MINIMAL}\n[storage]\n{extra}");
+            Config::parse(&text, "t.toml", &env())
+                .unwrap()
+                .storage
+                .store_options()
+        };
+        let o = options("");
+        assert_eq!((o.cache_bytes, o.log_cache_bytes), (4 << 20, 4 << 20));
+        let o = options("memory_budget_bytes = 33554432\n");
+        assert_eq!((o.cache_bytes, o.log_cache_bytes), (16 << 20, 16 << 20));
+        // A config from before the budget keeps its cache and gets the log's default on top.
+        let o = options("cache_bytes = 16777216\n");
+        assert_eq!((o.cache_bytes, o.log_cache_bytes), (16 << 20, 4 << 20));
+        let o = options("memory_budget_bytes = 8388608\ncache_bytes = 6291456\n");
+        assert_eq!((o.cache_bytes, o.log_cache_bytes), (6 << 20, 2 << 20));
+        let p = problems(&format!(
+            "{MINIMAL}\n[storage]\nmemory_budget_bytes = 4194304\ncache_bytes = 4194304\n"
+        ));
+        assert_eq!(keys(&p), ["storage.cache_bytes"]);
+        assert!(p[0].message.contains("less than 1 MiB"), "{:?}", p[0]);
+        let p = problems(&format!(
+            "{MINIMAL}\n[storage]\nmemory_budget_bytes = 1000\n"
+        ));
+        assert_eq!(keys(&p), ["storage.memory_budget_bytes"]);
     }
 
     #[test]

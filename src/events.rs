@@ -114,7 +114,9 @@ pub fn decode_data<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     struct Data<T> {
         data: T,
     }
-    serde_json::from_slice::<Data<T>>(bytes).ok().map(|d| d.data)
+    serde_json::from_slice::<Data<T>>(bytes)
+        .ok()
+        .map(|d| d.data)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! CI runs them in their short form (the kill loop for two minutes, the others for about 40
 //! seconds, in parallel). `STORELINK_CHAOS_SECS=N` runs every scenario for N seconds instead,
 //! for soak runs: `STORELINK_CHAOS_SECS=1800 cargo test --release --test chaos`.
-//! `STORELINK_CHAOS_KILL_MS=300-900` makes the kill loop faster (see docs/sled.md).
+//! `STORELINK_CHAOS_KILL_MS=300-900` makes the kill loop faster (see docs/storage.md).
 //! Each scenario writes its report to `target/tmp/chaos-{name}.json` and to stderr.
 
 mod common;
@@ -158,7 +158,7 @@ async fn chaos_sigkill_every_few_seconds_under_load() {
     let end = Instant::now() + scenario_length(120);
     let mut rng = StdRng::seed_from_u64(Timestamp::now().as_second() as u64);
     // `STORELINK_CHAOS_KILL_MS=300-900` kills faster, for the crash-consistency runs behind
-    // docs/sled.md (a kill can then land mid-open or mid-recovery, too).
+    // docs/storage.md (a kill can then land mid-open or mid-recovery, too).
     let kill_every = std::env::var("STORELINK_CHAOS_KILL_MS")
         .ok()
         .and_then(|s| {

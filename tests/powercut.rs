@@ -889,6 +889,7 @@ async fn common_findings(
         "panics": panics,
         "exits_on_its_own": rig.died_alone,
         "cycles_never_ready": rig.never_ready,
+        "fuse_sessions_aborted_at_unmount": rig.fs.aborted_at_unmount(),
     });
     Common {
         lost,

@@ -450,10 +450,7 @@ impl Link<'_> {
                 continue;
             }
             let topic = self.topics[entry.kind as usize].clone();
-            if !self
-                .client
-                .try_publish(topic, false, entry.payload_bytes())
-            {
+            if !self.client.try_publish(topic, false, entry.payload_bytes()) {
                 unsent.push(entry.key);
                 continue;
             }
