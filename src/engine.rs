@@ -2,10 +2,14 @@
 //!
 //! Sources hand over [`Ingest`] items on one bounded channel and wait for the reply before they
 //! acknowledge anything to a register. The engine takes whatever is queued (up to
-//! [`MAX_BATCH`]), writes it all, flushes the store once (group commit), and only then replies.
+//! [`MAX_BATCH`]), writes it all in one log transaction committed durably (group commit), and
+//! only then replies.
 //!
 //! Invariants:
-//! - No reply says "ok" before the record is on disk.
+//! - No reply says "ok" before the record is durable in the log (see [`crate::store`]).
+//! - The profile cache's share of a loyalty transaction (KPIs, offer attribution) is journaled
+//!   in the same commit and applied idempotently; what a power cut left owed is finished by
+//!   [`Engine::recover`] before the sources start.
 //! - An id already in the outbox is acknowledged again but not stored or counted twice.
 //! - On shutdown the engine stops taking new items, finishes what is queued, and replies to
 //!   every item it took; sources tell their registers `err` for anything refused.

@@ -161,6 +161,8 @@ struct Inner {
     log: log::Log,
     path: PathBuf,
     migrated: Option<Migrated>,
+    /// The log was salvaged at this open: its indexes are to be rebuilt, not trusted.
+    salvaged: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -317,6 +319,7 @@ impl Store {
                 log,
                 path: path.to_path_buf(),
                 migrated: None,
+                salvaged,
             }),
         };
         let migrated = store.check_schema(salvaged)?;
@@ -331,6 +334,12 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Whether the log was salvaged from a damaged file at this open (its records were carried
+    /// over one by one; indexes over them must be checked).
+    pub fn salvaged(&self) -> bool {
+        self.inner.salvaged
     }
 
     /// What a migration from a schema-1 store carried over at this open, if one ran.

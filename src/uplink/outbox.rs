@@ -434,7 +434,7 @@ impl std::fmt::Debug for Outbox {
 
 impl Outbox {
     /// Opens the outbox and counts what it holds from a previous run. Entries that cannot be
-    /// read are removed; a held entry without its seen record (a salvaged log) gets one, and a
+    /// read are removed. After a salvage, a held entry without its seen record gets one, and a
     /// second entry of an id already held is removed.
     pub fn open(store: &Store, limits: Limits, clock: SharedClock) -> Result<Outbox, StoreError> {
         let mut state = State {
@@ -465,9 +465,12 @@ impl Outbox {
                     unreadable.push(item.key().to_vec());
                     continue;
                 };
-                let indexed = seen
-                    .get(&seen_key(id))?
-                    .is_some_and(|v| v.bytes().get(8..18) == Some(&key.0[..]));
+                // The index is written in the entry's own transaction; only a salvaged log
+                // (records carried over one by one, the index rebuilt) needs checking.
+                let indexed = !store.salvaged()
+                    || seen
+                        .get(&seen_key(id))?
+                        .is_some_and(|v| v.bytes().get(8..18) == Some(&key.0[..]));
                 if !indexed {
                     if !held.insert(id.to_string())
                         || seen_held_elsewhere(&seen, &entries, id, &key)?
