@@ -12,6 +12,7 @@ checks central's feed: delivered, lost (must be 0), duplicates, and latency perc
     python3 scripts/e2e_bench.py                       # 10, 100, 1000 tx/s, 60 s each
     python3 scripts/e2e_bench.py --rates 4000 --seconds 60      # sustained throughput
     python3 scripts/e2e_bench.py --rates 100 --seconds 1800     # the 30-minute soak
+    python3 scripts/e2e_bench.py --rates "" --idle-s 20         # idle footprint only
 
 Prints one JSON line per run and a Markdown table row; exits 1 if anything was lost.
 """
@@ -138,6 +139,9 @@ def main():
     ap.add_argument("--max-seen-ids", type=int,
                     help="storage.max_seen_ids: caps the store's growth, to tell growth in time from growth with size")
     ap.add_argument("--series", help="append rate, second, RSS MiB, store MiB per sample to this file")
+    ap.add_argument("--idle-s", type=int, default=2,
+                    help="seconds after the agent is ready before the idle footprint is read, and "
+                         "then the seconds of idle CPU measured")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="storelink-e2e-")
     mqtt, api = free_port(), free_port()
@@ -162,10 +166,22 @@ def main():
                 break
             except OSError:
                 time.sleep(0.2)
-        time.sleep(2)
+        time.sleep(args.idle_s)
         idle_rss = rss_mib(agent.pid)
         print(f"agent pid {agent.pid}, idle RSS {idle_rss:.1f} MiB, work dir {work}", file=sys.stderr)
-        for rate in [float(r) for r in args.rates.split(",")]:
+        if args.idle_s > 2:
+            status = dict(l.split(":", 1) for l in open(f"/proc/{agent.pid}/status") if ":" in l)
+            kib = lambda k: int(status[k].split()[0]) / 1024
+            t0, c0 = time.time(), cpu_ticks(agent.pid)
+            time.sleep(args.idle_s)
+            cpu = (cpu_ticks(agent.pid) - c0) / TICKS
+            print(json.dumps({
+                "idle_after_s": args.idle_s, "rss_mib": round(kib("VmRSS"), 1),
+                "rss_anon_mib": round(kib("RssAnon"), 1), "rss_file_mib": round(kib("RssFile"), 1),
+                "threads": int(status["Threads"]),
+                "idle_cpu_pct": round(100 * cpu / (time.time() - t0), 2),
+            }), flush=True)
+        for rate in [float(r) for r in args.rates.split(",") if r]:
             sampler = Sampler(agent.pid, 1.0 if args.seconds <= 300 else 10.0, os.path.join(work, "data"))
             t0, c0 = time.time(), cpu_ticks(agent.pid)
             sampler.start()

@@ -649,17 +649,20 @@ async fn report_salvage(
     store: &Store,
     clock: &SharedClock,
 ) -> Result<(), DaemonError> {
-    let cache = if s.cache_lost {
-        "; the profile cache was unreadable too: profiles come back with the next sync from central, the damaged cache's KPIs and offer history are lost"
-    } else {
-        ""
-    };
+    let mut parts = Vec::new();
+    if s.log_damaged {
+        parts.push(format!(
+            "salvaged {} records from the damaged log ({} events for central, sent as usual); {} damaged records could not be read",
+            s.records, s.events, s.unreadable
+        ));
+    }
+    if s.cache_lost {
+        parts.push("the profile cache was unreadable: profiles come back with the next sync from central, the damaged cache's KPIs and offer history are lost".to_string());
+    }
     let what = format!(
-        "the store was damaged and its files were moved to {}; the agent started with a fresh store and salvaged {} records from the damaged log ({} events for central, sent as usual); {} damaged records could not be read{cache} ({})",
+        "the store was damaged and its files were moved to {}; the agent started with a fresh one: {} ({})",
         s.moved_to.display(),
-        s.records,
-        s.events,
-        s.unreadable,
+        parts.join("; "),
         s.reason
     );
     tracing::error!(

@@ -119,6 +119,8 @@ pub struct Salvaged {
     /// Frames found damaged (at least this many records are lost), with their first bytes.
     pub unreadable: u64,
     pub sample: Vec<u8>,
+    /// The log was damaged (and salvaged); false when only the cache was.
+    pub log_damaged: bool,
     /// The profile cache was unreadable too and starts empty (profiles come back with the next
     /// sync from central; KPIs and offer history of the old cache are lost).
     pub cache_lost: bool,
@@ -285,6 +287,7 @@ impl Store {
                 events,
                 unreadable: report.unreadable,
                 sample: report.sample,
+                log_damaged: true,
                 cache_lost,
             });
         } else if cache_lost {
@@ -295,6 +298,7 @@ impl Store {
                 events: 0,
                 unreadable: 0,
                 sample: Vec::new(),
+                log_damaged: false,
                 cache_lost,
             });
         }
@@ -444,6 +448,10 @@ impl Store {
     /// Makes the cache durable, then drops the journal records it now holds. Returns how many
     /// were dropped.
     pub async fn checkpoint(&self) -> Result<u64, StoreError> {
+        // Nothing owed (an idle store): no sled flush, and no blocking thread kept alive for it.
+        if self.view(LogTable::Journal)?.is_empty()? {
+            return Ok(0);
+        }
         let store = self.clone();
         blocking(&self.inner.path, move || store.checkpoint_blocking()).await
     }
