@@ -292,9 +292,12 @@ async fn raw_mosquitto_pub(port: u16, payloads: &[Vec<u8>], sub: &Subscriber) ->
         .spawn()
         .expect("mosquitto_pub on PATH");
     let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    // stdin stays open until everything has arrived: mosquitto 2.0.11's `-l` disconnects at
+    // end of input with PUBACKs still outstanding, and the broker drops what was in flight
+    // ("disconnected due to out of memory"; eclipse-mosquitto/mosquitto#3253).
+    let writer = std::thread::spawn(move || stdin.write_all(&input).map(|()| stdin));
     let last = sub.wait_for(payloads.len(), Duration::from_secs(120)).await;
-    writer.join().unwrap().unwrap();
+    drop(writer.join().unwrap().unwrap());
     let _ = child.wait();
     last.duration_since(started).as_secs_f64()
 }

@@ -230,18 +230,32 @@ pub(super) fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Opens sled with the agent's settings.
+///
+/// On a thread of its own: sled's first open allocates about 26 MiB of zeroed memory it never
+/// uses again (its metrics histograms, which the `no_metrics` default leaves untouched, and
+/// page-cache tables). A fresh thread takes that from fresh pages, which the allocator knows
+/// are zero and leaves unwritten, so they never become resident. On a thread that had already
+/// freed larger blocks, mimalloc reuses those and clears them by hand: the agent then idled
+/// at 45 MiB instead of 18, depending on nothing more than the length of the storage path
+/// (BENCHMARKS.md).
 pub(super) fn open(
     path: &Path,
     cache_bytes: u64,
     flush_every_ms: u64,
 ) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(Some(flush_every_ms))
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map_err(|e| classify_open_error(path, e))
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(flush_every_ms))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| classify_open_error(path, e))
+    };
+    std::thread::scope(|scope| match scope.spawn(open).join() {
+        Ok(opened) => opened,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// sled writes its `conf` file once, at creation, without an fsync; a power cut soon after can
