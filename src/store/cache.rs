@@ -252,9 +252,17 @@ pub(super) fn open(
             .open()
             .map_err(|e| classify_open_error(path, e))
     };
-    std::thread::scope(|scope| match scope.spawn(open).join() {
-        Ok(opened) => opened,
-        Err(panic) => std::panic::resume_unwind(panic),
+    std::thread::scope(|scope| {
+        match std::thread::Builder::new()
+            .name("sled-open".into())
+            .spawn_scoped(scope, open)
+        {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // No thread to be had: the open itself matters more than where its memory lies.
+            Err(_) => open(),
+        }
     })
 }
 
