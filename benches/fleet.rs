@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use storelink::clock::SharedClock;
 use storelink::config::Config;
 use storelink::events::{self, EventKind};
+use storelink::model::downlink::Downlink;
 use storelink::offers::campaign::Channel;
 use storelink::offers::decide::{Chosen, Control};
 use storelink::profiles::Item;
@@ -47,7 +48,7 @@ use storelink::sim::SimRegister;
 use storelink::store::{Store, StoreOptions};
 use storelink::supervisor::StatusBoard;
 use storelink::uplink::PathState;
-use storelink::uplink::mqtt::{self, Downlink, MqttSettings};
+use storelink::uplink::mqtt::{self, MqttSettings};
 use storelink::uplink::outbox::{AppendOutcome, Limits, NewEvent, Outbox};
 use tokio_util::sync::CancellationToken;
 

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use storelink::model::transaction::TransactionKind;
 use storelink::offers::campaign::{CampaignSet, CompiledSet, Trigger};
 use storelink::offers::decide::{CapState, Occasion, decide};
 use storelink::offers::ledger::OfferLedger;
 use storelink::offers::live::{Offers, Settings, Slot};
-use storelink::pos::transaction::TransactionKind;
 use storelink::presence::pipeline::PresenceEvent;
 use storelink::presence::zones::PresenceKind;
 use storelink::profiles::kpi::{KpiConfig, Kpis, LedgerEntry};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use storelink::pos::transaction::TransactionKind;
+use storelink::model::transaction::TransactionKind;
 use storelink::profiles::erasure::Eraser;
 use storelink::profiles::sync::{self, Syncer};
 use storelink::profiles::{DEFAULT_CACHE_ENTRIES, ProfileStore};
@@ -176,8 +176,12 @@ fn main() {
                 store: store.clone(),
                 eraser: Eraser {
                     profiles: profiles.clone(),
-                    history: storelink::presence::history::History::open(&store, 30).unwrap(),
-                    offers: storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
+                    history: std::sync::Arc::new(
+                        storelink::presence::history::History::open(&store, 30).unwrap(),
+                    ),
+                    offers: std::sync::Arc::new(
+                        storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
+                    ),
                     store_id: "s1".into(),
                     clock: storelink::clock::system(),
                     ingest: None,

@@ -199,7 +199,7 @@ fn event_id(payload: &[u8]) -> String {
         .to_string()
 }
 
-fn register_transactions(n: usize, seed: u64) -> Vec<storelink::pos::transaction::Transaction> {
+fn register_transactions(n: usize, seed: u64) -> Vec<storelink::model::transaction::Transaction> {
     let mut register = SimRegister::new("s042", "lane-1", Some("1"), seed);
     let start = jiff::Timestamp::now();
     (0..n)

@@ -18,13 +18,15 @@ use crate::cashier::lane::LaneState;
 use crate::clock::SharedClock;
 use crate::config::{Config, PresenceSource, parse_socket_addr};
 use crate::deadletter::DeadLetters;
-use crate::engine::{self, Engine};
+use crate::engine::Engine;
+use crate::model::presence::PresenceEvent;
+use crate::offers::attribution::Attribution;
 use crate::offers::ledger::OfferLedger;
 use crate::offers::live::{self, Offers, Slot};
 use crate::offers::sync::CampaignSync;
 use crate::pos::{self, RegisterContext};
 use crate::presence::history::History;
-use crate::presence::pipeline::{self, Pipeline, PresenceEvent};
+use crate::presence::pipeline::{self, Pipeline};
 use crate::presence::source;
 use crate::profiles::ProfileStore;
 use crate::profiles::erasure::Eraser;
@@ -123,20 +125,27 @@ pub async fn start(
         report_salvage(s, &config, &board, &deadletters, &outbox, &store, &clock).await?;
     }
 
-    let (ingest, rx) = engine::channel();
+    let (ingest, rx) = crate::model::ingest::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let profiles = ProfileStore::open_with(&store, config.profiles.cache_entries)?;
     let offer_ledger = OfferLedger::open(&store)?;
     let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
     let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
+    // The durable step's other work, in this order: a redemption is attributed after the KPIs
+    // of its transaction are in.
     let core = Engine::new(
         store.clone(),
         outbox.clone(),
         deadletters.clone(),
-        profiles.clone(),
         config.store.id.clone(),
     )
-    .with_offers(offer_ledger.clone(), completed_tx)
+    .with_hook(Arc::new(profiles.clone()))
+    .with_hook(Arc::new(Attribution {
+        profiles: profiles.clone(),
+        ledger: offer_ledger.clone(),
+        store_id: config.store.id.clone(),
+        completed: completed_tx,
+    }))
     .with_reserve(config.storage.min_free_bytes);
     // What a power cut left owed to the profile cache is finished before anything new comes in.
     core.recover().await?;
@@ -198,8 +207,8 @@ pub async fn start(
 
     let eraser = Eraser {
         profiles: profiles.clone(),
-        history: History::open(&store, config.presence.retention_days)?,
-        offers: offer_ledger.clone(),
+        history: Arc::new(History::open(&store, config.presence.retention_days)?),
+        offers: Arc::new(offer_ledger.clone()),
         store_id: config.store.id.clone(),
         clock: clock.clone(),
         ingest: Some(ingest.clone()),
@@ -337,7 +346,7 @@ pub async fn start(
     for register in &config.registers {
         let mut ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
             .map_err(DaemonError::Setup)?;
-        ctx.live = Some(offers.clone());
+        ctx.live = Some(Arc::new(offers.clone()));
         if register.transport == crate::config::Transport::Http {
             http_registers.insert(register.name.clone(), ctx.clone());
         }
@@ -458,7 +467,7 @@ pub async fn start(
 /// probe: a wedged engine (a stuck disk, a deadlock) stops the pings and systemd restarts the
 /// agent, where a timer alone would keep a dead agent looking alive.
 async fn watchdog(
-    ingest: engine::IngestHandle,
+    ingest: crate::model::ingest::IngestHandle,
     period: Duration,
     component: crate::supervisor::Component,
     token: CancellationToken,
@@ -512,7 +521,7 @@ fn start_presence(
     store: &Store,
     profiles: &ProfileStore,
     supervisor: &Supervisor,
-    ingest: &engine::IngestHandle,
+    ingest: &crate::model::ingest::IngestHandle,
     clock: &SharedClock,
 ) -> Result<tokio::sync::broadcast::Sender<PresenceEvent>, DaemonError> {
     let section = &config.presence;
@@ -689,7 +698,7 @@ async fn report_salvage(
         s.sample.len(),
     );
     deadletters.record(std::slice::from_ref(&letter))?;
-    outbox.append(&[crate::uplink::outbox::NewEvent {
+    outbox.append(&[crate::model::ingest::NewEvent {
         kind: crate::events::EventKind::DeadLetter,
         id: letter.id.clone(),
         payload: crate::events::encode(

@@ -7,9 +7,10 @@
 //!
 //! Invariants:
 //! - No reply says "ok" before the record is durable in the log (see [`crate::store`]).
-//! - The profile cache's share of a loyalty transaction (KPIs, offer attribution) is journaled
-//!   in the same commit and applied idempotently; what a power cut left owed is finished by
-//!   [`Engine::recover`] before the sources start.
+//! - The rest of a loyalty transaction's durable step is done by the [`CommitHook`]s the agent
+//!   registered (profile KPIs, then offer attribution): the engine names neither. Their share
+//!   is journaled in the same commit and applied idempotently; what a power cut left owed is
+//!   finished by [`Engine::recover`] before the sources start.
 //! - An id already in the outbox is acknowledged again but not stored or counted twice.
 //! - On shutdown the engine stops taking new items, finishes what is queued, and replies to
 //!   every item it took; sources tell their registers `err` for anything refused.
@@ -19,15 +20,15 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::deadletter::{DeadLetter, DeadLetters};
+use crate::deadletter::DeadLetters;
 use crate::events::{self, EventKind};
-use crate::offers::ledger::OfferLedger;
-use crate::offers::live::Completed;
-use crate::pos::transaction::Transaction;
-use crate::profiles::ProfileStore;
+use crate::model::ingest::{
+    Accepted, CommitHook, Committed, Ingest, IngestError, NewEvent, StepOutput, reply_all,
+};
+use crate::model::transaction::Transaction;
 use crate::store::{Commit, LogWrite, Store, StoreError};
 use crate::supervisor::Component;
-use crate::uplink::outbox::{AppendOutcome, NewEvent, Outbox};
+use crate::uplink::outbox::{AppendOutcome, Outbox};
 
 /// Most items written under one flush.
 pub const MAX_BATCH: usize = 1024;
@@ -41,120 +42,6 @@ fn journal_record(event: &NewEvent) -> Vec<u8> {
     record.push(JOURNAL_TRANSACTION);
     record.extend_from_slice(&event.payload);
     record
-}
-
-/// Capacity of the ingest channel: sources wait (backpressure) when it is full.
-pub const CHANNEL_CAPACITY: usize = 4096;
-
-/// What sources hand to the core.
-#[derive(Debug)]
-pub enum Ingest {
-    Transaction {
-        tx: Box<Transaction>,
-        reply: oneshot::Sender<IngestReply>,
-    },
-    DeadLetter {
-        letter: Box<DeadLetter>,
-        reply: Option<oneshot::Sender<IngestReply>>,
-    },
-    /// An event the core produced (presence, offers, prompts), already encoded. Nothing waits
-    /// on it: a refusal under a full outbox is the drop policy at work and is counted there.
-    Event { event: Box<NewEvent> },
-    /// Answered once every item queued before it is committed: proof the core loop is alive,
-    /// for the systemd watchdog.
-    Probe { reply: oneshot::Sender<()> },
-}
-
-/// A durable acceptance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Accepted {
-    pub id: String,
-    /// The id was already held; nothing new was stored.
-    pub duplicate: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IngestError {
-    #[error("outbox full: only transactions remain and the cap is reached")]
-    OutboxFull,
-    #[error("storage failed: {0}")]
-    Storage(String),
-    #[error("agent is shutting down")]
-    ShuttingDown,
-}
-
-pub type IngestReply = Result<Accepted, IngestError>;
-
-/// The sending side, cloned into every source.
-#[derive(Debug, Clone)]
-pub struct IngestHandle {
-    tx: mpsc::Sender<Ingest>,
-}
-
-impl IngestHandle {
-    /// Queues a transaction; the receiver resolves once it is durable (or refused).
-    pub async fn transaction(&self, tx: Transaction) -> oneshot::Receiver<IngestReply> {
-        let (reply, rx) = oneshot::channel();
-        let item = Ingest::Transaction {
-            tx: Box::new(tx),
-            reply,
-        };
-        self.send(item).await;
-        rx
-    }
-
-    /// Queues a dead letter; the receiver resolves once it is durable.
-    pub async fn dead_letter(&self, letter: DeadLetter) -> oneshot::Receiver<IngestReply> {
-        let (reply, rx) = oneshot::channel();
-        let item = Ingest::DeadLetter {
-            letter: Box::new(letter),
-            reply: Some(reply),
-        };
-        self.send(item).await;
-        rx
-    }
-
-    /// Queues a core event for the outbox. Waits only for room in the channel, which is the
-    /// backpressure a producer should feel.
-    pub async fn event(&self, event: NewEvent) -> Result<(), IngestError> {
-        self.tx
-            .send(Ingest::Event {
-                event: Box::new(event),
-            })
-            .await
-            .map_err(|_| IngestError::ShuttingDown)
-    }
-
-    /// Resolves when the core loop has worked through everything queued before it.
-    pub async fn probe(&self) -> Result<(), IngestError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Ingest::Probe { reply })
-            .await
-            .map_err(|_| IngestError::ShuttingDown)?;
-        rx.await.map_err(|_| IngestError::ShuttingDown)
-    }
-
-    async fn send(&self, item: Ingest) {
-        if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
-            reply_all(item, Err(IngestError::ShuttingDown));
-        }
-    }
-}
-
-fn reply_all(item: Ingest, reply: IngestReply) {
-    match item {
-        Ingest::Transaction { reply: r, .. } => {
-            let _ = r.send(reply);
-        }
-        Ingest::DeadLetter { reply: Some(r), .. } => {
-            let _ = r.send(reply);
-        }
-        Ingest::Probe { reply } => {
-            let _ = reply.send(());
-        }
-        Ingest::DeadLetter { reply: None, .. } | Ingest::Event { .. } => {}
-    }
 }
 
 /// Takes the probes out of a batch: they write nothing and are answered after it.
@@ -172,24 +59,15 @@ fn take_probes(batch: &mut Vec<Ingest>) -> Vec<oneshot::Sender<()>> {
     probes
 }
 
-/// Creates the ingest channel.
-pub fn channel() -> (IngestHandle, mpsc::Receiver<Ingest>) {
-    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    (IngestHandle { tx }, rx)
-}
-
 /// The ingest stage.
 #[derive(Clone)]
 pub struct Engine {
     store: Store,
     outbox: Arc<Outbox>,
     deadletters: Arc<DeadLetters>,
-    profiles: ProfileStore,
     store_id: String,
-    /// Attribution of loyalty transactions to the offers before them.
-    offers: Option<OfferLedger>,
-    /// Completed loyalty transactions for the `transaction_completed` trigger.
-    completed: Option<mpsc::Sender<Completed>>,
+    /// The durable step's other work (profile KPIs, offer attribution), in the order it runs.
+    hooks: Vec<Arc<dyn CommitHook>>,
     /// Free space kept on the store's filesystem; see [`Engine::with_reserve`].
     min_free_bytes: u64,
 }
@@ -199,19 +77,23 @@ impl Engine {
         store: Store,
         outbox: Arc<Outbox>,
         deadletters: Arc<DeadLetters>,
-        profiles: ProfileStore,
         store_id: String,
     ) -> Self {
         Self {
             store,
             outbox,
             deadletters,
-            profiles,
             store_id,
-            offers: None,
-            completed: None,
+            hooks: Vec::new(),
             min_free_bytes: 0,
         }
+    }
+
+    /// Registers work that joins the durable step of every group with loyalty transactions
+    /// (see [`CommitHook`]). Hooks run in the order they were registered.
+    pub fn with_hook(mut self, hook: Arc<dyn CommitHook>) -> Self {
+        self.hooks.push(hook);
+        self
     }
 
     /// Refuses batches while the store's filesystem has less than `min_free_bytes` free.
@@ -241,21 +123,14 @@ impl Engine {
         }
     }
 
-    /// Attributes loyalty transactions to earlier offers (redemptions go into the same
-    /// durable step as the transaction) and tells the offers service of each one.
-    pub fn with_offers(mut self, ledger: OfferLedger, completed: mpsc::Sender<Completed>) -> Self {
-        self.offers = Some(ledger);
-        self.completed = Some(completed);
-        self
-    }
-
-    /// The durable step of a group commit: dead letters, outbox entries, the cache's share
-    /// (KPIs and offer attribution, journaled), and the redemptions it yields, in one log
-    /// transaction committed durably. Nothing is acknowledged before this returns.
+    /// The durable step of a group commit: dead letters, outbox entries, the hooks' share of
+    /// the loyalty transactions (journaled) and the events it yields, in one log transaction
+    /// committed durably. Nothing is acknowledged before this returns; what the hooks want
+    /// done after it comes back to run once it is durable.
     fn write_batch(
         &self,
         batch: &[Ingest],
-    ) -> Result<(Vec<AppendOutcome>, Vec<Completed>), StoreError> {
+    ) -> Result<(Vec<AppendOutcome>, StepOutput), StoreError> {
         let mut events = Vec::with_capacity(batch.len());
         let mut letters = Vec::new();
         for item in batch {
@@ -298,7 +173,7 @@ impl Engine {
             // about, and the cache's share of the first copy may be what a crash lost (a
             // store migrated from before the journal). The ledger's own check keeps an update
             // from counting twice.
-            let mut loyal: Vec<(&Transaction, bool)> = Vec::new();
+            let mut loyal: Vec<Committed<'_>> = Vec::new();
             for ((item, outcome), event) in batch.iter().zip(&outcomes).zip(&events) {
                 if let (
                     Ingest::Transaction { tx, .. },
@@ -307,70 +182,36 @@ impl Engine {
                     && tx.loyalty_id.is_some()
                 {
                     w.journal(&journal_record(event))?;
-                    loyal.push((tx.as_ref(), matches!(outcome, AppendOutcome::Stored)));
+                    loyal.push(Committed {
+                        tx: tx.as_ref(),
+                        new: matches!(outcome, AppendOutcome::Stored),
+                    });
                 }
             }
-            let completed = self.apply_to_cache(w, &loyal)?;
-            Ok((outcomes, completed))
+            let step = self.run_hooks(w, &loyal)?;
+            Ok((outcomes, step))
         })
     }
 
-    /// The cache's share of loyalty transactions: KPI updates (one sled batch for the group)
-    /// and offer attribution, whose redemptions join the log transaction `w`. Idempotent, so
-    /// that the journal can replay it. Returns the completions of the transactions marked new.
-    fn apply_to_cache<'h>(
+    /// The hooks' share of loyalty transactions, inside the log transaction `w`: the events
+    /// they yield join it. Idempotent as the hooks are, so that the journal can replay it.
+    fn run_hooks<'h>(
         &'h self,
         w: &mut LogWrite<'_, 'h>,
-        loyal: &[(&Transaction, bool)],
-    ) -> Result<Vec<Completed>, StoreError> {
-        // One sled batch for the whole group: a batch per transaction costs two log writes.
-        self.profiles
-            .record_transactions(loyal.iter().map(|(tx, _)| *tx))?;
-        let mut redemptions = Vec::new();
-        let mut completed = Vec::new();
-        for (tx, new) in loyal {
-            let Some(card) = tx.loyalty_id.as_deref() else {
-                continue;
-            };
-            if !crate::profiles::Profile::valid_id(card) {
-                continue;
-            }
-            let customer = self.profiles.resolve_card(card)?;
-            if let Some(ledger) = &self.offers {
-                for r in ledger.attribute(&customer, &self.store_id, tx)? {
-                    let id = r.event_id();
-                    redemptions.push(NewEvent {
-                        kind: EventKind::Redemption,
-                        payload: events::encode(
-                            EventKind::Redemption,
-                            &id,
-                            &self.store_id,
-                            r.transaction_at,
-                            &r,
-                        ),
-                        id,
-                    });
-                    if *new {
-                        let group = match r.group {
-                            crate::offers::ledger::Group::Exposed => "exposed",
-                            crate::offers::ledger::Group::Control => "control",
-                        };
-                        metrics::counter!("storelink_redemptions_total", "campaign" => r.campaign.clone(), "group" => group).increment(1);
-                    }
-                }
-            }
-            if *new && self.offers.is_some() {
-                completed.push(Completed {
-                    customer_id: customer,
-                    lane: tx.lane.clone(),
-                    at: tx.ended_at,
-                });
-            }
+        group: &[Committed<'_>],
+    ) -> Result<StepOutput, StoreError> {
+        let mut step = StepOutput::default();
+        if group.is_empty() {
+            return Ok(step);
         }
-        if !redemptions.is_empty() {
-            self.outbox.append_in(w, &redemptions)?;
+        for hook in &self.hooks {
+            hook.committed(group, &mut step)?;
         }
-        Ok(completed)
+        if !step.events.is_empty() {
+            self.outbox.append_in(w, &step.events)?;
+            step.events.clear();
+        }
+        Ok(step)
     }
 
     /// Finishes what the cache journal still holds (a power cut came before the cache was on
@@ -389,10 +230,13 @@ impl Engine {
             .collect();
         let engine = self.clone();
         let replayed = tokio::task::spawn_blocking(move || {
-            let loyal: Vec<(&Transaction, bool)> = txs.iter().map(|tx| (tx, false)).collect();
+            let group: Vec<Committed<'_>> =
+                txs.iter().map(|tx| Committed { tx, new: false }).collect();
+            // What the hooks would do after a live commit is not done again: it was done, or
+            // its moment (a prompt at the till) has passed.
             engine
                 .store
-                .write(Commit::Durable, |w| engine.apply_to_cache(w, &loyal))
+                .write(Commit::Durable, |w| engine.run_hooks(w, &group))
                 .map(|_| txs.len())
         })
         .await
@@ -478,7 +322,7 @@ impl Engine {
                 return;
             }
         };
-        let (outcomes, completed) = match written {
+        let (outcomes, step) = match written {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, items = batch.len(), "could not make a batch durable; refusing it");
@@ -493,12 +337,8 @@ impl Engine {
             component.running(Some("accepting".to_string()));
         }
         self.outbox.notify();
-        if let Some(tx) = &self.completed {
-            for done in completed {
-                if tx.try_send(done).is_err() {
-                    metrics::counter!("storelink_offer_triggers_dropped_total", "source" => "transactions").increment(1);
-                }
-            }
+        for after in step.after {
+            after();
         }
 
         // Counted per register once per batch: a label lookup per transaction is measurable.

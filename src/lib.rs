@@ -15,6 +15,7 @@ pub mod deadletter;
 pub mod demo;
 pub mod engine;
 pub mod events;
+pub mod model;
 pub mod offers;
 pub mod pos;
 pub mod presence;

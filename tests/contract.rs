@@ -18,7 +18,7 @@ use common::{
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use storelink::events::EventKind;
-use storelink::pos::transaction::{Line, Tender, TransactionKind};
+use storelink::model::transaction::{Line, Tender, TransactionKind};
 use storelink::presence::phones::{self, Phone};
 use storelink::presence::walk::{self, SimConfig, Walk};
 use storelink::profiles::{Profile, ProfileStore};

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{Central, TestAgent, eventually, free_port, local, start_rumqttd};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
-use storelink::pos::transaction::{Line, TransactionKind};
+use storelink::model::transaction::{Line, TransactionKind};
 use storelink::sim::SimRegister;
 
 fn campaign_set(version: u64) -> Value {

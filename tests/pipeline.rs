@@ -46,7 +46,7 @@ async fn transactions_arrive_on_the_broker_as_cloudevents_with_the_same_ids() {
         assert_eq!(e["source"], "/stores/s042");
         assert_eq!(e["datacontenttype"], "application/json");
         assert_eq!(e["time"], tx.ended_at.to_string());
-        let data: storelink::pos::transaction::Transaction =
+        let data: storelink::model::transaction::Transaction =
             serde_json::from_value(e["data"].clone()).unwrap();
         assert_eq!(
             &data, tx,
@@ -223,7 +223,7 @@ async fn a_resent_loyalty_transaction_completes_kpis_a_crash_lost() {
 
     let agent = TestAgent::start(local(free_port()), &["lane-1"]).await;
     let mut tx = SimRegister::new("s042", "lane-1", Some("1"), 6).next(start_time());
-    tx.kind = storelink::pos::transaction::TransactionKind::Sale;
+    tx.kind = storelink::model::transaction::TransactionKind::Sale;
     tx.loyalty_id = Some("4712".into());
     // What survived the crash: the outbox entry alone.
     let event = NewEvent {
@@ -258,7 +258,7 @@ async fn a_loyalty_transaction_updates_kpis_once_however_often_it_is_sent() {
     let mut client = agent.client(0).await;
     let mut register = SimRegister::new("s042", "lane-1", Some("1"), 5);
     let mut tx = register.next(start_time());
-    tx.kind = storelink::pos::transaction::TransactionKind::Sale;
+    tx.kind = storelink::model::transaction::TransactionKind::Sale;
     tx.loyalty_id = Some("4711".into());
     for _ in 0..3 {
         assert!(client.submit(&tx).await.unwrap().starts_with("ok "));

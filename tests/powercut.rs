@@ -61,7 +61,7 @@ use https::{CentralHttps, Feed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use storelink::pos::transaction::TransactionKind;
+use storelink::model::transaction::TransactionKind;
 
 const FEED: &str = "storelink/v1/acme/+/events/#";
 const TX: &str = "storelink.transaction.v1";

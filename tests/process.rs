@@ -361,7 +361,7 @@ fn pos_parse_prints_a_shipped_receipt_capture_and_names_failures() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let json_start = text.find('{').unwrap();
-    let tx: storelink::pos::transaction::Transaction =
+    let tx: storelink::model::transaction::Transaction =
         serde_json::from_str(&text[json_start..]).unwrap();
     assert_eq!(tx.total, 1175);
     assert_eq!(tx.lines_total(), 1175);

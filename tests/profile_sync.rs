@@ -61,8 +61,10 @@ fn syncer(central: &CentralHttps, local: &Local, ca: Option<&std::path::Path>) -
         store: local.store.clone(),
         eraser: Eraser {
             profiles: local.profiles.clone(),
-            history,
-            offers: storelink::offers::ledger::OfferLedger::open(&local.store).unwrap(),
+            history: std::sync::Arc::new(history),
+            offers: std::sync::Arc::new(
+                storelink::offers::ledger::OfferLedger::open(&local.store).unwrap(),
+            ),
             store_id: "s042".into(),
             clock: storelink::clock::system(),
             ingest: None,

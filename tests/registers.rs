@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use jiff::Timestamp;
+use storelink::model::transaction::Transaction;
 use storelink::pos::framing::StxEtxFramer;
-use storelink::pos::transaction::Transaction;
 use storelink::sim::SimRegister;
 use storelink::supervisor::ComponentState;
 

@@ -2,7 +2,7 @@
 //! (pandas, numpy and `lifetimes`; fixture written by `tests/rfm_crosscheck.py`). The same
 //! transactions go through the agent's profile store as the engine would record them.
 
-use storelink::pos::transaction::TransactionKind;
+use storelink::model::transaction::TransactionKind;
 use storelink::profiles::ProfileStore;
 use storelink::profiles::kpi::KpiConfig;
 use storelink::store::{Store, StoreOptions};

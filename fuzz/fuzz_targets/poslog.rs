@@ -5,7 +5,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use storelink::pos::poslog;
-use storelink::pos::transaction::{Transaction, TransactionKind};
+use storelink::model::transaction::{Transaction, TransactionKind};
 
 /// Element paths, byte offsets and names cut to 40 characters fit well inside this.
 const MAX_MESSAGE: usize = 400;

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use storelink::pos::receipt::{self, ReceiptTemplate};
-use storelink::pos::transaction::TransactionKind;
+use storelink::model::transaction::TransactionKind;
 
 fn template() -> &'static ReceiptTemplate {
     static T: OnceLock<ReceiptTemplate> = OnceLock::new();

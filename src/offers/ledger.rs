@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::campaign::CompiledSet;
 use super::decide::{CapState, Decision};
-use crate::pos::transaction::{Money, Transaction, TransactionKind};
+use crate::model::transaction::{Money, Transaction, TransactionKind};
 use crate::profiles::Item;
 use crate::store::{Batch, Store, StoreError, Tree, TreeName};
 
@@ -223,7 +223,7 @@ fn count(v: Option<&[u8]>) -> u64 {
 }
 
 /// Whether a line is one of the offer's items; no items means any purchase qualifies.
-fn qualifies(items: &[Item], line: &crate::pos::transaction::Line) -> bool {
+fn qualifies(items: &[Item], line: &crate::model::transaction::Line) -> bool {
     if line.voided || line.net() <= 0 {
         return false;
     }
@@ -557,6 +557,13 @@ fn fact_key(name: &str) -> Vec<u8> {
     let mut k = vec![b'f'];
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+/// What an erasure removes of the offer history.
+impl crate::model::customer::CustomerRecords for OfferLedger {
+    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError> {
+        self.erase(customer_id)
+    }
 }
 
 #[cfg(test)]

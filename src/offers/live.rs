@@ -28,15 +28,17 @@ use super::decide::{Chosen, Control, Decision, Explained, Occasion, decide};
 use super::ledger::OfferLedger;
 use super::stats::CampaignStats;
 use crate::clock::SharedClock;
-use crate::engine::IngestHandle;
 use crate::events::{self, EventKind};
-use crate::presence::pipeline::PresenceEvent;
-use crate::presence::zones::PresenceKind;
+use crate::model::ingest::{IngestHandle, NewEvent};
+use crate::model::presence::PresenceEvent;
+use crate::model::presence::PresenceKind;
+use crate::model::register::LiveEvents;
+pub use crate::model::register::RegisterEvent;
 use crate::profiles::kpi::{KpiConfig, KpiView};
 use crate::profiles::{Profile, ProfileStore};
 use crate::store::StoreError;
 use crate::supervisor::Component;
-use crate::uplink::outbox::NewEvent;
+use futures_util::future::BoxFuture;
 
 /// Completed loyalty transactions waiting for the `transaction_completed` trigger. A full
 /// channel drops (and counts) the trigger: the transaction and its attribution are already
@@ -230,69 +232,6 @@ struct PromptData<'a> {
     offer: Option<&'a str>,
 }
 
-/// A live register event (`POST /pos/v1/events`, or a line on a JSON-lines register).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RegisterEvent {
-    /// A loyalty card scanned or a phone number keyed.
-    CustomerIdentified {
-        #[serde(default)]
-        register: Option<String>,
-        #[serde(default)]
-        lane: Option<String>,
-        loyalty_id: String,
-    },
-    TransactionStarted {
-        #[serde(default)]
-        register: Option<String>,
-        #[serde(default)]
-        lane: Option<String>,
-        #[serde(default)]
-        loyalty_id: Option<String>,
-    },
-    BasketUpdated {
-        #[serde(default)]
-        register: Option<String>,
-        #[serde(default)]
-        lane: Option<String>,
-        #[serde(default)]
-        lines: Vec<serde_json::Value>,
-    },
-    TransactionEnded {
-        #[serde(default)]
-        register: Option<String>,
-        #[serde(default)]
-        lane: Option<String>,
-    },
-}
-
-impl RegisterEvent {
-    /// Names `register` as where the event happened when it names neither register nor lane.
-    pub fn default_register(&mut self, name: &str) {
-        match self {
-            RegisterEvent::CustomerIdentified { register, lane, .. }
-            | RegisterEvent::TransactionStarted { register, lane, .. }
-            | RegisterEvent::BasketUpdated { register, lane, .. }
-            | RegisterEvent::TransactionEnded { register, lane } => {
-                if register.is_none() && lane.is_none() {
-                    *register = Some(name.to_string());
-                }
-            }
-        }
-    }
-
-    fn place(&self) -> (Option<&str>, Option<&str>) {
-        match self {
-            RegisterEvent::CustomerIdentified { register, lane, .. }
-            | RegisterEvent::TransactionStarted { register, lane, .. }
-            | RegisterEvent::BasketUpdated { register, lane, .. }
-            | RegisterEvent::TransactionEnded { register, lane } => {
-                (register.as_deref(), lane.as_deref())
-            }
-        }
-    }
-}
-
 /// The answer to a register event: what a POS with its own UI should show.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Effects {
@@ -405,6 +344,18 @@ fn short_hash(parts: &[&[u8]]) -> String {
     }
     let d = h.finalize();
     d[..10].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl LiveEvents for Offers {
+    fn answer(&self, event: RegisterEvent) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let effects = self
+                .on_register_event(event)
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::to_string(&effects).map_err(|e| e.to_string())
+        })
+    }
 }
 
 impl Offers {
@@ -1126,7 +1077,7 @@ fn channel_name(c: Channel) -> &'static str {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::engine::{self, Ingest};
+    use crate::model::ingest::{self as engine, Ingest};
     use crate::store::{Store, StoreOptions};
 
     struct Fixture {

@@ -5,6 +5,7 @@
 //! - [`audience`]: audience expressions (CEL, and a typed fast path for the common shapes);
 //! - [`decide`]: the pure decision;
 //! - [`ledger`]: caps, budgets, offer history, attribution and counts in sled;
+//! - [`attribution`]: the ledger's attribution as a hook of the engine's durable step;
 //! - [`stats`]: campaign success and the uplift test;
 //! - [`live`]: the service that wires triggers (presence, register events, completed
 //!   transactions) to decisions, prompts and events;
@@ -14,6 +15,7 @@
 //! a pure function of its inputs, and assignment to control groups and variants is the same
 //! everywhere.
 
+pub mod attribution;
 pub mod audience;
 pub mod campaign;
 pub mod decide;

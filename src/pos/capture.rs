@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::framing::Frame;
-use super::transaction::Transaction;
 use super::{FrameParser, Identity, serial};
 use crate::config::Transport;
+use crate::model::transaction::Transaction;
 
 /// One read from the register.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

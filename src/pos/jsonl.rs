@@ -4,7 +4,7 @@
 //! integration with a typo fails loudly at the first receipt instead of losing a field forever.
 
 use super::ParseError;
-use super::transaction::{SourceFormat, Transaction};
+use crate::model::transaction::{SourceFormat, Transaction};
 
 pub fn parse(line: &[u8]) -> Result<Transaction, ParseError> {
     let text = std::str::from_utf8(line).map_err(|e| {

@@ -21,7 +21,6 @@ pub mod poslog;
 pub mod receipt;
 pub mod serial;
 pub mod tcp;
-pub mod transaction;
 
 use std::time::Duration;
 
@@ -35,11 +34,12 @@ use jiff::tz::TimeZone;
 use crate::clock::SharedClock;
 use crate::config::{Config, RegisterConfig, RegisterFormat, Transport};
 use crate::deadletter::DeadLetter;
-use crate::engine::{IngestError, IngestHandle, IngestReply};
+use crate::model::ingest::{IngestError, IngestHandle, IngestReply};
+use crate::model::register::{LiveEvents, RegisterEvent};
+use crate::model::transaction::{InvalidTransaction, Transaction};
 use crate::supervisor::Component;
 use framing::{Frame, Framer};
 use receipt::ReceiptTemplate;
-use transaction::{InvalidTransaction, Transaction};
 
 /// Why a frame (or one transaction in it) could not be read. The message never quotes input
 /// values, which may be loyalty ids; it names fields, rules and positions.
@@ -184,7 +184,7 @@ pub struct RegisterContext {
     pub ingest: IngestHandle,
     /// Live register events (`customer_identified`, …) on a JSON-lines connection go here;
     /// the reply line carries the effects.
-    pub live: Option<crate::offers::live::Offers>,
+    pub live: Option<std::sync::Arc<dyn LiveEvents>>,
 }
 
 impl RegisterContext {
@@ -255,7 +255,7 @@ impl RegisterContext {
 
     /// A JSON-lines frame that is a live register event rather than a transaction. Checked
     /// for the `"type"` key first, so transactions pay one scan and no second parse.
-    fn register_event(&self, frame: &Frame) -> Option<crate::offers::live::RegisterEvent> {
+    fn register_event(&self, frame: &Frame) -> Option<RegisterEvent> {
         self.live.as_ref()?;
         let Frame::Data(bytes) = frame else {
             return None;
@@ -268,18 +268,11 @@ impl RegisterContext {
         serde_json::from_slice(bytes).ok()
     }
 
-    async fn on_register_event(
-        &self,
-        mut event: crate::offers::live::RegisterEvent,
-    ) -> Result<String, String> {
+    async fn on_register_event(&self, mut event: RegisterEvent) -> Result<String, String> {
         // The connection says which register this is when the event does not.
         event.default_register(&self.id.register);
-        let offers = self.live.as_ref().ok_or("offers are not running")?;
-        let effects = offers
-            .on_register_event(event)
-            .await
-            .map_err(|e| e.to_string())?;
-        serde_json::to_string(&effects).map_err(|e| e.to_string())
+        let live = self.live.as_ref().ok_or("offers are not running")?;
+        live.answer(event).await
     }
 
     async fn dead_letter(&self, frame: Frame, reason: String) -> oneshot::Receiver<IngestReply> {

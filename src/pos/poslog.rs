@@ -63,7 +63,7 @@ use quick_xml::reader::Reader;
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::ParseError;
-use super::transaction::{
+use crate::model::transaction::{
     Line, MAX_MONEY, Money, Quantity, SourceFormat, Tender, Transaction, TransactionKind,
 };
 
@@ -1479,7 +1479,7 @@ pub mod writer {
     use rust_decimal::Decimal;
 
     use super::minor_digits;
-    use crate::pos::transaction::{Money, Transaction, TransactionKind};
+    use crate::model::transaction::{Money, Transaction, TransactionKind};
 
     /// How element names are spelled.
     #[derive(Debug, Clone, Copy)]

@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 use super::ParseError;
 use super::escpos::{self, CodePage};
-use super::transaction::{
+use crate::model::transaction::{
     Line, MAX_MONEY, Money, Quantity, SourceFormat, Tender, Transaction, TransactionKind,
 };
 

@@ -135,6 +135,13 @@ impl History {
     }
 }
 
+/// What an erasure removes of the presence history.
+impl crate::model::customer::CustomerRecords for History {
+    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError> {
+        self.erase(customer_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Recognising opted-in customers from the rotating identifier their app advertises.
 //!
 //! `EID = HMAC-SHA256(presence_key, "storelink-eid-v1" ‖ u32_be(window))[0..8]`, with
-//! `window = floor(unix_time / rotation_s)` (DESIGN.md). The [`Resolver`] holds, for every
+//! `window = floor(unix_time / rotation_s)` (docs/eid.md). The [`Resolver`] holds, for every
 //! customer with presence consent and a key, the EIDs of the current window and its two
 //! neighbours (phones' clocks drift), keyed for constant-time lookup. It is rebuilt when the
 //! window turns and when profiles change.
@@ -17,32 +17,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
 use jiff::Timestamp;
-use sha2::Sha256;
 
 use super::advert::Payload;
-
-/// Domain separation for EIDs, so a presence key is never usable for anything else.
-const EID_CONTEXT: &[u8] = b"storelink-eid-v1";
-
-/// A customer's 32-byte presence key.
-pub type PresenceKey = [u8; 32];
-
-/// The EID a key yields in `window`.
-pub fn eid(key: &PresenceKey, window: u32) -> [u8; 8] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(EID_CONTEXT);
-    mac.update(&window.to_be_bytes());
-    let out = mac.finalize().into_bytes();
-    out[..8].try_into().expect("SHA-256 is 32 bytes")
-}
-
-/// The rotation window `at` falls in.
-pub fn window_of(at: Timestamp, rotation_s: u32) -> u32 {
-    let secs = at.as_second().max(0) as u64;
-    (secs / u64::from(rotation_s.max(1))) as u32
-}
+pub use crate::model::customer::{PresenceKey, eid, hex, parse_key, window_of};
 
 /// What a sighting is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,23 +151,6 @@ impl Resolver {
     pub fn ambiguous_ibeacons(&self) -> usize {
         self.ibeacons.values().filter(|s| **s == Slot::Many).count()
     }
-}
-
-/// Parses a presence key from 64 hex digits.
-pub fn parse_key(hex: &str) -> Result<PresenceKey, String> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a presence key is 64 hex digits (32 bytes)".into());
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
-    }
-    Ok(key)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

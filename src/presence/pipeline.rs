@@ -26,15 +26,15 @@ use super::advert::Advertisement;
 use super::history::{History, Record};
 use super::identity::{PresenceKey, Resolution, Resolver};
 use super::signal::Calibration;
-use super::zones::{Place, PresenceChange, PresenceKind, Tracker, TrackerConfig};
+use super::zones::{Place, PresenceChange, Tracker, TrackerConfig};
 use crate::clock::SharedClock;
 use crate::config::PresenceSection;
-use crate::engine::IngestHandle;
 use crate::events::{self, EventKind};
+use crate::model::ingest::{IngestHandle, NewEvent};
+pub use crate::model::presence::PresenceEvent;
 use crate::profiles::ProfileStore;
 use crate::store::StoreError;
 use crate::supervisor::Component;
-use crate::uplink::outbox::NewEvent;
 
 /// Capacity of the source → pipeline channel. Sources block on it (replay, scanners) or
 /// count what does not fit (the local adapter), so a slow pipeline is visible, not silent.
@@ -61,20 +61,6 @@ pub enum PresenceError {
     Store(#[from] StoreError),
     #[error("rebuilding the identity table: {0}")]
     Rebuild(String),
-}
-
-/// A presence change as the core sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PresenceEvent {
-    pub id: String,
-    pub customer_id: Arc<str>,
-    pub kind: PresenceKind,
-    /// The zone, or `None` for the store as a whole.
-    pub zone: Option<String>,
-    pub lane: Option<String>,
-    pub at: Timestamp,
-    pub confidence: f32,
-    pub distance_m: Option<f32>,
 }
 
 /// The `data` of a `storelink.presence.v1` CloudEvent.

@@ -51,6 +51,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::signal::{Calibration, PathLossFilter, RESTART_AFTER_S};
+pub use crate::model::presence::PresenceKind;
 
 /// Scanner ids interned per tracker. More scanners than this in one store is a misconfigured
 /// or hostile source; their readings still count for store presence.
@@ -199,25 +200,6 @@ impl TrackerConfig {
             return Err("store_away_s: must be at least 1 s".into());
         }
         Ok(())
-    }
-}
-
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PresenceKind {
-    Entered,
-    Dwelling,
-    Left,
-}
-
-impl PresenceKind {
-    /// The name in `storelink.presence.v1`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PresenceKind::Entered => "entered",
-            PresenceKind::Dwelling => "dwelling",
-            PresenceKind::Left => "left",
-        }
     }
 }
 

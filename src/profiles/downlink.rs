@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 pub use super::erasure::Erasure;
 use super::erasure::{Eraser, ErasureAck};
 use super::{Profile, Upserted};
+use crate::model::downlink::Downlink;
 use crate::store::{Store, StoreError};
 use crate::supervisor::Component;
-use crate::uplink::mqtt::Downlink;
 
 /// A message body: one item or a list of them.
 #[derive(Deserialize)]

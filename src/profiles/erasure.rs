@@ -15,18 +15,18 @@
 //! - Its CloudEvent id is stable per (store, customer, version): a repeated request is
 //!   acknowledged once; central de-duplicates on the id as for every event.
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ProfileStore;
 use crate::clock::SharedClock;
-use crate::engine::IngestHandle;
 use crate::events::{self, EventKind};
-use crate::offers::ledger::OfferLedger;
-use crate::presence::history::History;
+use crate::model::customer::CustomerRecords;
+use crate::model::ingest::{IngestHandle, NewEvent};
 use crate::store::StoreError;
-use crate::uplink::outbox::NewEvent;
 
 /// One erasure request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,15 +62,16 @@ pub struct ErasureAck {
 
 /// The SHA-256 of a customer id, as acknowledgements name the customer.
 pub fn customer_ref(customer_id: &str) -> String {
-    crate::presence::identity::hex(&Sha256::digest(customer_id.as_bytes()))
+    crate::model::customer::hex(&Sha256::digest(customer_id.as_bytes()))
 }
 
 /// Carries out erasures and acknowledges them to central.
 #[derive(Clone)]
 pub struct Eraser {
     pub profiles: ProfileStore,
-    pub history: History,
-    pub offers: OfferLedger,
+    /// The customer's presence history and offer history, kept by presence and offers.
+    pub history: Arc<dyn CustomerRecords>,
+    pub offers: Arc<dyn CustomerRecords>,
     pub store_id: String,
     pub clock: SharedClock,
     /// Where acknowledgements go; `None` in tools that only clean up.
@@ -83,8 +84,8 @@ impl Eraser {
     pub fn erase(&self, request: &Erasure) -> Result<ErasureAck, StoreError> {
         tracing::debug!(customer = %request.customer_id, "erasing customer");
         let erased = self.profiles.erase(&request.customer_id, request.version)?;
-        let presence_records = self.history.erase(&request.customer_id)? as u64;
-        let offer_records = self.offers.erase(&request.customer_id)? as u64;
+        let presence_records = self.history.erase_customer(&request.customer_id)? as u64;
+        let offer_records = self.offers.erase_customer(&request.customer_id)? as u64;
         metrics::counter!("storelink_erasures_total").increment(1);
         Ok(ErasureAck {
             store: self.store_id.clone(),

@@ -43,8 +43,9 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::pos::transaction::{Transaction, TransactionKind};
-use crate::presence::identity::PresenceKey;
+use crate::model::customer::PresenceKey;
+use crate::model::ingest::{CommitHook, Committed, StepOutput};
+use crate::model::transaction::{Transaction, TransactionKind};
 use crate::store::{Batch, Store, StoreError, Tree, TreeName};
 use kpi::{Kpis, LedgerEntry, ModelParams, RfmBreakpoints};
 
@@ -196,14 +197,14 @@ mod hex_key {
 
     pub fn serialize<S: Serializer>(key: &Option<PresenceKey>, s: S) -> Result<S::Ok, S::Error> {
         match key {
-            Some(k) => s.serialize_str(&crate::presence::identity::hex(k)),
+            Some(k) => s.serialize_str(&crate::model::customer::hex(k)),
             None => s.serialize_none(),
         }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PresenceKey>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| crate::presence::identity::parse_key(&t).map_err(serde::de::Error::custom))
+        text.map(|t| crate::model::customer::parse_key(&t).map_err(serde::de::Error::custom))
             .transpose()
     }
 }
@@ -772,6 +773,15 @@ pub async fn run_rfm(
             _ = tokio::time::sleep(every) => {}
             _ = token.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// The profile cache's share of the engine's durable step: the KPI updates of a group's
+/// loyalty transactions, in one sled batch (a batch per transaction costs sled two log writes).
+impl CommitHook for ProfileStore {
+    fn committed(&self, group: &[Committed<'_>], _: &mut StepOutput) -> Result<(), StoreError> {
+        self.record_transactions(group.iter().map(|c| c.tx))?;
+        Ok(())
     }
 }
 

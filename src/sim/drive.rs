@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::central::{Arrivals, Observer};
 use super::{JsonlClient, SimRegister};
 use crate::cashier::api::RegisterInfo;
-use crate::presence::identity::{eid, window_of};
+use crate::model::customer::{eid, window_of};
 use crate::presence::phones::{self, Phone};
 use crate::profiles::Profile;
 
@@ -384,7 +384,7 @@ impl AgentApi {
         &self,
         register: &str,
         format: Format,
-        tx: &crate::pos::transaction::Transaction,
+        tx: &crate::model::transaction::Transaction,
     ) -> Result<Vec<String>, String> {
         #[derive(Deserialize)]
         struct Answer {
@@ -433,7 +433,7 @@ enum Format {
 
 impl Format {
     /// One transaction as the register would send it.
-    fn encode(self, tx: &crate::pos::transaction::Transaction) -> Vec<u8> {
+    fn encode(self, tx: &crate::model::transaction::Transaction) -> Vec<u8> {
         let mut bytes = match self {
             Format::Jsonl => serde_json::to_vec(tx).unwrap_or_default(),
             Format::Poslog => crate::pos::poslog::writer::write(
@@ -796,7 +796,7 @@ type Lines = Arc<tokio::sync::Mutex<HashMap<String, super::serial::PtyLine>>>;
 async fn send_one(
     api: &AgentApi,
     target: &Target,
-    tx: &crate::pos::transaction::Transaction,
+    tx: &crate::model::transaction::Transaction,
     lines: &Lines,
     ledger: &Mutex<Ledger>,
 ) {

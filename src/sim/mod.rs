@@ -22,7 +22,7 @@ pub mod drive;
 pub mod https;
 pub mod serial;
 
-use crate::pos::transaction::{
+use crate::model::transaction::{
     Line, Money, Quantity, SourceFormat, Tender, Transaction, TransactionKind, transaction_id,
 };
 

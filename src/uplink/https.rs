@@ -30,10 +30,11 @@ use crate::clock::SharedClock;
 use crate::config::{Config, Secret};
 use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::events::{self, EventKind};
+use crate::model::ingest::NewEvent;
 use crate::store::{Commit, Store, StoreError};
 use crate::supervisor::{Backoff, Component};
 use crate::uplink::PathState;
-use crate::uplink::outbox::{Entry, NewEvent, Outbox, Stream, Take};
+use crate::uplink::outbox::{Entry, Outbox, Stream, Take};
 
 /// The batch content type of the CloudEvents JSON format.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";

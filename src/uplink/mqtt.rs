@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::config::{Config, MqttEndpoint, MqttProtocol, ProxyUrl, Secret};
 use crate::events::{self, EventKind};
+use crate::model::downlink::Downlink;
 use crate::store::StoreError;
 use crate::supervisor::{Backoff, Component};
 use crate::uplink::PathState;
@@ -64,20 +65,6 @@ pub struct MqttSettings {
     pub live_after: Duration,
     /// Where messages from central (profile upserts, erasures) go; none, no subscription.
     pub downlink: Option<mpsc::Sender<Downlink>>,
-}
-
-/// A message central sent down, by the topic it came on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Downlink {
-    /// `…/{store}/profiles`: profile upserts.
-    Profiles(bytes::Bytes),
-    /// `…/erasures`: customer erasure requests.
-    Erasures(bytes::Bytes),
-    /// `…/campaigns` (`tenant_wide`) or `…/{store}/campaigns`: a campaign set, retained.
-    Campaigns {
-        tenant_wide: bool,
-        body: bytes::Bytes,
-    },
 }
 
 impl MqttSettings {

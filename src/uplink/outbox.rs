@@ -42,6 +42,8 @@ use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
 use crate::events::EventKind;
+/// What the outbox takes; the type lives in the seams because every producer builds one.
+pub use crate::model::ingest::NewEvent;
 use crate::store::{Commit, LogTable, LogTableMut, LogView, LogWrite, Store, StoreError};
 
 const ENTRY_PREFIX: u8 = 0x00;
@@ -143,15 +145,6 @@ impl EntryKey {
     pub fn seq(&self) -> u64 {
         u64::from_be_bytes(self.0[2..].try_into().expect("8 bytes"))
     }
-}
-
-/// An event on its way into the outbox.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub kind: EventKind,
-    pub id: String,
-    /// The serialised CloudEvent, exactly as central will receive it.
-    pub payload: Vec<u8>,
 }
 
 /// What happened to one appended event.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use storelink::pos::transaction::{Transaction, TransactionKind};
+use storelink::model::transaction::{Transaction, TransactionKind};
 use storelink::sim::{JsonlClient, SimRegister};
 use tokio_util::sync::CancellationToken;
 
