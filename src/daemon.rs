@@ -6,6 +6,7 @@
 //! - One [`CancellationToken`] stops everything; shutdown waits at most [`SHUTDOWN_DEADLINE`]
 //!   for tasks to drain, then flushes the store.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,14 +17,18 @@ use crate::cashier::api::{self, AgentInfo, ApiState};
 use crate::cashier::auth::{AdminAuth, LaneAuth};
 use crate::cashier::lane::LaneState;
 use crate::clock::SharedClock;
-use crate::config::{Config, PresenceSource, parse_socket_addr};
+use crate::config::{
+    Config, ConfigError, PresenceSource, Problem, RegisterFormat, TlsSection, parse_socket_addr,
+};
 use crate::deadletter::DeadLetters;
 use crate::engine::Engine;
 use crate::model::presence::PresenceEvent;
 use crate::offers::attribution::Attribution;
+use crate::offers::campaign::CampaignSet;
 use crate::offers::ledger::OfferLedger;
 use crate::offers::live::{self, Offers, Slot};
 use crate::offers::sync::CampaignSync;
+use crate::pos::receipt::ReceiptTemplate;
 use crate::pos::{self, RegisterContext};
 use crate::presence::history::History;
 use crate::presence::pipeline::{self, Pipeline};
@@ -56,6 +61,40 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Setup(String),
+}
+
+/// Loads `path` as the agent runs it: the config's own checks, then the files it names that
+/// other modules parse (receipt templates, the campaign set). Every problem is reported under
+/// its key and the file, as `check-config` prints them.
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    let mut problems = Vec::new();
+    for (i, register) in config.registers.iter().enumerate() {
+        if let (RegisterFormat::Receipt, Some(template)) = (register.format, &register.template)
+            && let Err(e) = ReceiptTemplate::load(template)
+        {
+            problems.push(Problem::at(format!("registers[{i}].template"), e));
+        }
+    }
+    if let Some(file) = &config.offers.campaigns_file {
+        let parsed = std::fs::read(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+            .and_then(|bytes| {
+                CampaignSet::from_json(&bytes)
+                    .map_err(|e| format!("{} is not a campaign set: {e}", file.display()))
+            });
+        if let Err(message) = parsed {
+            problems.push(Problem::at("offers.campaigns_file", message));
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            file: path.display().to_string(),
+            problems,
+        })
+    }
 }
 
 /// A started agent.
@@ -744,5 +783,56 @@ mod report_tests {
             without_credentials("wss://u:p@x.example:443/mqtt"),
             "wss://x.example:443/mqtt"
         );
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::load_config;
+
+    /// What config alone cannot judge (a template's rules, a campaign set's JSON) is still
+    /// reported by key and file before the agent starts.
+    #[test]
+    fn bad_templates_and_campaign_sets_are_config_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.toml"), "no_such_key = 1\n").unwrap();
+        std::fs::write(
+            dir.path().join("c.json"),
+            "{\"version\": 1, \"campaigns\": [tru",
+        )
+        .unwrap();
+        let file = dir.path().join("storelink.toml");
+        std::fs::write(
+            &file,
+            "[store]\nid = \"s042\"\ntenant = \"acme\"\n\n[central.mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n\n\
+             [offers]\ncampaigns_file = \"c.json\"\n\n\
+             [[registers]]\nname = \"r\"\nformat = \"receipt\"\ntemplate = \"t.toml\"\ntransport = { kind = \"http\" }\n",
+        )
+        .unwrap();
+        let e = load_config(&file).unwrap_err();
+        let keys: Vec<_> = e.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["registers[0].template", "offers.campaigns_file"]);
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{}: registers[0].template", file.display())),
+            "{text}"
+        );
+        assert!(text.contains("is not a campaign set"), "{text}");
+
+        // Good files load.
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/receipts/supermarket.toml"
+            ),
+            dir.path().join("t.toml"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("c.json"),
+            "{\"version\": 1, \"campaigns\": []}",
+        )
+        .unwrap();
+        load_config(&file).unwrap();
     }
 }

@@ -341,7 +341,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     storelink::install_crypto_provider();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file } => match storelink::daemon::load_config(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -352,7 +352,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config = match storelink::daemon::load_config(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -855,7 +855,7 @@ fn pos(command: PosCommand) -> ExitCode {
 }
 
 fn load_register(path: &std::path::Path, name: &str) -> Result<(Config, RegisterConfig), ExitCode> {
-    let config = Config::load(path).map_err(|e| {
+    let config = storelink::daemon::load_config(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EXIT_CONFIG)
     })?;

@@ -12,11 +12,12 @@ use proptest::prelude::*;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use storelink::clock::{ManualClock, SharedClock};
 use storelink::presence::advert::{Advertisement, Payload};
-use storelink::presence::source::espresense::{self, EspresenseError, ScannerSettings};
+use storelink::presence::source::espresense::{self, EspresenseError};
 use storelink::presence::source::replay::{
-    Hex, ParsedLine, RecordedAdvert, ReplaySettings, parse_line, read_line, write_line,
+    Hex, ParsedLine, RecordedAdvert, parse_line, read_line, write_line,
 };
 use storelink::presence::source::{self, BtleSettings, SourceError, SourceSettings};
+use storelink::presence::source::{ReplaySettings, ScannerSettings};
 use storelink::supervisor::{Component, ComponentState, StatusBoard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -18,15 +18,46 @@ impl fmt::Debug for ProxyUrl {
     }
 }
 
-impl HttpsSection {
-    pub fn tls_files(&self) -> crate::tls::TlsFiles<'_> {
+/// A section that reaches central over TLS: `ca_file`, `cert_file` and `key_file`, the same three
+/// keys in `[central.mqtt]` and `[central.https]`.
+///
+/// The keys stay flat in each section rather than in a `#[serde(flatten)]` struct: serde
+/// cannot combine `flatten` with `deny_unknown_fields`, and a typo must stay an error. This
+/// trait is what the two sections share instead: path resolution, the file checks, and the
+/// view the TLS client takes.
+pub trait TlsSection {
+    /// The config key of the section, `central.mqtt` or `central.https`.
+    const SECTION: &'static str;
+    fn tls_paths(&self) -> [&Option<PathBuf>; 3];
+    fn tls_paths_mut(&mut self) -> [&mut Option<PathBuf>; 3];
+
+    /// What [`crate::tls::client_config`] loads.
+    fn tls_files(&self) -> crate::tls::TlsFiles<'_> {
+        let [ca, cert, key] = self.tls_paths();
         crate::tls::TlsFiles {
-            ca_file: self.ca_file.as_deref(),
-            cert_file: self.cert_file.as_deref(),
-            key_file: self.key_file.as_deref(),
+            ca_file: ca.as_deref(),
+            cert_file: cert.as_deref(),
+            key_file: key.as_deref(),
         }
     }
 }
+
+macro_rules! tls_section {
+    ($section:ty, $key:literal) => {
+        impl TlsSection for $section {
+            const SECTION: &'static str = $key;
+            fn tls_paths(&self) -> [&Option<PathBuf>; 3] {
+                [&self.ca_file, &self.cert_file, &self.key_file]
+            }
+            fn tls_paths_mut(&mut self) -> [&mut Option<PathBuf>; 3] {
+                [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            }
+        }
+    };
+}
+
+tls_section!(MqttSection, "central.mqtt");
+tls_section!(HttpsSection, "central.https");
 
 impl ProxyUrl {
     /// `http://[user:pass@]host[:port][/]`. Only plain-HTTP CONNECT proxies: what stores run.

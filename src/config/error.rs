@@ -11,6 +11,18 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem at `key`.
+    pub fn at(key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::error::Error for Problem {}
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

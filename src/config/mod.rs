@@ -19,6 +19,8 @@ use serde::Deserialize;
 
 mod endpoint;
 mod error;
+mod kpi;
+mod presence;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -26,6 +28,8 @@ mod validate;
 
 pub use endpoint::*;
 pub use error::*;
+pub use kpi::*;
+pub use presence::*;
 pub use schema::*;
 
 /// The whole configuration file.
@@ -122,25 +126,10 @@ impl Config {
                 resolve(t);
             }
         }
-        if let Some(mqtt) = &mut self.central.mqtt {
-            for f in [&mut mqtt.ca_file, &mut mqtt.cert_file, &mut mqtt.key_file]
-                .into_iter()
-                .flatten()
-            {
-                resolve(f);
-            }
-        }
-        if let Some(https) = &mut self.central.https {
-            for f in [
-                &mut https.ca_file,
-                &mut https.cert_file,
-                &mut https.key_file,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                resolve(f);
-            }
+        let mqtt = self.central.mqtt.as_mut().map(|s| s.tls_paths_mut());
+        let https = self.central.https.as_mut().map(|s| s.tls_paths_mut());
+        for f in mqtt.into_iter().chain(https).flatten().flatten() {
+            resolve(f);
         }
         if let Some(replay) = &mut self.presence.replay {
             resolve(&mut replay.file);

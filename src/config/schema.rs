@@ -285,15 +285,15 @@ pub struct PresenceSection {
     #[serde(default = "default_store_away_s")]
     pub store_away_s: u32,
     #[serde(default)]
-    pub replay: Option<crate::presence::source::ReplaySettings>,
+    pub replay: Option<ReplaySettings>,
     #[serde(default)]
-    pub scanners: Option<crate::presence::source::ScannerSettings>,
+    pub scanners: Option<ScannerSettings>,
     #[serde(default)]
-    pub btleplug: Option<crate::presence::source::BtleSettings>,
+    pub btleplug: Option<BtleSettings>,
     #[serde(default)]
     pub calibration: Vec<ScannerCalibration>,
     #[serde(default)]
-    pub zones: Vec<crate::presence::zones::ZoneSpec>,
+    pub zones: Vec<ZoneSpec>,
 }
 
 impl Default for PresenceSection {
@@ -414,7 +414,7 @@ pub struct ProfilesSection {
     #[serde(default = "default_rfm_interval_s")]
     pub rfm_interval_s: u64,
     #[serde(default)]
-    pub kpi: crate::profiles::kpi::KpiConfig,
+    pub kpi: KpiConfig,
 }
 
 impl Default for ProfilesSection {
@@ -430,7 +430,7 @@ impl Default for ProfilesSection {
 }
 
 pub(super) fn default_cache_entries() -> usize {
-    crate::profiles::DEFAULT_CACHE_ENTRIES
+    DEFAULT_CACHE_ENTRIES
 }
 pub(super) fn default_sync_interval_s() -> u64 {
     300

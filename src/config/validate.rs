@@ -176,11 +176,9 @@ impl Config {
                     format!("{at}.template"),
                     "missing required key: receipts are parsed with a template (see config/receipts/)",
                 ),
-                (RegisterFormat::Receipt, Some(path)) => {
-                    if let Err(e) = crate::pos::receipt::ReceiptTemplate::load(path) {
-                        v.problem(format!("{at}.template"), e);
-                    }
-                }
+                // The template's content is the receipt parser's to judge; the agent checks
+                // it when it loads the config (`daemon::load_config`).
+                (RegisterFormat::Receipt, Some(path)) => v.readable(&format!("{at}.template"), path),
                 (_, Some(_)) => v.problem(
                     format!("{at}.template"),
                     "only receipt registers use a template",
@@ -228,22 +226,16 @@ impl Config {
                 }
                 let endpoint = MqttEndpoint::parse(&mqtt.url).ok();
                 if endpoint.as_ref().is_some_and(|e| !e.scheme.tls()) {
-                    for (key, file) in [
-                        ("central.mqtt.ca_file", &mqtt.ca_file),
-                        ("central.mqtt.cert_file", &mqtt.cert_file),
-                        ("central.mqtt.key_file", &mqtt.key_file),
-                    ] {
+                    for (name, file) in TLS_KEYS.iter().zip(mqtt.tls_paths()) {
                         if file.is_some() {
-                            v.problem(key, "TLS settings need an mqtts:// or wss:// url");
+                            v.problem(
+                                format!("central.mqtt.{name}"),
+                                "TLS settings need an mqtts:// or wss:// url",
+                            );
                         }
                     }
                 }
-                v.tls_files(
-                    "central.mqtt",
-                    &mqtt.ca_file,
-                    &mqtt.cert_file,
-                    &mqtt.key_file,
-                );
+                v.tls_files(&*mqtt);
                 mqtt.resolved_proxy = match (&mqtt.proxy, &endpoint) {
                     (Some(url), _) => match ProxyUrl::parse(url) {
                         Ok(p) => Some(p),
@@ -309,12 +301,7 @@ impl Config {
                 );
             }
             https.token = v.secret("central.https.token_env", &https.token_env, env);
-            v.tls_files(
-                "central.https",
-                &https.ca_file,
-                &https.cert_file,
-                &https.key_file,
-            );
+            v.tls_files(&*https);
             let mut range = |key: &str, value: u64, lo: u64, hi: u64| {
                 if !(lo..=hi).contains(&value) {
                     v.problem(
@@ -511,23 +498,9 @@ impl Config {
                 format!("{} is out of range 5-86400", o.prompt_ttl_s),
             );
         }
+        // As with templates, what the set says is for offers to judge (`daemon::load_config`).
         if let Some(f) = &o.campaigns_file {
-            match std::fs::read(f) {
-                Err(e) => v.problem(
-                    "offers.campaigns_file",
-                    format!("cannot read {}: {e}", f.display()),
-                ),
-                Ok(bytes) => {
-                    if let Err(e) =
-                        serde_json::from_slice::<crate::offers::campaign::CampaignSet>(&bytes)
-                    {
-                        v.problem(
-                            "offers.campaigns_file",
-                            format!("{} is not a campaign set: {e}", f.display()),
-                        );
-                    }
-                }
-            }
+            v.readable("offers.campaigns_file", f);
         }
     }
 
@@ -539,7 +512,7 @@ impl Config {
                 "presence.service_uuid",
                 "missing required key: the loyalty app's service UUID is how its phones are found",
             ),
-            (Some(text), _) => match crate::presence::advert::parse_service_uuid(text) {
+            (Some(text), _) => match parse_service_uuid(text) {
                 Ok(u) => p.service = Some(u),
                 Err(e) => v.problem("presence.service_uuid", e),
             },
@@ -592,14 +565,14 @@ impl Config {
                             format!("cannot read {}: {e}", r.file.display()),
                         );
                     }
-                    if let Err(e) = r.validate() {
-                        v.source_problem("presence.replay", e);
+                    if let Err(p) = r.validate() {
+                        v.problems.push(p);
                     }
                 }
             },
             PresenceSource::MqttScanners => {
-                if let Some(Err(e)) = p.scanners.as_ref().map(|s| s.validate()) {
-                    v.source_problem("presence.scanners", e);
+                if let Some(Err(p)) = p.scanners.as_ref().map(|s| s.validate()) {
+                    v.problems.push(p);
                 }
             }
             PresenceSource::Btleplug | PresenceSource::None => {}
@@ -700,19 +673,24 @@ pub(super) fn source_name(source: PresenceSource) -> &'static str {
     }
 }
 
+/// The keys of a [`TlsSection`], in the order of `tls_paths`.
+const TLS_KEYS: [&str; 3] = ["ca_file", "cert_file", "key_file"];
+
 #[derive(Default)]
 pub(super) struct Validator {
     problems: Vec<Problem>,
 }
 
 impl Validator {
-    /// A source's own check, under its config key.
-    pub(super) fn source_problem(&mut self, table: &str, e: crate::presence::source::SourceError) {
-        match e {
-            crate::presence::source::SourceError::Config { key, reason } => {
-                self.problem(key, reason)
-            }
-            other => self.problem(table, other.to_string()),
+    /// `path` names a file this process can open.
+    pub(super) fn readable(&mut self, key: &str, path: &Path) {
+        if let Err(e) = std::fs::File::open(path) {
+            self.problem(key, format!("cannot read {}: {e}", path.display()));
+        } else if path.is_dir() {
+            self.problem(
+                key,
+                format!("{} is a directory, not a file", path.display()),
+            );
         }
     }
 
@@ -765,13 +743,9 @@ impl Validator {
     }
 
     /// Reads the PEM files a TLS client will load, so a bad file stops the start with its key.
-    pub(super) fn tls_files(
-        &mut self,
-        section: &str,
-        ca: &Option<PathBuf>,
-        cert: &Option<PathBuf>,
-        key: &Option<PathBuf>,
-    ) {
+    pub(super) fn tls_files<S: TlsSection>(&mut self, s: &S) {
+        let section = S::SECTION;
+        let [ca, cert, key] = s.tls_paths();
         if let Some(ca) = ca
             && let Err(e) = crate::tls::read_certs(ca)
         {

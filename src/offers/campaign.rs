@@ -25,6 +25,13 @@ pub struct CampaignSet {
     pub campaigns: Vec<Campaign>,
 }
 
+impl CampaignSet {
+    /// A set as central sends it and `offers.campaigns_file` holds it.
+    pub fn from_json(bytes: &[u8]) -> Result<CampaignSet, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 /// What makes a campaign consider a customer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

@@ -418,7 +418,7 @@ impl Offers {
 
     /// Installs a campaign set from `slot` if it parses and is newer than the one held there.
     pub fn install(&self, slot: Slot, bytes: &[u8]) -> Result<Installed, OffersError> {
-        let set: CampaignSet = serde_json::from_slice(bytes).map_err(OffersError::Malformed)?;
+        let set = CampaignSet::from_json(bytes).map_err(OffersError::Malformed)?;
         let mut sets = self.inner.sets.lock().expect("sets lock");
         if let Some(held) = sets.slots.get(&slot)
             && set.version <= held.version

@@ -96,23 +96,7 @@ pub fn from_espresense_id(id: &str, tenant: &uuid::Uuid) -> Option<Payload> {
     Some(Payload::IBeacon(mm))
 }
 
-/// Parses a service UUID from config: 128-bit, or 16-bit (`FEAA`, `0xFEAA`) on the Bluetooth
-/// base UUID.
-pub fn parse_service_uuid(text: &str) -> Result<uuid::Uuid, String> {
-    let t = text.trim();
-    let short = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .unwrap_or(t);
-    if short.len() == 4 {
-        let v =
-            u16::from_str_radix(short, 16).map_err(|_| format!("{text:?} is not a 16-bit UUID"))?;
-        return Ok(uuid::Uuid::from_u128(
-            0x0000_0000_0000_1000_8000_0080_5f9b_34fb | (u128::from(v) << 96),
-        ));
-    }
-    uuid::Uuid::parse_str(t).map_err(|e| format!("{text:?} is not a UUID: {e}"))
-}
+pub use crate::config::parse_service_uuid;
 
 #[cfg(test)]
 mod tests {

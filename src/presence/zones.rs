@@ -76,66 +76,11 @@ pub const SWITCH_RATIO: f32 = 0.75;
 
 const NO_SCANNER: u16 = u16::MAX;
 
-fn default_dwell_s() -> u32 {
-    5
-}
-
-fn default_away_s() -> u32 {
-    10
-}
-
 fn default_store_away_s() -> u32 {
     60
 }
 
-/// One zone, as `[[presence.zones]]` configures it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ZoneSpec {
-    pub name: String,
-    /// The checkout lane this zone is, if it is one.
-    #[serde(default)]
-    pub lane: Option<String>,
-    /// Scanner ids that cover the zone; the customer's distance to the zone is the distance to
-    /// the nearest of them.
-    pub scanners: Vec<String>,
-    pub enter_m: f32,
-    pub exit_m: f32,
-    #[serde(default = "default_dwell_s")]
-    pub dwell_s: u32,
-    #[serde(default = "default_away_s")]
-    pub away_s: u32,
-}
-
-impl ZoneSpec {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.name.trim().is_empty() {
-            return Err("name: a zone needs a name".into());
-        }
-        if self.scanners.is_empty() {
-            return Err("scanners: a zone needs at least one scanner id".into());
-        }
-        if let Some(i) = self.scanners.iter().position(|s| s.trim().is_empty()) {
-            return Err(format!("scanners[{i}]: a scanner id cannot be empty"));
-        }
-        if !(self.enter_m > 0.0 && self.enter_m.is_finite()) {
-            return Err(format!(
-                "enter_m = {}: must be a distance above 0 m",
-                self.enter_m
-            ));
-        }
-        if !(self.exit_m > self.enter_m && self.exit_m.is_finite()) {
-            return Err(format!(
-                "exit_m = {}: must be larger than enter_m ({}), or the zone flaps at its edge",
-                self.exit_m, self.enter_m
-            ));
-        }
-        if self.away_s == 0 {
-            return Err("away_s: must be at least 1 s, or every lost packet is a departure".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::ZoneSpec;
 
 /// What the tracker needs to know about the store.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -57,8 +57,7 @@ const KPIS: u8 = b'm';
 const TOMBSTONE: u8 = b't';
 const FACT: u8 = b'x';
 
-/// Hot profiles kept in memory when the config does not say.
-pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+pub use crate::config::DEFAULT_CACHE_ENTRIES;
 
 /// A customer's consents, one flag per purpose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, TlsSection};
 use crate::deadletter::{DeadLetter, DeadLetters};
 use crate::events::{self, EventKind};
 use crate::model::ingest::NewEvent;

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, MqttEndpoint, MqttProtocol, ProxyUrl, Secret};
+use crate::config::{Config, MqttEndpoint, MqttProtocol, ProxyUrl, Secret, TlsSection};
 use crate::events::{self, EventKind};
 use crate::model::downlink::Downlink;
 use crate::store::StoreError;
@@ -76,11 +76,7 @@ impl MqttSettings {
         };
         let endpoint = MqttEndpoint::parse(&mqtt.url)?;
         let tls = if endpoint.scheme.tls() {
-            let files = crate::tls::TlsFiles {
-                ca_file: mqtt.ca_file.as_deref(),
-                cert_file: mqtt.cert_file.as_deref(),
-                key_file: mqtt.key_file.as_deref(),
-            };
+            let files = mqtt.tls_files();
             // Brokers that share 443 with HTTPS route MQTT by ALPN ("mqtt" for AWS IoT); a
             // WebSocket upgrade is HTTP/1.1.
             let alpn: &[&[u8]] = if endpoint.scheme.websocket() {

@@ -49,7 +49,6 @@ use btleplug::api::{
 };
 use btleplug::platform::{Adapter, Manager, PeripheralId};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -59,42 +58,9 @@ use tokio_util::sync::CancellationToken;
 use super::replay::{Hex, RecordedAdvert, write_line};
 use super::{SourceError, count_received};
 use crate::clock::SharedClock;
+use crate::config::BtleSettings;
 use crate::presence::advert::{self, Advertisement, Payload};
 use crate::supervisor::Component;
-
-/// `[presence.btleplug]`. Which service UUID is ours is `presence.service_uuid`, applied by the
-/// agent to what the adapter hears.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BtleSettings {
-    /// Adapter name as BlueZ calls it (`hci0`); the first adapter when absent.
-    #[serde(default)]
-    pub adapter: Option<String>,
-    /// A tracked peripheral not heard for this long is forgotten.
-    #[serde(default = "default_age_out_s")]
-    pub age_out_s: u32,
-    /// Restart the scan when nothing at all was heard for this long while customers were about.
-    #[serde(default = "default_watchdog_s")]
-    pub watchdog_s: u32,
-}
-
-fn default_age_out_s() -> u32 {
-    30
-}
-
-fn default_watchdog_s() -> u32 {
-    120
-}
-
-impl Default for BtleSettings {
-    fn default() -> Self {
-        BtleSettings {
-            adapter: None,
-            age_out_s: default_age_out_s(),
-            watchdog_s: default_watchdog_s(),
-        }
-    }
-}
 
 /// The scanner id of sightings heard by the gateway's own adapter.
 pub const SCANNER: &str = "local";

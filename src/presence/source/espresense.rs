@@ -32,87 +32,21 @@ use tokio_util::sync::CancellationToken;
 use super::replay::RSSI_RANGE;
 use super::{SourceError, count_received, send};
 use crate::clock::SharedClock;
-use crate::config::MqttEndpoint;
+use crate::config::ScannerSettings;
 use crate::presence::advert::{self, Advertisement};
 use crate::supervisor::{Backoff, Component};
 
-/// `[presence.scanners]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScannerSettings {
-    /// The broker the scanners publish to, `mqtt://host:port`.
-    #[serde(default = "default_url")]
-    pub url: String,
-    /// What to subscribe to. Reports are recognised by their topic ending in
-    /// `devices/{id}/{room}`, so a bridged prefix (`store-42/espresense/devices/#`) works too.
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// Defaults to `storelink-scanners-` and a random suffix (the session is clean anyway).
-    #[serde(default)]
-    pub client_id: Option<String>,
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Name of the environment variable holding the broker password.
-    #[serde(default)]
-    pub password_env: Option<String>,
-}
-
-fn default_url() -> String {
-    "mqtt://127.0.0.1:1883".into()
-}
-
-fn default_topic() -> String {
-    "espresense/devices/#".into()
-}
-
-impl Default for ScannerSettings {
-    fn default() -> Self {
-        ScannerSettings {
-            url: default_url(),
-            topic: default_topic(),
-            client_id: None,
-            username: None,
-            password_env: None,
-        }
-    }
-}
-
 impl ScannerSettings {
-    /// What the config check reports; `run` refuses the same.
-    pub fn validate(&self) -> Result<MqttEndpoint, SourceError> {
-        if self.topic.is_empty() {
-            return Err(SourceError::Config {
-                key: "presence.scanners.topic",
-                reason: "must not be empty".into(),
-            });
-        }
-        let endpoint = MqttEndpoint::parse(&self.url).map_err(|reason| SourceError::Config {
-            key: "presence.scanners.url",
-            reason,
-        })?;
-        if endpoint.scheme != crate::config::MqttScheme::Mqtt {
-            // Scanners sit on the store LAN next to their broker; TLS there buys nothing.
-            return Err(SourceError::Config {
-                key: "presence.scanners.url",
-                reason: format!(
-                    "{:?}: the scanners' broker is reached over mqtt:// only",
-                    self.url
-                ),
-            });
-        }
-        Ok(endpoint)
-    }
-
     fn password(&self) -> Result<Option<String>, SourceError> {
         let Some(name) = &self.password_env else {
             return Ok(None);
         };
         match std::env::var(name) {
             Ok(value) if !value.is_empty() => Ok(Some(value)),
-            _ => Err(SourceError::Config {
-                key: "presence.scanners.password_env",
-                reason: format!("environment variable {name} is not set"),
-            }),
+            _ => Err(SourceError::Config(crate::config::Problem::at(
+                "presence.scanners.password_env",
+                format!("environment variable {name} is not set"),
+            ))),
         }
     }
 }

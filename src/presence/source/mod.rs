@@ -29,9 +29,7 @@ use crate::clock::SharedClock;
 use crate::presence::advert::Advertisement;
 use crate::supervisor::Component;
 
-pub use btle::BtleSettings;
-pub use espresense::ScannerSettings;
-pub use replay::ReplaySettings;
+pub use crate::config::{BtleSettings, ReplaySettings, ScannerSettings};
 
 /// Which source presence listens to, with its settings (`[presence.replay]`,
 /// `[presence.scanners]` or `[presence.btleplug]`).
@@ -62,8 +60,8 @@ pub enum SourceError {
         source: std::io::Error,
     },
     /// A setting the source cannot work with, named by its config key.
-    #[error("{key}: {reason}")]
-    Config { key: &'static str, reason: String },
+    #[error("{0}")]
+    Config(#[from] crate::config::Problem),
     #[error("presence.scanners: broker refused the subscription to {0:?}; check its ACL")]
     SubscriptionRefused(String),
     /// No system bus: BlueZ cannot be reached at all.

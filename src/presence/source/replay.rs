@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,60 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SourceError, count_received, send};
 use crate::clock::SharedClock;
+use crate::config::ReplaySettings;
 use crate::presence::advert::{self, Advertisement, Payload};
 use crate::supervisor::Component;
-
-/// `[presence.replay]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplaySettings {
-    /// The JSON-lines file to play.
-    pub file: PathBuf,
-    /// Playback speed: 2.0 plays twice as fast as recorded; 0 plays as fast as the pipeline
-    /// takes advertisements.
-    #[serde(default = "default_speed")]
-    pub speed: f64,
-    /// Shift timestamps so that the first line happens now by the agent's clock.
-    #[serde(default = "default_true")]
-    pub rebase_to_now: bool,
-    /// Start again from the top at the end of the file (each pass rebased anew).
-    #[serde(default, rename = "loop")]
-    pub loop_: bool,
-}
-
-fn default_speed() -> f64 {
-    1.0
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl ReplaySettings {
-    /// Settings for `file` with every default.
-    pub fn new(file: impl Into<PathBuf>) -> ReplaySettings {
-        ReplaySettings {
-            file: file.into(),
-            speed: default_speed(),
-            rebase_to_now: true,
-            loop_: false,
-        }
-    }
-
-    /// What the config check reports; `run` refuses the same.
-    pub fn validate(&self) -> Result<(), SourceError> {
-        if !(self.speed.is_finite() && self.speed >= 0.0) {
-            return Err(SourceError::Config {
-                key: "presence.replay.speed",
-                reason: format!(
-                    "{} is not a speed: use 1.0 for real time, 0 for as fast as possible",
-                    self.speed
-                ),
-            });
-        }
-        Ok(())
-    }
-}
 
 /// Bytes written as lower-case hex in the file (upper case is accepted when reading).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
