@@ -5,9 +5,11 @@
 //! [`store`] is the only module that touches the database; [`clock`] is the only source of
 //! wall-clock time; [`supervisor`] owns every task.
 //!
-//! `main.rs` only parses the command line and calls into this library.
+//! [`cli`] holds the command line's commands; `main.rs` only parses the arguments and dispatches
+//! to it.
 
 pub mod cashier;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;

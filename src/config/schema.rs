@@ -155,6 +155,20 @@ pub struct RegisterConfig {
 }
 
 impl RegisterConfig {
+    /// A register with every default, for tools that parse a capture without a config file.
+    pub fn new(name: &str, format: RegisterFormat, template: Option<PathBuf>) -> RegisterConfig {
+        RegisterConfig {
+            name: name.into(),
+            lane: None,
+            format,
+            transport: Transport::Http,
+            framing: None,
+            template,
+            max_frame_bytes: default_max_frame_bytes(),
+            replies: None,
+        }
+    }
+
     /// The framing in force: configured, or the format's usual one.
     pub fn framing(&self) -> Framing {
         self.framing.clone().unwrap_or(match self.format {

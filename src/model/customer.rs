@@ -25,6 +25,24 @@ pub fn eid(key: &PresenceKey, window: u32) -> [u8; 8] {
     out[..8].try_into().expect("SHA-256 is 32 bytes")
 }
 
+/// The byte that opens the service data the app advertises: `0x01 ‖ EID`.
+pub const SERVICE_DATA_VERSION: u8 = 0x01;
+
+/// The service data a phone advertises under the tenant's service UUID: `0x01 ‖ EID`.
+pub fn service_data(eid: &[u8; 8]) -> [u8; 9] {
+    let mut data = [SERVICE_DATA_VERSION; 9];
+    data[1..].copy_from_slice(eid);
+    data
+}
+
+/// The iBeacon major and minor a phone advertises: `EID[0..2]` and `EID[2..4]`, big-endian.
+pub fn ibeacon_major_minor(eid: &[u8; 8]) -> (u16, u16) {
+    (
+        u16::from_be_bytes([eid[0], eid[1]]),
+        u16::from_be_bytes([eid[2], eid[3]]),
+    )
+}
+
 /// The rotation window `at` falls in.
 pub fn window_of(at: Timestamp, rotation_s: u32) -> u32 {
     let secs = at.as_second().max(0) as u64;

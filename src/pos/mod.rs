@@ -56,6 +56,18 @@ pub struct Identity {
     pub currency: String,
 }
 
+impl Identity {
+    /// Whose bytes a configured register's are.
+    pub fn of(config: &Config, register: &RegisterConfig) -> Identity {
+        Identity {
+            store: config.store.id.clone(),
+            register: register.name.clone(),
+            lane: register.lane.clone(),
+            currency: config.store.currency.clone(),
+        }
+    }
+}
+
 /// How a register's bytes become transactions: framing, format, template. Needs nothing
 /// running, so tools (`storelink pos parse`) use it too.
 #[derive(Debug, Clone)]
@@ -75,20 +87,17 @@ impl FrameParser {
 
     /// Every frame in `bytes`, as a framer cuts it.
     pub fn frames(&self, bytes: &[u8]) -> Vec<Frame> {
-        use tokio_util::codec::Decoder;
-        let mut framer = self.framer();
-        let mut buf = bytes::BytesMut::from(bytes);
-        let mut frames = Vec::new();
-        loop {
-            let next = match framer.decode(&mut buf) {
-                Ok(Some(f)) => Some(f),
-                Ok(None) => framer.decode_eof(&mut buf).ok().flatten(),
-                Err(_) => None,
-            };
-            match next {
-                Some(frame) => frames.push(frame),
-                None => return frames,
-            }
+        let mut stream = self.stream();
+        let mut frames = stream.push(bytes);
+        frames.extend(stream.finish());
+        frames
+    }
+
+    /// A framer for bytes that arrive in chunks (a recording as the register prints).
+    pub fn stream(&self) -> FrameStream {
+        FrameStream {
+            framer: self.framer(),
+            buf: bytes::BytesMut::new(),
         }
     }
 
@@ -154,7 +163,7 @@ impl FrameParser {
 
 impl FrameParser {
     /// The parser a configured register uses; fails only when its template cannot be loaded.
-    pub fn for_register(config: &Config, register: &RegisterConfig) -> Result<Self, String> {
+    pub fn for_register(register: &RegisterConfig, tz: TimeZone) -> Result<Self, String> {
         let template = match &register.template {
             Some(path) => Some(Arc::new(ReceiptTemplate::load(path).map_err(|e| {
                 format!(
@@ -169,9 +178,39 @@ impl FrameParser {
             format: register.format,
             framing: register.framing(),
             template,
-            tz: config.time_zone(),
+            tz,
             max_frame: register.max_frame_bytes,
         })
+    }
+}
+
+/// Frames cut from a stream as it arrives; the same cuts [`FrameParser::frames`] makes of the
+/// whole.
+pub struct FrameStream {
+    framer: Framer,
+    buf: bytes::BytesMut,
+}
+
+impl FrameStream {
+    /// The frames `bytes` completes.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Frame> {
+        use tokio_util::codec::Decoder;
+        self.buf.extend_from_slice(bytes);
+        let mut frames = Vec::new();
+        while let Ok(Some(frame)) = self.framer.decode(&mut self.buf) {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// What the end of the stream completes: a last frame without its delimiter.
+    pub fn finish(mut self) -> Vec<Frame> {
+        use tokio_util::codec::Decoder;
+        let mut frames = Vec::new();
+        while let Ok(Some(frame)) = self.framer.decode_eof(&mut self.buf) {
+            frames.push(frame);
+        }
+        frames
     }
 }
 
@@ -196,13 +235,8 @@ impl RegisterContext {
         clock: SharedClock,
     ) -> Result<Self, String> {
         Ok(Self {
-            id: Identity {
-                store: config.store.id.clone(),
-                register: register.name.clone(),
-                lane: register.lane.clone(),
-                currency: config.store.currency.clone(),
-            },
-            parser: FrameParser::for_register(config, register)?,
+            id: Identity::of(config, register),
+            parser: FrameParser::for_register(register, config.time_zone())?,
             clock,
             ingest,
             live: None,
@@ -598,5 +632,54 @@ mod tests {
         let mut t = tx();
         t.store = "s999".into();
         assert!(normalize(t, &ctx()).unwrap_err().0.contains("s999"));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::RegisterConfig;
+
+    fn parser(format: RegisterFormat) -> FrameParser {
+        let mut register = RegisterConfig::new("r", format, None);
+        register.max_frame_bytes = 64;
+        FrameParser::for_register(&register, TimeZone::UTC).unwrap()
+    }
+
+    proptest! {
+        /// However the bytes arrive, a stream cuts the frames the whole does: `pos record`
+        /// shows a technician what `pos parse` of the recording will show.
+        #[test]
+        fn chunked_streams_cut_what_the_whole_cuts(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'<'), Just(b'>'), Just(b'/'), any::<u8>()],
+                0..400,
+            ),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+            xml in any::<bool>(),
+        ) {
+            let p = parser(if xml { RegisterFormat::Poslog } else { RegisterFormat::Jsonl });
+            let whole = p.frames(&bytes);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut stream = p.stream();
+            let mut chunked = Vec::new();
+            let mut from = 0;
+            for to in cuts.into_iter().chain([bytes.len()]) {
+                chunked.extend(stream.push(&bytes[from..to]));
+                from = to;
+            }
+            chunked.extend(stream.finish());
+            prop_assert_eq!(format!("{whole:?}"), format!("{chunked:?}"));
+        }
+    }
+
+    #[test]
+    fn receipt_errors_name_their_line() {
+        assert_eq!(receipt::error_line("line 7: no price"), Some(7));
+        assert_eq!(receipt::error_line("transaction 2: line 12: x"), Some(12));
+        assert_eq!(receipt::error_line("no total rule matched any line"), None);
     }
 }

@@ -621,6 +621,14 @@ fn fail(line: usize, message: impl std::fmt::Display) -> ParseError {
     ParseError(format!("line {line}: {message}"))
 }
 
+/// The line a receipt error names, as [`fail`] writes it (`line N: …`, perhaps behind a
+/// `transaction K: ` prefix); index [`text_lines`] with `N - 1` to show it.
+pub fn error_line(message: &str) -> Option<usize> {
+    let rest = message.split("line ").nth(1)?;
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
 impl<'t> Draft<'t> {
     fn new(template: &'t ReceiptTemplate) -> Self {
         Self {

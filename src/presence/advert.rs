@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-/// What the loyalty app advertises, as DESIGN.md "Rotating presence identifier" defines it.
+/// What the loyalty app advertises (docs/eid.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Payload {
     /// Service data `0x01 ‖ EID` under the tenant's service UUID: the full 8-byte EID.
@@ -50,7 +50,9 @@ pub fn from_service_data(
         return None;
     }
     match data {
-        [0x01, eid @ ..] => eid.try_into().ok().map(Payload::Eid),
+        [crate::model::customer::SERVICE_DATA_VERSION, eid @ ..] => {
+            eid.try_into().ok().map(Payload::Eid)
+        }
         _ => None,
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::central::{Arrivals, Observer};
 use super::{JsonlClient, SimRegister};
 use crate::cashier::api::RegisterInfo;
-use crate::model::customer::{eid, window_of};
+use crate::model::customer::{eid, ibeacon_major_minor, window_of};
 use crate::presence::phones::{self, Phone};
 use crate::profiles::Profile;
 
@@ -1113,12 +1113,8 @@ async fn play_scanners(
             let Some(room) = options.scanners.get(rooms[i]) else {
                 continue;
             };
-            let e = eid(&phone.key, window);
-            let id = format!(
-                "iBeacon:{uuid}-{}-{}",
-                u16::from_be_bytes([e[0], e[1]]),
-                u16::from_be_bytes([e[2], e[3]])
-            );
+            let (major, minor) = ibeacon_major_minor(&eid(&phone.key, window));
+            let id = format!("iBeacon:{uuid}-{major}-{minor}");
             let distance: f64 = rng.random_range(0.4..3.0);
             let rssi = -59.0 - 20.0 * distance.log10() + rng.random_range(-3.0..3.0);
             let payload = serde_json::json!({
