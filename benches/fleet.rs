@@ -107,7 +107,7 @@ static ALLOCATOR: FleetAlloc = FleetAlloc;
 
 /// The written contract: samples of what central receives are validated against docs/schemas.
 #[allow(dead_code)]
-#[path = "../tests/common/contract.rs"]
+#[path = "../tests/it/common/contract.rs"]
 mod contract;
 
 const TENANT: &str = "acme";

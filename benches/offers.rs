@@ -9,7 +9,7 @@
 //! `cargo bench --bench offers [-- --campaigns N --decisions D --profiles P]` (`--profiles 0`
 //! skips the full path)
 
-#[path = "../tests/common/https.rs"]
+#[path = "../tests/it/common/https.rs"]
 mod https;
 
 use std::time::{Duration, Instant};

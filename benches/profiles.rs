@@ -5,11 +5,11 @@
 //!
 //! `cargo bench --bench profiles [-- --profiles N --lookups L --page P]`
 //!
-//! The HTTPS server (tests/common/https.rs: rustls, rcgen certificates, gzip pages) runs in
+//! The HTTPS server (tests/it/common/https.rs: rustls, rcgen certificates, gzip pages) runs in
 //! this process on the same two cores and builds each page on demand, so the sync figure
 //! includes central's side of the work and the RSS figure its page buffers.
 
-#[path = "../tests/common/https.rs"]
+#[path = "../tests/it/common/https.rs"]
 mod https;
 
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 Takes the CDNOW summary the `lifetimes` package ships (2,357 customers, weeks), the
 parameters of its published fit (r = 0.24, alpha = 4.41, a = 0.79, b = 2.43), and writes
 P(alive) and the conditional expected purchases in the next 39 weeks for a sample of
-customers to tests/fixtures/bgnbd_cdnow.json. `cargo test --test kpi_known_answers` checks
+customers to tests/fixtures/bgnbd_cdnow.json. `cargo test --test it kpi_known_answers::` checks
 the agent's formulas against it to 1e-6.
 
     pip install lifetimes && python3 tests/bgnbd_cdnow.py

@@ -4,7 +4,7 @@ numpy and the `lifetimes` package rather than by the agent.
 The population is the hand-computed KPI customer of src/profiles/kpi.rs ("hand": four sales
 and a return over 2025-2026) plus 80 customers drawn from a seeded generator: purchases on
 random days over three years, some days with two baskets, some returns. Writes
-tests/fixtures/rfm_crosscheck.json; `cargo test --test rfm_crosscheck` feeds the same
+tests/fixtures/rfm_crosscheck.json; `cargo test --test it rfm_crosscheck::` feeds the same
 transactions through the agent's profile store and compares every figure.
 
 Definitions (the agent's module doc says the same):

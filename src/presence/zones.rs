@@ -28,7 +28,7 @@
 //! The holds are what 8 dB of shadowing costs: on the demo walks (`walk`), with phones
 //! advertising every 100 ms and 30% loss, entries are detected 1.0 s (median) and at most
 //! 3 s after the phone crosses `enter_m`, with no wrong zones. Advertising every 250 ms
-//! gives too few readings for that at 8 dB; see `tests/presence_zones.rs`.
+//! gives too few readings for that at 8 dB; see `tests/it/presence_zones.rs`.
 //!
 //! Invariants:
 //! - Events for one customer are causal: store `entered` precedes any zone event, a zone's

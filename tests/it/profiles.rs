@@ -1,7 +1,7 @@
 //! Profiles from central over the MQTT downlink, through a real broker: upserts apply, stale
 //! ones lose, and an erasure removes everything within a second and outlives a stale upsert.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

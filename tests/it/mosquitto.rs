@@ -2,7 +2,7 @@
 //! Needs the `mosquitto` binary: skipped loudly without it, failed under
 //! `STORELINK_REQUIRE_EXTERNAL=1`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

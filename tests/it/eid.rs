@@ -1,7 +1,7 @@
 //! The rotating presence identifier against an independent implementation: vectors written by
 //! `tests/eid_vectors.py` (Python's hmac and hashlib, no shared code), window edges included.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -16,7 +16,7 @@ struct Vector {
     eid: String,
 }
 
-const VECTORS: &str = include_str!("fixtures/eid_vectors.json");
+const VECTORS: &str = include_str!("../fixtures/eid_vectors.json");
 
 #[test]
 fn agent_eids_match_the_independent_vectors() {

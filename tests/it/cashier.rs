@@ -11,7 +11,7 @@
 //! Rust and in `cargo test`, needs no Node.js toolchain or npm download in CI, and drives the
 //! same Debian chromium the probe checked.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

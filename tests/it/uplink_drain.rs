@@ -4,7 +4,7 @@
 //! within seconds while the backlog is still draining (not after it).
 //! Needs `mosquitto`: skipped loudly without it, failed under `STORELINK_REQUIRE_EXTERNAL=1`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

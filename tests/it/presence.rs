@@ -2,7 +2,7 @@
 //! replay source into a running agent, arrives at central as the expected sequence of
 //! `storelink.presence.v1` events; consent withdrawn mid-visit ends tracking at once.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -25,7 +25,7 @@
 //! - Torn mode is seeded by the caller's RNG; with the same seed and the same sequence of
 //!   changes it tears the same way.
 //!
-//! Not modelled (see the report in tests/powercut.rs): writes reaching the medium out of
+//! Not modelled (see the report in tests/it/powercut.rs): writes reaching the medium out of
 //! order within a file, sectors torn in the middle of an otherwise-kept range, a device that
 //! lies about fsync, extended attributes, hard links and symlinks (refused).
 #![allow(dead_code)]

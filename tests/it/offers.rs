@@ -6,9 +6,8 @@
 //! restart with central unreachable. Campaign sets also come over HTTPS (real TLS, generated
 //! certificates) with ETag and 304, and a bad body leaves the last good set in force.
 
-mod common;
-#[path = "common/https.rs"]
-mod https;
+use crate::common;
+use crate::common::https;
 
 use std::time::Duration;
 

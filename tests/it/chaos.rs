@@ -11,11 +11,11 @@
 //!
 //! CI runs them in their short form (the kill loop for two minutes, the others for about 40
 //! seconds, in parallel). `STORELINK_CHAOS_SECS=N` runs every scenario for N seconds instead,
-//! for soak runs: `STORELINK_CHAOS_SECS=1800 cargo test --release --test chaos`.
+//! for soak runs: `STORELINK_CHAOS_SECS=1800 cargo test --release --test it chaos::`.
 //! `STORELINK_CHAOS_KILL_MS=300-900` makes the kill loop faster (see docs/storage.md).
 //! Each scenario writes its report to `target/tmp/chaos-{name}.json` and to stderr.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

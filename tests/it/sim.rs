@@ -2,9 +2,8 @@
 //! fails loudly when the uplink is broken; the load mode drives registers, phones (through
 //! ESPresense reports) and card scans, and accounts for every transaction.
 
-mod common;
-#[path = "common/https.rs"]
-mod https;
+use crate::common;
+use crate::common::https;
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Tests against the built `storelink` binary: what retail IT and systemd see.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -7,7 +7,7 @@
 //! events, so the check can fail. Every other test's central runs the same check on whatever
 //! it receives (`common::contract::check`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! no-loss guarantees under a proxy that cuts and stalls and a broker restarted in a loop.
 //! Needs `mosquitto`: skipped loudly without it, failed under `STORELINK_REQUIRE_EXTERNAL=1`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The first end-to-end path, in-process: a real TCP register client, the real agent, and a
 //! real MQTT broker (rumqttd) with a subscriber playing central.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

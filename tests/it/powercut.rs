@@ -1,5 +1,5 @@
 //! Power loss under load: the real `storelink` binary keeps its store on a FUSE filesystem
-//! that forgets whatever was not fsynced when the power goes (tests/common/powercut.rs). Each
+//! that forgets whatever was not fsynced when the power goes (tests/it/common/powercut.rs). Each
 //! cycle runs the agent for a random while under a register's load, SIGKILLs it, cuts the
 //! power (drops or tears every write and name change not yet durable), remounts and starts
 //! the agent again. The agent is seen only from outside: its binary, its register port, its
@@ -22,7 +22,7 @@
 //! CI runs the short form: 20 cuts per scenario (drop and torn alternating), both scenarios in
 //! parallel, in about a minute on the 2-core machine. The long form:
 //!   STORELINK_POWERCUT_CUTS=1000 STORELINK_POWERCUT_MODE=both \
-//!     cargo test --test powercut -- --nocapture
+//!     cargo test --test it powercut:: -- --nocapture
 //! - `STORELINK_POWERCUT_CUTS=N`: cuts per scenario (default 20);
 //! - `STORELINK_POWERCUT_MODE=drop|torn|both` (default both: alternating); `keep` is the
 //!   control: SIGKILL and remount, nothing lost, so the scenario must pass with any engine
@@ -45,9 +45,8 @@
 //! Each scenario writes its report to `target/tmp/powercut-{scenario}.json` and to stderr, and
 //! the agent's log (all runs) to `target/tmp/powercut-{scenario}-agent.log`.
 
-mod common;
-#[path = "common/https.rs"]
-mod https;
+use crate::common;
+use crate::common::https;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod https;
 pub mod net;
 pub mod powercut;
 pub mod process;

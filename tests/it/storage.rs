@@ -4,7 +4,7 @@
 //! - a log file damaged in the middle is salvaged: every record that can still be read is
 //!   delivered, and only the damaged ones are lost.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

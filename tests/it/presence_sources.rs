@@ -1,7 +1,7 @@
 //! Presence sources end to end: a replay file, ESPresense scanners through a real in-process
 //! broker, and the local adapter on a machine without Bluetooth.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

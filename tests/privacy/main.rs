@@ -2,8 +2,11 @@
 //! not consenting customers leaves no trace in the tracker, in sled, in the outbox, in the
 //! metrics' labels or in the logs of a running agent.
 //!
-//! Its own test binary, because it installs the process-wide log subscriber to read the logs.
+//! Its own test binary, apart from `tests/it`, because it installs the process-wide log
+//! subscriber at trace level to read every log line the agent writes, on every thread: in the
+//! shared binary it would capture (and slow down) every other test running beside it.
 
+#[path = "../it/common/mod.rs"]
 mod common;
 
 use std::collections::HashSet;

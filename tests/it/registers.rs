@@ -2,7 +2,7 @@
 //! agent connects to, and registers that post over HTTP. Each checks that garbage never stops
 //! the agent and that nothing is lost or counted twice.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -339,9 +339,9 @@ async fn a_transaction_sent_again_after_delivery_and_restart_is_forwarded_once()
     agent.stop().await;
 }
 
-const SALE: &[u8] = include_bytes!("fixtures/receipts/supermarket_sale.bin");
-const MULTI: &[u8] = include_bytes!("fixtures/receipts/supermarket_multi_tender.bin");
-const RETURN: &[u8] = include_bytes!("fixtures/receipts/supermarket_return.bin");
+const SALE: &[u8] = include_bytes!("../fixtures/receipts/supermarket_sale.bin");
+const MULTI: &[u8] = include_bytes!("../fixtures/receipts/supermarket_multi_tender.bin");
+const RETURN: &[u8] = include_bytes!("../fixtures/receipts/supermarket_return.bin");
 
 fn receipt_register(name: &str, port: &Path) -> String {
     format!(

@@ -4,9 +4,8 @@
 //! acknowledgement, bearer auth, an unknown issuer, and a real `storelink` process killed with
 //! SIGKILL mid-page that resumes from its cursor after the restart.
 
-mod common;
-#[path = "common/https.rs"]
-mod https;
+use crate::common;
+use crate::common::https;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

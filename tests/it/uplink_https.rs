@@ -3,9 +3,8 @@
 //! Idempotency-Key, dead-letters a batch central refuses with 400, and backfills the oldest
 //! events while MQTT carries live ones.
 
-mod common;
-#[path = "common/https.rs"]
-mod https;
+use crate::common;
+use crate::common::https;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
