@@ -2,7 +2,7 @@
 """Independent EID vectors for storelink's rotating presence identifier.
 
 EID = HMAC-SHA256(presence_key, b"storelink-eid-v1" || u32_be(window))[0:8],
-window = floor(unix_time / rotation_s)   (DESIGN.md, "Rotating presence identifier")
+window = floor(unix_time / rotation_s)   (docs/eid.md)
 
 Written with Python's standard hmac and hashlib only, so it shares no code with the agent.
 Prints the vectors as JSON; tests/fixtures/eid_vectors.json is its output.

@@ -6,6 +6,27 @@ impl Config {
     pub(super) fn validate(&mut self, env: &dyn Env) -> Vec<Problem> {
         let mut v = Validator::default();
 
+        self.validate_store(&mut v);
+        self.validate_storage(&mut v);
+        if let Some(bind) = env.var("STORELINK_CASHIER_BIND").filter(|b| !b.is_empty()) {
+            self.cashier.bind = bind;
+        }
+        let cashier_bind = v.bind("cashier.bind", &self.cashier.bind);
+        self.validate_cashier(&mut v, cashier_bind, env);
+        let binds: Vec<(SocketAddr, String)> = cashier_bind
+            .map(|a| vec![(a, "cashier.bind".to_string())])
+            .unwrap_or_default();
+        self.validate_registers(&mut v, binds);
+        self.validate_presence(&mut v);
+        self.validate_profiles(&mut v);
+        self.validate_offers(&mut v);
+        self.validate_central(&mut v, env);
+        self.validate_ttls(&mut v);
+        v.problems
+    }
+
+    /// `[store]`: names that go into event ids and topics, the time zone, the currency.
+    pub(super) fn validate_store(&self, v: &mut Validator) {
         v.name("store.id", &self.store.id, 64);
         v.name("store.tenant", &self.store.tenant, 64);
         if jiff::tz::TimeZone::get(&self.store.timezone).is_err() {
@@ -18,7 +39,10 @@ impl Config {
             );
         }
         v.currency("store.currency", &self.store.currency);
+    }
 
+    /// `[storage]`: the sizes the outbox, the caches and the dead letters may take.
+    pub(super) fn validate_storage(&self, v: &mut Validator) {
         if self.storage.path.as_os_str().is_empty() {
             v.problem("storage.path", "must not be empty");
         }
@@ -74,15 +98,14 @@ impl Config {
         if self.storage.max_seen_ids < 1000 {
             v.problem("storage.max_seen_ids", "too small; use at least 1000");
         }
+    }
 
-        if let Some(bind) = env.var("STORELINK_CASHIER_BIND").filter(|b| !b.is_empty()) {
-            self.cashier.bind = bind;
-        }
-        let cashier_bind = v.bind("cashier.bind", &self.cashier.bind);
-        self.validate_cashier(&mut v, cashier_bind, env);
-        let mut binds: Vec<(SocketAddr, String)> = cashier_bind
-            .map(|a| vec![(a, "cashier.bind".to_string())])
-            .unwrap_or_default();
+    /// `[[registers]]`: unique names, free and distinct ports, formats with what they need. `binds` holds the addresses already taken (the local API's).
+    pub(super) fn validate_registers(
+        &self,
+        v: &mut Validator,
+        mut binds: Vec<(SocketAddr, String)>,
+    ) {
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, register) in self.registers.iter().enumerate() {
             let at = format!("registers[{i}]");
@@ -197,11 +220,10 @@ impl Config {
                 );
             }
         }
+    }
 
-        self.validate_presence(&mut v);
-        self.validate_profiles(&mut v);
-        self.validate_offers(&mut v);
-
+    /// `[central]`: the MQTT uplink (required), its TLS and credentials, the HTTPS backfill.
+    pub(super) fn validate_central(&mut self, v: &mut Validator, env: &dyn Env) {
         match (&mut self.central.mqtt, &mut self.central.https) {
             (None, _) => v.problem(
                 "central.mqtt",
@@ -315,6 +337,16 @@ impl Config {
             range("batch_events", https.batch_events as u64, 1, 10_000);
             range("batch_bytes", https.batch_bytes as u64, 4096, 64 << 20);
         }
+        if !(5..=86_400).contains(&self.central.live_after_s) {
+            v.problem(
+                "central.live_after_s",
+                format!("{} is out of range 5-86400", self.central.live_after_s),
+            );
+        }
+    }
+
+    /// `[storage.ttl_s]`: which event types may expire unsent, and for how long.
+    pub(super) fn validate_ttls(&self, v: &mut Validator) {
         let ttl = &self.storage.ttl_s;
         for (name, value) in [
             ("transaction", ttl.transaction),
@@ -343,14 +375,6 @@ impl Config {
                 );
             }
         }
-        if !(5..=86_400).contains(&self.central.live_after_s) {
-            v.problem(
-                "central.live_after_s",
-                format!("{} is out of range 5-86400", self.central.live_after_s),
-            );
-        }
-
-        v.problems
     }
 }
 

@@ -3,7 +3,7 @@
 //! so what they exercise is the agent's real input path.
 //!
 //! Invariants:
-//! - A phone advertises exactly what DESIGN.md asks of the app: service data `0x01 ‖ EID`
+//! - A phone advertises exactly what docs/eid.md asks of the app: service data `0x01 ‖ EID`
 //!   under the tenant's UUID, with the EID of the window its sample time falls in.
 //! - Keys are derived from a name, so a scenario is reproducible; they are demo keys and are
 //!   never used for a real customer.
@@ -14,9 +14,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::identity::{PresenceKey, eid, window_of};
 use super::source::replay::{Hex, RecordedAdvert, write_line};
 use super::walk::Sample;
+use crate::model::customer::{PresenceKey, eid, service_data, window_of};
 
 /// A simulated customer with the app: id and presence key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +56,7 @@ pub fn adverts(
             let e = *eids
                 .entry((i, window))
                 .or_insert_with(|| eid(&phones[i].key, window));
-            let mut data = Vec::with_capacity(9);
-            data.push(0x01);
-            data.extend(e);
+            let data = service_data(&e).to_vec();
             RecordedAdvert {
                 t: s.at,
                 scanner: s.scanner.to_string(),
