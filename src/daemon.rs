@@ -22,6 +22,7 @@ use crate::config::{
 };
 use crate::deadletter::DeadLetters;
 use crate::engine::Engine;
+use crate::model::ingest::IngestHandle;
 use crate::model::presence::PresenceEvent;
 use crate::offers::attribution::Attribution;
 use crate::offers::campaign::CampaignSet;
@@ -51,6 +52,9 @@ const DOWNLINK_CHANNEL: usize = 1024;
 /// How often the profile cache is made durable, so the log's journal of work owed to it stays
 /// short (what a power cut can leave to replay).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often expired events leave the outbox and its age gauges are refreshed.
+const OUTBOX_EXPIRY_EVERY: Duration = Duration::from_secs(30);
 
 /// Tasks get this long to drain after a stop signal; the final flush follows.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
@@ -122,41 +126,7 @@ pub async fn start(
     let api_bind = parse_socket_addr(&config.cashier.bind).map_err(DaemonError::Setup)?;
     // Installed before any task runs, so no early count is lost to the no-op recorder.
     let metrics = api::metrics_handle();
-    let store = {
-        let path = config.storage.path.clone();
-        let options = config.storage.store_options();
-        let now = clock.now();
-        tokio::task::spawn_blocking(move || Store::open_or_salvage(&path, &options, now))
-            .await
-            .map_err(|e| DaemonError::Setup(format!("opening the store: {e}")))??
-    };
-    let (store, salvaged) = store;
-    if let Some(m) = store.migrated() {
-        tracing::info!(
-            events = m.entries,
-            dead_letters = m.deadletters,
-            "store upgraded: the outbox moved from sled to outbox.redb with everything it held"
-        );
-    }
-    let outbox = Arc::new(Outbox::open(
-        &store,
-        Limits {
-            max_bytes: config.storage.max_outbox_bytes,
-            seen_retention: Duration::from_secs(config.storage.seen_retention_days * 86_400),
-            max_seen: config.storage.max_seen_ids,
-            ttl: stream_ttls(&config.storage.ttl_s),
-        },
-        clock.clone(),
-    )?);
-    let deadletters = Arc::new(DeadLetters::open(
-        &store,
-        config.storage.max_deadletter_bytes,
-    )?);
-    tracing::info!(
-        path = %store.path().display(),
-        outbox_depth = outbox.depth(),
-        "store open"
-    );
+    let (store, salvaged, outbox, deadletters) = open_store(&config, &clock).await?;
 
     let board = StatusBoard::new(clock.clone());
     let supervisor = Supervisor::new(token.clone(), board.clone());
@@ -164,85 +134,9 @@ pub async fn start(
         report_salvage(s, &config, &board, &deadletters, &outbox, &store, &clock).await?;
     }
 
-    let (ingest, rx) = crate::model::ingest::channel();
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let profiles = ProfileStore::open_with(&store, config.profiles.cache_entries)?;
-    let offer_ledger = OfferLedger::open(&store)?;
-    let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
-    let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
-    // The durable step's other work, in this order: a redemption is attributed after the KPIs
-    // of its transaction are in.
-    let core = Engine::new(
-        store.clone(),
-        outbox.clone(),
-        deadletters.clone(),
-        config.store.id.clone(),
-    )
-    .with_hook(Arc::new(profiles.clone()))
-    .with_hook(Arc::new(Attribution {
-        profiles: profiles.clone(),
-        ledger: offer_ledger.clone(),
-        store_id: config.store.id.clone(),
-        completed: completed_tx,
-    }))
-    .with_reserve(config.storage.min_free_bytes);
-    // What a power cut left owed to the profile cache is finished before anything new comes in.
-    core.recover().await?;
-    {
-        // The cache's durable point, for what the log's journal holds until then.
-        let (store, token) = (store.clone(), token.clone());
-        supervisor.spawn("storage.checkpoint", move |component| {
-            let (store, token) = (store.clone(), token.clone());
-            async move {
-                component.running(None);
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
-                        _ = token.cancelled() => return Ok::<(), DaemonError>(()),
-                    }
-                    store.checkpoint().await?;
-                }
-            }
-        });
-    }
-    let offers = Offers::open(
-        live::Settings {
-            store_id: config.store.id.clone(),
-            tz: config.time_zone(),
-            kpi: config.profiles.kpi.clone(),
-            register_lanes: config
-                .registers
-                .iter()
-                .filter_map(|r| Some((r.name.clone(), r.lane.clone()?)))
-                .collect(),
-            prompt_ttl: Duration::from_secs(config.offers.prompt_ttl_s),
-            enabled: config.offers.enabled,
-        },
-        clock.clone(),
-        profiles.clone(),
-        offer_ledger.clone(),
-        Some(ingest.clone()),
-    )?;
-    if let Some(file) = &config.offers.campaigns_file {
-        let bytes = std::fs::read(file).map_err(|e| {
-            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
-        })?;
-        offers.install(Slot::File, &bytes).map_err(|e| {
-            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
-        })?;
-    }
-    {
-        let token = token.clone();
-        supervisor.spawn("engine", move |component| {
-            let core = core.clone();
-            let rx = rx.clone();
-            let token = token.clone();
-            async move {
-                let mut rx = rx.lock().await;
-                core.run(&mut rx, &component, &token).await
-            }
-        });
-    }
+    let (ingest, profiles, offer_ledger, completed_rx) =
+        start_core(&config, &store, &outbox, &deadletters, &supervisor, &token).await?;
+    let offers = open_offers(&config, &clock, &profiles, &offer_ledger, &ingest)?;
 
     let eraser = Eraser {
         profiles: profiles.clone(),
@@ -252,56 +146,8 @@ pub async fn start(
         clock: clock.clone(),
         ingest: Some(ingest.clone()),
     };
-    if let Some(https) = &config.central.https {
-        let syncer = Syncer {
-            client: sync::client(&https.tls_files())
-                .map_err(|e| DaemonError::Setup(format!("central.https: {e}")))?,
-            base_url: https.base_url.clone(),
-            store_id: config.store.id.clone(),
-            token: https.token.clone(),
-            page_size: config.profiles.sync_page_size,
-            store: store.clone(),
-            eraser: eraser.clone(),
-        };
-        let campaign_sync = CampaignSync {
-            client: syncer.client.clone(),
-            base_url: https.base_url.clone(),
-            store_id: config.store.id.clone(),
-            token: https.token.clone(),
-            offers: offers.clone(),
-        };
-        let interval = Duration::from_secs(config.profiles.sync_interval_s);
-        {
-            let token = token.clone();
-            supervisor.spawn("profiles.sync", move |component| {
-                sync::run(syncer.clone(), interval, component, token.clone())
-            });
-        }
-        let interval = Duration::from_secs(config.offers.campaign_poll_s);
-        let token = token.clone();
-        supervisor.spawn("offers.sync", move |component| {
-            crate::offers::sync::run(campaign_sync.clone(), interval, component, token.clone())
-        });
-    }
-    {
-        let (profiles, clock, tz, token) = (
-            profiles.clone(),
-            clock.clone(),
-            config.time_zone(),
-            token.clone(),
-        );
-        let every = Duration::from_secs(config.profiles.rfm_interval_s);
-        supervisor.spawn("profiles.rfm", move |component| {
-            crate::profiles::run_rfm(
-                profiles.clone(),
-                clock.clone(),
-                tz.clone(),
-                every,
-                component,
-                token.clone(),
-            )
-        });
-    }
+    start_syncs(&config, &supervisor, &store, &eraser, &offers, &token)?;
+    spawn_rfm(&config, &supervisor, &profiles, &clock, &token);
     let paths = Arc::new(crate::uplink::PathState::default());
     if let Some(settings) =
         crate::uplink::https::HttpsSettings::from_config(&config).map_err(DaemonError::Setup)?
@@ -320,81 +166,20 @@ pub async fn start(
             async move { uplink.run(component, token).await }
         });
     }
-    {
-        // TTLs and the oldest-age gauges move with time, not with traffic.
-        let (outbox, token) = (outbox.clone(), token.clone());
-        supervisor.spawn("outbox.expiry", move |component| {
-            let (outbox, token) = (outbox.clone(), token.clone());
-            async move {
-                component.running(None);
-                loop {
-                    let outbox2 = outbox.clone();
-                    tokio::task::spawn_blocking(move || outbox2.expire())
-                        .await
-                        .map_err(|e| DaemonError::Setup(format!("outbox expiry: {e}")))??;
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                        _ = token.cancelled() => return Ok::<(), DaemonError>(()),
-                    }
-                }
-            }
-        });
-    }
-    if let Some(mut settings) = MqttSettings::from_config(&config).map_err(DaemonError::Setup)? {
-        let (down_tx, down_rx) = tokio::sync::mpsc::channel(DOWNLINK_CHANNEL);
-        settings.downlink = Some(down_tx);
-        let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
-        {
-            let (store, eraser, token) = (store.clone(), eraser.clone(), token.clone());
-            let offers = offers.clone();
-            supervisor.spawn("profiles.downlink", move |component| {
-                let offers = offers.clone();
-                crate::profiles::downlink::run(
-                    down_rx.clone(),
-                    store.clone(),
-                    eraser.clone(),
-                    move |tenant_wide, body| {
-                        let slot = if tenant_wide { Slot::Tenant } else { Slot::Store };
-                        if let Err(e) = offers.install(slot, body) {
-                            metrics::counter!("storelink_downlink_malformed_total").increment(1);
-                            tracing::warn!(?slot, error = %e, "campaign set from central not installed; the last good set stays in force");
-                        }
-                    },
-                    component,
-                    token.clone(),
-                )
-            });
-        }
-        let outbox = outbox.clone();
-        let clock = clock.clone();
-        let token = token.clone();
-        let paths = paths.clone();
-        supervisor.spawn("uplink.mqtt", move |component| {
-            mqtt::run(
-                settings.clone(),
-                outbox.clone(),
-                clock.clone(),
-                paths.clone(),
-                component,
-                token.clone(),
-            )
-        });
-    }
+    spawn_outbox_expiry(&supervisor, &outbox, &token);
+    start_mqtt(
+        &config,
+        &supervisor,
+        &store,
+        &outbox,
+        &eraser,
+        &offers,
+        &paths,
+        &clock,
+        &token,
+    )?;
 
-    let mut http_registers = std::collections::BTreeMap::new();
-    for register in &config.registers {
-        let mut ctx = RegisterContext::new(&config, register, ingest.clone(), clock.clone())
-            .map_err(DaemonError::Setup)?;
-        ctx.live = Some(Arc::new(offers.clone()));
-        if register.transport == crate::config::Transport::Http {
-            http_registers.insert(register.name.clone(), ctx.clone());
-        }
-        let register = register.clone();
-        let token = token.clone();
-        supervisor.spawn(format!("register.{}", register.name), move |component| {
-            pos::run(register.clone(), ctx.clone(), component, token.clone())
-        });
-    }
+    let http_registers = start_registers(&config, &supervisor, &ingest, &offers, &clock, &token)?;
     let presence = start_presence(&config, &store, &profiles, &supervisor, &ingest, &clock)?;
     if let Some(period) = sd_notify::watchdog_enabled() {
         let (ingest, token) = (ingest.clone(), token.clone());
@@ -413,49 +198,20 @@ pub async fn start(
     }
 
     let ready = Arc::new(AtomicBool::new(false));
-    let api_state = ApiState {
-        info: AgentInfo {
-            version: env!("CARGO_PKG_VERSION"),
-            store: config.store.id.clone(),
-            tenant: config.store.tenant.clone(),
-            started_at: clock.now(),
-            topic_prefix: config.topic_prefix(),
-            central_mqtt: config
-                .central
-                .mqtt
-                .as_ref()
-                .map(|m| without_credentials(&m.url)),
-            registers: config.registers.iter().map(api::RegisterInfo::of).collect(),
-        },
-        board: board.clone(),
-        outbox: outbox.clone(),
-        deadletters: deadletters.clone(),
-        ready: ready.clone(),
-        clock: clock.clone(),
+    let api_state = api_state(
+        &config,
+        &board,
+        &outbox,
+        &deadletters,
+        &ready,
+        &clock,
         metrics,
-        registers: Arc::new(http_registers),
-        profiles: profiles.clone(),
-        tz: config.time_zone(),
-        kpi: config.profiles.kpi.clone(),
-        offers: offers.clone(),
-        admin: AdminAuth::new(config.cashier.admin_token.as_ref()),
-        lanes: LaneState {
-            offers: offers.clone(),
-            auth: LaneAuth::open(config.cashier.lane_secret.as_ref(), &store)?,
-            store: config.store.id.clone(),
-            texts: Arc::new(
-                config
-                    .cashier
-                    .languages()
-                    .into_iter()
-                    .filter_map(|l| Some((l.clone(), config.cashier.texts_for(&l)?)))
-                    .collect(),
-            ),
-            language: config.cashier.language.clone(),
-            token: token.clone(),
-        },
-        known_lanes: Arc::new(known_lanes(&config)),
-    };
+        http_registers,
+        &profiles,
+        &offers,
+        &store,
+        &token,
+    )?;
     let (listening_tx, listening) = tokio::sync::oneshot::channel();
     {
         let state = api_state.clone();
@@ -499,6 +255,406 @@ pub async fn start(
         presence,
         offers,
         supervisor,
+    })
+}
+
+/// The core: the profile cache and offer ledger, the engine with its commit hooks (KPIs first,
+/// then attribution), what a power cut left owed to the cache, and the engine's task. Returns
+/// the ingest handle the sources send to, and the completed transactions attribution reports.
+async fn start_core(
+    config: &Config,
+    store: &Store,
+    outbox: &Arc<Outbox>,
+    deadletters: &Arc<DeadLetters>,
+    supervisor: &Supervisor,
+    token: &CancellationToken,
+) -> Result<
+    (
+        IngestHandle,
+        ProfileStore,
+        OfferLedger,
+        Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<crate::offers::live::Completed>>>,
+    ),
+    DaemonError,
+> {
+    let (ingest, rx) = crate::model::ingest::channel();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let profiles = ProfileStore::open_with(store, config.profiles.cache_entries)?;
+    let offer_ledger = OfferLedger::open(store)?;
+    let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
+    let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
+    // The durable step's other work, in this order: a redemption is attributed after the KPIs
+    // of its transaction are in.
+    let core = Engine::new(
+        store.clone(),
+        outbox.clone(),
+        deadletters.clone(),
+        config.store.id.clone(),
+    )
+    .with_hook(Arc::new(profiles.clone()))
+    .with_hook(Arc::new(Attribution {
+        profiles: profiles.clone(),
+        ledger: offer_ledger.clone(),
+        store_id: config.store.id.clone(),
+        completed: completed_tx,
+    }))
+    .with_reserve(config.storage.min_free_bytes);
+    // What a power cut left owed to the profile cache is finished before anything new comes in.
+    core.recover().await?;
+    spawn_checkpoint(supervisor, store, token);
+    {
+        let token = token.clone();
+        supervisor.spawn("engine", move |component| {
+            let core = core.clone();
+            let rx = rx.clone();
+            let token = token.clone();
+            async move {
+                let mut rx = rx.lock().await;
+                core.run(&mut rx, &component, &token).await
+            }
+        });
+    }
+    Ok((ingest, profiles, offer_ledger, completed_rx))
+}
+
+/// One task per register; returns the contexts of HTTP registers, which the local API serves.
+fn start_registers(
+    config: &Config,
+    supervisor: &Supervisor,
+    ingest: &IngestHandle,
+    offers: &Offers,
+    clock: &SharedClock,
+    token: &CancellationToken,
+) -> Result<std::collections::BTreeMap<String, RegisterContext>, DaemonError> {
+    let mut http_registers = std::collections::BTreeMap::new();
+    for register in &config.registers {
+        let mut ctx = RegisterContext::new(config, register, ingest.clone(), clock.clone())
+            .map_err(DaemonError::Setup)?;
+        ctx.live = Some(Arc::new(offers.clone()));
+        if register.transport == crate::config::Transport::Http {
+            http_registers.insert(register.name.clone(), ctx.clone());
+        }
+        let register = register.clone();
+        let token = token.clone();
+        supervisor.spawn(format!("register.{}", register.name), move |component| {
+            pos::run(register.clone(), ctx.clone(), component, token.clone())
+        });
+    }
+    Ok(http_registers)
+}
+
+/// The periodic RFM scoring of the profiles.
+fn spawn_rfm(
+    config: &Config,
+    supervisor: &Supervisor,
+    profiles: &ProfileStore,
+    clock: &SharedClock,
+    token: &CancellationToken,
+) {
+    let (profiles, clock, tz, token) = (
+        profiles.clone(),
+        clock.clone(),
+        config.time_zone(),
+        token.clone(),
+    );
+    let every = Duration::from_secs(config.profiles.rfm_interval_s);
+    supervisor.spawn("profiles.rfm", move |component| {
+        crate::profiles::run_rfm(
+            profiles.clone(),
+            clock.clone(),
+            tz.clone(),
+            every,
+            component,
+            token.clone(),
+        )
+    });
+}
+
+/// Opens (or salvages) the store, and the outbox and dead letters in it.
+async fn open_store(
+    config: &Config,
+    clock: &SharedClock,
+) -> Result<
+    (
+        Store,
+        Option<crate::store::Salvaged>,
+        Arc<Outbox>,
+        Arc<DeadLetters>,
+    ),
+    DaemonError,
+> {
+    let store = {
+        let path = config.storage.path.clone();
+        let options = config.storage.store_options();
+        let now = clock.now();
+        tokio::task::spawn_blocking(move || Store::open_or_salvage(&path, &options, now))
+            .await
+            .map_err(|e| DaemonError::Setup(format!("opening the store: {e}")))??
+    };
+    let (store, salvaged) = store;
+    if let Some(m) = store.migrated() {
+        tracing::info!(
+            events = m.entries,
+            dead_letters = m.deadletters,
+            "store upgraded: the outbox moved from sled to outbox.redb with everything it held"
+        );
+    }
+    let outbox = Arc::new(Outbox::open(
+        &store,
+        Limits {
+            max_bytes: config.storage.max_outbox_bytes,
+            seen_retention: Duration::from_secs(config.storage.seen_retention_days * 86_400),
+            max_seen: config.storage.max_seen_ids,
+            ttl: stream_ttls(&config.storage.ttl_s),
+        },
+        clock.clone(),
+    )?);
+    let deadletters = Arc::new(DeadLetters::open(
+        &store,
+        config.storage.max_deadletter_bytes,
+    )?);
+    tracing::info!(
+        path = %store.path().display(),
+        outbox_depth = outbox.depth(),
+        "store open"
+    );
+    Ok((store, salvaged, outbox, deadletters))
+}
+
+/// The cache's durable point, for what the log's journal holds until then.
+fn spawn_checkpoint(supervisor: &Supervisor, store: &Store, token: &CancellationToken) {
+    let (store, token) = (store.clone(), token.clone());
+    supervisor.spawn("storage.checkpoint", move |component| {
+        let (store, token) = (store.clone(), token.clone());
+        async move {
+            component.running(None);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                    _ = token.cancelled() => return Ok::<(), DaemonError>(()),
+                }
+                store.checkpoint().await?;
+            }
+        }
+    });
+}
+
+/// The offers core, with the operator's campaign file installed when there is one.
+fn open_offers(
+    config: &Config,
+    clock: &SharedClock,
+    profiles: &ProfileStore,
+    offer_ledger: &OfferLedger,
+    ingest: &IngestHandle,
+) -> Result<Offers, DaemonError> {
+    let offers = Offers::open(
+        live::Settings {
+            store_id: config.store.id.clone(),
+            tz: config.time_zone(),
+            kpi: config.profiles.kpi.clone(),
+            register_lanes: config
+                .registers
+                .iter()
+                .filter_map(|r| Some((r.name.clone(), r.lane.clone()?)))
+                .collect(),
+            prompt_ttl: Duration::from_secs(config.offers.prompt_ttl_s),
+            enabled: config.offers.enabled,
+        },
+        clock.clone(),
+        profiles.clone(),
+        offer_ledger.clone(),
+        Some(ingest.clone()),
+    )?;
+    if let Some(file) = &config.offers.campaigns_file {
+        let bytes = std::fs::read(file).map_err(|e| {
+            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
+        })?;
+        offers.install(Slot::File, &bytes).map_err(|e| {
+            DaemonError::Setup(format!("offers.campaigns_file: {}: {e}", file.display()))
+        })?;
+    }
+    Ok(offers)
+}
+
+/// Profile and campaign sync from central over HTTPS, when `[central.https]` is configured.
+fn start_syncs(
+    config: &Config,
+    supervisor: &Supervisor,
+    store: &Store,
+    eraser: &Eraser,
+    offers: &Offers,
+    token: &CancellationToken,
+) -> Result<(), DaemonError> {
+    if let Some(https) = &config.central.https {
+        let syncer = Syncer {
+            client: sync::client(&https.tls_files())
+                .map_err(|e| DaemonError::Setup(format!("central.https: {e}")))?,
+            base_url: https.base_url.clone(),
+            store_id: config.store.id.clone(),
+            token: https.token.clone(),
+            page_size: config.profiles.sync_page_size,
+            store: store.clone(),
+            eraser: eraser.clone(),
+        };
+        let campaign_sync = CampaignSync {
+            client: syncer.client.clone(),
+            base_url: https.base_url.clone(),
+            store_id: config.store.id.clone(),
+            token: https.token.clone(),
+            offers: offers.clone(),
+        };
+        let interval = Duration::from_secs(config.profiles.sync_interval_s);
+        {
+            let token = token.clone();
+            supervisor.spawn("profiles.sync", move |component| {
+                sync::run(syncer.clone(), interval, component, token.clone())
+            });
+        }
+        let interval = Duration::from_secs(config.offers.campaign_poll_s);
+        let token = token.clone();
+        supervisor.spawn("offers.sync", move |component| {
+            crate::offers::sync::run(campaign_sync.clone(), interval, component, token.clone())
+        });
+    }
+    Ok(())
+}
+
+/// TTLs and the oldest-age gauges move with time, not with traffic.
+fn spawn_outbox_expiry(supervisor: &Supervisor, outbox: &Arc<Outbox>, token: &CancellationToken) {
+    let (outbox, token) = (outbox.clone(), token.clone());
+    supervisor.spawn("outbox.expiry", move |component| {
+        let (outbox, token) = (outbox.clone(), token.clone());
+        async move {
+            component.running(None);
+            loop {
+                let outbox2 = outbox.clone();
+                tokio::task::spawn_blocking(move || outbox2.expire())
+                    .await
+                    .map_err(|e| DaemonError::Setup(format!("outbox expiry: {e}")))??;
+                tokio::select! {
+                    _ = tokio::time::sleep(OUTBOX_EXPIRY_EVERY) => {}
+                    _ = token.cancelled() => return Ok::<(), DaemonError>(()),
+                }
+            }
+        }
+    });
+}
+
+/// The MQTT uplink, and the downlink task that applies what central sends down it.
+#[allow(clippy::too_many_arguments)]
+fn start_mqtt(
+    config: &Config,
+    supervisor: &Supervisor,
+    store: &Store,
+    outbox: &Arc<Outbox>,
+    eraser: &Eraser,
+    offers: &Offers,
+    paths: &Arc<crate::uplink::PathState>,
+    clock: &SharedClock,
+    token: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let Some(mut settings) = MqttSettings::from_config(config).map_err(DaemonError::Setup)? else {
+        return Ok(());
+    };
+    let (down_tx, down_rx) = tokio::sync::mpsc::channel(DOWNLINK_CHANNEL);
+    settings.downlink = Some(down_tx);
+    let down_rx = Arc::new(tokio::sync::Mutex::new(down_rx));
+    {
+        let (store, eraser, token) = (store.clone(), eraser.clone(), token.clone());
+        let offers = offers.clone();
+        supervisor.spawn("profiles.downlink", move |component| {
+            let offers = offers.clone();
+            crate::profiles::downlink::run(
+                down_rx.clone(),
+                store.clone(),
+                eraser.clone(),
+                move |tenant_wide, body| {
+                    let slot = if tenant_wide { Slot::Tenant } else { Slot::Store };
+                    if let Err(e) = offers.install(slot, body) {
+                        metrics::counter!("storelink_downlink_malformed_total").increment(1);
+                        tracing::warn!(?slot, error = %e, "campaign set from central not installed; the last good set stays in force");
+                    }
+                },
+                component,
+                token.clone(),
+            )
+        });
+    }
+    let outbox = outbox.clone();
+    let clock = clock.clone();
+    let token = token.clone();
+    let paths = paths.clone();
+    supervisor.spawn("uplink.mqtt", move |component| {
+        mqtt::run(
+            settings.clone(),
+            outbox.clone(),
+            clock.clone(),
+            paths.clone(),
+            component,
+            token.clone(),
+        )
+    });
+    Ok(())
+}
+
+/// What the local API serves from.
+#[allow(clippy::too_many_arguments)]
+fn api_state(
+    config: &Config,
+    board: &StatusBoard,
+    outbox: &Arc<Outbox>,
+    deadletters: &Arc<DeadLetters>,
+    ready: &Arc<AtomicBool>,
+    clock: &SharedClock,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    http_registers: std::collections::BTreeMap<String, RegisterContext>,
+    profiles: &ProfileStore,
+    offers: &Offers,
+    store: &Store,
+    token: &CancellationToken,
+) -> Result<ApiState, DaemonError> {
+    Ok(ApiState {
+        info: AgentInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            store: config.store.id.clone(),
+            tenant: config.store.tenant.clone(),
+            started_at: clock.now(),
+            topic_prefix: config.topic_prefix(),
+            central_mqtt: config
+                .central
+                .mqtt
+                .as_ref()
+                .map(|m| without_credentials(&m.url)),
+            registers: config.registers.iter().map(api::RegisterInfo::of).collect(),
+        },
+        board: board.clone(),
+        outbox: outbox.clone(),
+        deadletters: deadletters.clone(),
+        ready: ready.clone(),
+        clock: clock.clone(),
+        metrics,
+        registers: Arc::new(http_registers),
+        profiles: profiles.clone(),
+        tz: config.time_zone(),
+        kpi: config.profiles.kpi.clone(),
+        offers: offers.clone(),
+        admin: AdminAuth::new(config.cashier.admin_token.as_ref()),
+        lanes: LaneState {
+            offers: offers.clone(),
+            auth: LaneAuth::open(config.cashier.lane_secret.as_ref(), &store)?,
+            store: config.store.id.clone(),
+            texts: Arc::new(
+                config
+                    .cashier
+                    .languages()
+                    .into_iter()
+                    .filter_map(|l| Some((l.clone(), config.cashier.texts_for(&l)?)))
+                    .collect(),
+            ),
+            language: config.cashier.language.clone(),
+            token: token.clone(),
+        },
+        known_lanes: Arc::new(known_lanes(config)),
     })
 }
 

@@ -528,6 +528,7 @@ impl Config {
         }
     }
 
+    /// `[presence]`: the service UUID, the ranges, the source and its table.
     pub(super) fn validate_presence(&mut self, v: &mut Validator) {
         let p = &mut self.presence;
         match (&p.service_uuid, p.source) {
@@ -602,6 +603,11 @@ impl Config {
             PresenceSource::Btleplug | PresenceSource::None => {}
         }
 
+        Self::validate_layout(p, v);
+    }
+
+    /// `[[presence.calibration]]` and `[[presence.zones]]`: the store's layout.
+    fn validate_layout(p: &PresenceSection, v: &mut Validator) {
         let mut scanners: HashMap<&str, usize> = HashMap::new();
         for (i, c) in p.calibration.iter().enumerate() {
             let at = format!("presence.calibration[{i}]");

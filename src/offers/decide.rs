@@ -297,6 +297,11 @@ fn texts(
 }
 
 /// Decides. See the module invariants.
+///
+/// Long on purpose: one pass over the live campaigns (consent, triggers, audience, caps,
+/// the A/B arm) that fills the candidate list and the explanation together, then the choice per
+/// channel; the explanation must name every campaign in the order it was judged, which a
+/// split into stages would have to thread through each of them.
 pub fn decide(
     set: &CompiledSet,
     profile: &Profile,

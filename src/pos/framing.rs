@@ -454,6 +454,9 @@ impl XmlFramer {
     }
 
     /// Advances the lexer by one byte; returns the markup that this byte completed.
+    ///
+    /// Long on purpose: one arm per lexer state, read as one transition table; the framer's
+    /// correctness argument is that table, and splitting it would hide the states' edges.
     fn step(&mut self, b: u8, at: usize) -> Option<Markup> {
         let (next, done) = match self.lex {
             Lex::Text if b == b'<' => {

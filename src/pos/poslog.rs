@@ -882,6 +882,9 @@ impl Draft {
     }
 
     /// Handles the end of an element inside the transaction; `tags` ends with its own tag.
+    ///
+    /// Long on purpose: one match arm per POSLog element a transaction can hold, so the
+    /// grammar reads as one table; split up, the arms would share all of `self` anyway.
     fn close(&mut self, open: &Open, tags: &[Tag], tz: &TimeZone) {
         use Tag::*;
         let Some(raw) = &open.text else { return };
@@ -1521,6 +1524,9 @@ pub mod writer {
     }
 
     /// The POSLog XML for `case`.
+    ///
+    /// Long on purpose: it writes the document top to bottom in element order, mirroring
+    /// what `close` reads, so the two can be compared side by side.
     pub fn write(case: &Document) -> String {
         let tx = &case.tx;
         let digits = minor_digits(&tx.currency);

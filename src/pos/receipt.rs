@@ -698,6 +698,10 @@ impl<'t> Draft<'t> {
         }
     }
 
+    /// Applies one matched rule to the draft.
+    ///
+    /// Long on purpose: one arm per rule kind, each a few lines over the same draft state;
+    /// the template docs list the kinds in this order.
     fn apply(&mut self, n: usize, rule: &'t Rule, caps: &Captures) -> Result<(), ParseError> {
         let template = self.template;
         let key = rule.key.as_str();

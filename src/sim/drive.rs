@@ -554,6 +554,10 @@ fn parse_reply(reply: &str) -> Result<Vec<String>, String> {
 }
 
 /// Runs the simulation (or the smoke test) and reports; `Err` only when it could not start.
+///
+/// Long: it starts the simulated store's parts (registers, phones, card scans, central's
+/// observers) beside each other and then settles and counts; they share the arrival records
+/// by reference. Splitting the start-up from the report is the next step when it grows.
 pub async fn run(options: &SimOptions, token: CancellationToken) -> Result<SimReport, SimError> {
     let api = AgentApi::new(&options.agent, options.token.clone())?;
     let view = api.status().await?;

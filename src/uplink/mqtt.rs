@@ -455,6 +455,10 @@ impl Link<'_> {
 
 /// Runs the uplink until cancelled. Connection failures are retried here with backoff; only an
 /// outbox (storage) failure is returned to the supervisor.
+///
+/// Long on purpose: the driver, feeder and acker are three `async` blocks sharing one `Link`
+/// and one `Notify` by reference inside a single `try_join!`; as separate functions each would
+/// need the same borrowed state passed in, and the join is what makes their shutdown one.
 pub async fn run(
     settings: MqttSettings,
     outbox: Arc<Outbox>,
