@@ -641,7 +641,7 @@ fn api_state(
         admin: AdminAuth::new(config.cashier.admin_token.as_ref()),
         lanes: LaneState {
             offers: offers.clone(),
-            auth: LaneAuth::open(config.cashier.lane_secret.as_ref(), &store)?,
+            auth: LaneAuth::open(config.cashier.lane_secret.as_ref(), store)?,
             store: config.store.id.clone(),
             texts: Arc::new(
                 config
