@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::live::{Installed, Offers, OffersError, Slot};
 use crate::config::Secret;
-use crate::profiles::sync::{SyncError, conditional_get};
+use crate::profiles::sync::{SyncError, conditional_get, poll_until_cancelled};
 use crate::store::StoreError;
-use crate::supervisor::{Backoff, Component};
+use crate::supervisor::Component;
 
 const ETAG_FACT: &str = "campaigns.etag";
 
@@ -88,48 +88,33 @@ pub async fn run(
     component: Component,
     token: CancellationToken,
 ) -> Result<(), StoreError> {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
-    loop {
-        let result = tokio::select! {
-            r = sync.poll() => r,
-            _ = token.cancelled() => return Ok(()),
-        };
-        let wait = match result {
-            Ok(outcome) => {
-                backoff.reset();
-                component.success();
-                let live = sync.offers.campaigns();
-                if let Some(Installed::Live { rejected, .. }) = &outcome
-                    && !rejected.is_empty()
-                {
-                    component.degraded(format!(
-                        "campaign set {}: {} live, {} rejected (first: {})",
-                        live.version,
-                        live.live.len(),
-                        rejected.len(),
-                        rejected[0]
-                    ));
-                } else {
-                    component.running(Some(format!(
-                        "campaign set {}: {} live",
-                        live.version,
-                        live.live.len()
-                    )));
-                }
-                interval
-            }
-            Err(SyncError::Store(e)) => return Err(e),
-            Err(e) => {
-                metrics::counter!("storelink_campaign_sync_failures_total").increment(1);
-                let delay = e.retry_delay(&mut backoff);
-                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "campaign sync failed; the last good set stays in force");
-                component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
-                delay
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = token.cancelled() => return Ok(()),
+    let failed = |e: &SyncError, delay: Duration| {
+        metrics::counter!("storelink_campaign_sync_failures_total").increment(1);
+        tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "campaign sync failed; the last good set stays in force");
+        component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
+    };
+    let round = || async {
+        let outcome = sync.poll().await?;
+        component.success();
+        let live = sync.offers.campaigns();
+        if let Some(Installed::Live { rejected, .. }) = &outcome
+            && !rejected.is_empty()
+        {
+            component.degraded(format!(
+                "campaign set {}: {} live, {} rejected (first: {})",
+                live.version,
+                live.live.len(),
+                rejected.len(),
+                rejected[0]
+            ));
+        } else {
+            component.running(Some(format!(
+                "campaign set {}: {} live",
+                live.version,
+                live.live.len()
+            )));
         }
-    }
+        Ok(())
+    };
+    poll_until_cancelled(interval, &token, round, failed).await
 }

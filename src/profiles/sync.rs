@@ -305,8 +305,12 @@ pub async fn run(
     component: Component,
     token: CancellationToken,
 ) -> Result<(), StoreError> {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
-    loop {
+    let failed = |e: &SyncError, delay: Duration| {
+        metrics::counter!("storelink_profile_sync_failures_total").increment(1);
+        tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "profile sync failed");
+        component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
+    };
+    let round = || async {
         let initial = !syncer.state()?.loaded;
         if initial {
             component.running(Some("initial profile load".into()));
@@ -314,54 +318,76 @@ pub async fn run(
         }
         let started = Instant::now();
         let mut last_log = Instant::now();
-        let sync = syncer.sync(&token, |state| {
-            if initial && last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                tracing::info!(
-                    profiles = state.profiles,
-                    pages = state.pages,
-                    elapsed_s = started.elapsed().as_secs(),
-                    "initial profile load in progress"
-                );
-            }
-        });
-        let result = tokio::select! {
-            r = sync => r,
-            _ = token.cancelled() => return Ok(()),
-        };
-        let wait = match result {
-            Ok(report) => {
-                backoff.reset();
-                let state = syncer.state()?;
-                if initial && state.loaded {
+        let report = syncer
+            .sync(&token, |state| {
+                if initial && last_log.elapsed() >= Duration::from_secs(5) {
+                    last_log = Instant::now();
                     tracing::info!(
                         profiles = state.profiles,
                         pages = state.pages,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "initial profile load complete"
-                    );
-                } else if report.pages > 0 {
-                    tracing::info!(
-                        pages = report.pages,
-                        upserts = report.upserts,
-                        erasures = report.erasures,
-                        "profile sync applied changes"
+                        elapsed_s = started.elapsed().as_secs(),
+                        "initial profile load in progress"
                     );
                 }
-                metrics::counter!("storelink_profile_sync_pages_total").increment(report.pages);
-                component.success();
-                component.running(Some(format!(
-                    "caught up; {} profiles synced in {} pages",
-                    state.profiles, state.pages
-                )));
+            })
+            .await?;
+        let state = syncer.state()?;
+        if initial && state.loaded {
+            tracing::info!(
+                profiles = state.profiles,
+                pages = state.pages,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "initial profile load complete"
+            );
+        } else if report.pages > 0 {
+            tracing::info!(
+                pages = report.pages,
+                upserts = report.upserts,
+                erasures = report.erasures,
+                "profile sync applied changes"
+            );
+        }
+        metrics::counter!("storelink_profile_sync_pages_total").increment(report.pages);
+        component.success();
+        component.running(Some(format!(
+            "caught up; {} profiles synced in {} pages",
+            state.profiles, state.pages
+        )));
+        Ok(())
+    };
+    poll_until_cancelled(interval, &token, round, failed).await
+}
+
+/// The polling loop both syncs with central share (profiles here, campaigns in
+/// `offers::sync`): runs `round`, then waits `interval` after a success or the backoff's delay
+/// (or central's `Retry-After`) after a failure, which `failed` reports. Returns `Ok` once
+/// the token is cancelled, and a storage error at once: that is the supervisor's to handle.
+pub(crate) async fn poll_until_cancelled<R, Fut, F>(
+    interval: Duration,
+    token: &CancellationToken,
+    mut round: R,
+    mut failed: F,
+) -> Result<(), StoreError>
+where
+    R: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), SyncError>>,
+    F: FnMut(&SyncError, Duration),
+{
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        let result = tokio::select! {
+            r = round() => r,
+            _ = token.cancelled() => return Ok(()),
+        };
+        let wait = match result {
+            Ok(()) => {
+                backoff.reset();
                 interval
             }
             Err(SyncError::Store(e)) => return Err(e),
             Err(e) => {
-                metrics::counter!("storelink_profile_sync_failures_total").increment(1);
                 let delay = e.retry_delay(&mut backoff);
-                tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "profile sync failed");
-                component.degraded(format!("{e}; retrying in {}s", delay.as_secs()));
+                failed(&e, delay);
                 delay
             }
         };
