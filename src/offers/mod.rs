@@ -14,6 +14,11 @@
 //! Invariants: see each module. In short, a bad campaign never stops the others, a decision is
 //! a pure function of its inputs, and assignment to control groups and variants is the same
 //! everywhere.
+//!
+//! One import cycle inside this module, on purpose: a campaign (`campaign`) holds its compiled
+//! audience expression (`audience`), and that expression is evaluated against the trigger and
+//! occasion a decision (`decide`) is made for. The three are one language: splitting the shared
+//! types out would leave a module of types with no behaviour of its own.
 
 pub mod attribution;
 pub mod audience;

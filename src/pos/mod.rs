@@ -12,6 +12,11 @@
 //!   transaction for another store is refused.
 //! - Sources never crash the daemon: errors are retried inside the source or escalated to the
 //!   supervisor, which restarts it.
+//!
+//! One import cycle inside this module, on purpose: `framing` and `escpos` name each other.
+//! The framer set (`framing::Framer`) includes the paper-cut framer, which must read ESC/POS
+//! command lengths to know that a cut byte inside an image is not a cut, so it lives in
+//! `escpos` with the rest of that knowledge; and it yields `framing::Frame` like every framer.
 
 pub mod capture;
 pub mod escpos;
