@@ -15,28 +15,41 @@ pub fn get(
     url: &str,
     path: &str,
     query: &[(&str, String)],
-    token: Option<&str>,
+    admin_token: Option<&str>,
     timeout: Duration,
 ) -> Result<serde_json::Value, Failure> {
     let url = format!("{}{path}", url.trim_end_matches('/'));
-    block_on(|_| async move {
-        let mut request = reqwest::Client::builder()
-            .timeout(timeout.max(Duration::from_secs(1)))
-            .build()?
-            .get(&url)
-            .query(query);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+    block_on(|stop| async move {
+        // `block_on` took over Ctrl-C; a question to the agent must still end on it.
+        tokio::select! {
+            answer = ask(&url, query, admin_token, timeout) => answer,
+            _ = stop.cancelled() => Err(format!("{url}: interrupted").into()),
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e} (is the agent running? --url)"))?;
-        let status = response.status();
-        let body = response.text().await?;
-        if !status.is_success() {
-            return Err(format!("{url}: {status}: {}", body.trim()).into());
-        }
-        Ok(serde_json::from_str(&body)?)
     })
+}
+
+async fn ask(
+    url: &str,
+    query: &[(&str, String)],
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<serde_json::Value, Failure> {
+    let mut request = reqwest::Client::builder()
+        .timeout(timeout.max(Duration::from_secs(1)))
+        .build()?
+        .get(url)
+        .query(query);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e} (is the agent running? --url)"))?;
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        return Err(format!("{url}: {status}: {}", body.trim()).into());
+    }
+    Ok(serde_json::from_str(&body)?)
 }
