@@ -197,8 +197,12 @@ pub struct Central {
 }
 
 impl Central {
+    /// A subscriber under a fresh client id. Its session is kept (clean_session false): on a
+    /// loaded machine, with tens of thousands of events schema-checked in a debug build, its
+    /// connection can drop and come back, and a clean session would lose what the broker held
+    /// for it then, which the test would take for the agent's loss.
     pub async fn subscribe(broker: SocketAddr, filter: &str) -> Central {
-        Self::subscribe_as(broker, filter, &format!("central-{}", rand_suffix()), true).await
+        Self::subscribe_as(broker, filter, &format!("central-{}", rand_suffix()), false).await
     }
 
     /// A subscriber with a persistent session: the broker queues what arrives while it is away.
@@ -221,7 +225,8 @@ impl Central {
         let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
         options.set_clean_session(clean_session);
         options.set_max_packet_size(8 << 20, 8 << 20);
-        options.set_keep_alive(Duration::from_secs(5));
+        // Long enough that a subscriber starved of CPU for a few seconds is not dropped.
+        options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
         let mut subscribed_tx = Some(subscribed_tx);
@@ -365,6 +370,39 @@ pub fn config(
 /// The built `storelink` binary.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_storelink"))
+}
+
+/// Polls `count` until it reaches `target`, for as long as it keeps growing: fails when it has
+/// not moved for `stall`, or after `limit` in all. A loss shows as a stall; a subscriber slowed
+/// by a loaded machine (schema checks on every event, in a debug build, beside other tests in
+/// this binary) still counts up, and is not mistaken for one.
+pub async fn until_all_arrive(
+    what: &str,
+    target: usize,
+    stall: Duration,
+    limit: Duration,
+    mut count: impl FnMut() -> usize,
+) {
+    let started = tokio::time::Instant::now();
+    let (mut last, mut moved) = (0, started);
+    loop {
+        let n = count();
+        if n >= target {
+            return;
+        }
+        if n > last {
+            (last, moved) = (n, tokio::time::Instant::now());
+        }
+        assert!(
+            moved.elapsed() < stall,
+            "{what}: stalled at {n} of {target} for {stall:?}"
+        );
+        assert!(
+            started.elapsed() < limit,
+            "{what}: {n} of {target} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Polls `f` until it returns true.
