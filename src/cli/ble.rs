@@ -46,26 +46,24 @@ pub fn ble(command: BleCommand) -> ExitCode {
             adapter,
             seconds,
         } => exit_with(block_on(|token| async move {
-            {
-                let settings = BtleSettings {
-                    adapter,
-                    ..Default::default()
-                };
-                eprintln!(
-                    "recording advertisements into {} (Ctrl-C to stop)",
-                    out.display()
-                );
-                let lines = btle::record(
-                    &settings,
-                    out,
-                    seconds.map(std::time::Duration::from_secs),
-                    crate::clock::system(),
-                    token,
-                )
-                .await?;
-                eprintln!("recorded {lines} advertisements");
-                Ok(())
-            }
+            let settings = BtleSettings {
+                adapter,
+                ..Default::default()
+            };
+            eprintln!(
+                "recording advertisements into {} (Ctrl-C to stop)",
+                out.display()
+            );
+            let lines = btle::record(
+                &settings,
+                out,
+                seconds.map(std::time::Duration::from_secs),
+                crate::clock::system(),
+                token,
+            )
+            .await?;
+            eprintln!("recorded {lines} advertisements");
+            Ok(())
         })),
         BleCommand::Eid {
             key,
