@@ -33,7 +33,7 @@ use crate::pos::receipt::ReceiptTemplate;
 use crate::pos::{self, RegisterContext};
 use crate::presence::history::History;
 use crate::presence::pipeline::{self, Pipeline};
-use crate::presence::source;
+use crate::presence::source::{self, Source};
 use crate::profiles::ProfileStore;
 use crate::profiles::erasure::Eraser;
 use crate::profiles::sync::{self, Syncer};
@@ -764,7 +764,16 @@ fn start_presence(
         let ads_tx = ads_tx.clone();
         let clock = clock.clone();
         let token = token.clone();
-        async move { source::run(&settings, tenant, ads_tx, clock, component, token).await }
+        async move {
+            let feed = source::Feed {
+                tenant,
+                out: ads_tx,
+                clock,
+                component,
+                token,
+            };
+            settings.run(feed).await
+        }
     });
     Ok(events)
 }

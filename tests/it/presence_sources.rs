@@ -16,7 +16,7 @@ use storelink::presence::source::espresense::{self, EspresenseError};
 use storelink::presence::source::replay::{
     Hex, ParsedLine, RecordedAdvert, parse_line, read_line, write_line,
 };
-use storelink::presence::source::{self, BtleSettings, SourceError, SourceSettings};
+use storelink::presence::source::{self, BtleSettings, Feed, Source, SourceError, SourceSettings};
 use storelink::presence::source::{ReplaySettings, ScannerSettings};
 use storelink::supervisor::{Component, ComponentState, StatusBoard};
 use tokio::sync::mpsc;
@@ -55,7 +55,16 @@ impl Running {
         let task = tokio::spawn({
             let component = component.clone();
             let token = token.clone();
-            async move { source::run(&settings, tenant(), tx, clock, component, token).await }
+            async move {
+                let feed = Feed {
+                    tenant: tenant(),
+                    out: tx,
+                    clock,
+                    component,
+                    token,
+                };
+                settings.run(feed).await
+            }
         });
         Running {
             rx,
@@ -141,7 +150,16 @@ async fn replay_reports_how_many_it_played_when_the_file_ends() {
     let settings = replay_settings(0.0, true, false);
     let task = tokio::spawn({
         let (component, token) = (component.clone(), token.clone());
-        async move { source::run(&settings, tenant(), tx, clock, component, token).await }
+        async move {
+            let feed = Feed {
+                tenant: tenant(),
+                out: tx,
+                clock,
+                component,
+                token,
+            };
+            settings.run(feed).await
+        }
     });
     for _ in 0..3 {
         rx.recv().await.unwrap();
@@ -495,15 +513,14 @@ async fn without_bluetooth_the_adapter_source_stays_degraded_and_stops_on_cancel
         let token = token.clone();
         async move {
             let settings = SourceSettings::Btleplug(BtleSettings::default());
-            source::run(
-                &settings,
-                tenant(),
-                tx,
-                storelink::clock::system(),
+            let feed = Feed {
+                tenant: tenant(),
+                out: tx,
+                clock: storelink::clock::system(),
                 component,
                 token,
-            )
-            .await
+            };
+            settings.run(feed).await
         }
     });
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -56,7 +56,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::replay::{Hex, RecordedAdvert, write_line};
-use super::{SourceError, count_received};
+use super::{Feed, Source, SourceError, count_received};
 use crate::clock::SharedClock;
 use crate::config::BtleSettings;
 use crate::presence::advert::{self, Advertisement, Payload};
@@ -338,133 +338,136 @@ async fn open_and_scan(
     opened
 }
 
-/// Scans with the local adapter and hands on the tenant's sightings until cancelled.
-pub async fn run(
-    settings: &BtleSettings,
-    tenant: uuid::Uuid,
-    out: mpsc::Sender<Advertisement>,
-    clock: SharedClock,
-    component: Component,
-    token: CancellationToken,
-) -> Result<(), SourceError> {
-    // A gateway without an adapter (or without BlueZ) stays degraded, not failed: the rest of
-    // the agent runs, status says why, and the adapter is looked for again with backoff, so a
-    // dongle plugged in later is picked up without a restart.
-    let mut backoff =
-        crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
-    let mut warned = false;
-    let (adapter, name, mut events) = loop {
-        match open_and_scan(settings, Some(&component)).await {
-            Ok(opened) => break opened,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                if warned {
-                    tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "BLE adapter still unavailable");
-                } else {
-                    tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "BLE presence degraded: no usable adapter; retrying");
-                    warned = true;
-                }
-                tokio::select! {
-                    _ = token.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+impl Source for BtleSettings {
+    /// Scans with the local adapter and hands on the tenant's sightings until cancelled.
+    async fn run(&self, feed: Feed) -> Result<(), SourceError> {
+        let settings = self;
+        let Feed {
+            tenant,
+            out,
+            clock,
+            component,
+            token,
+        } = feed;
+        // A gateway without an adapter (or without BlueZ) stays degraded, not failed: the rest of
+        // the agent runs, status says why, and the adapter is looked for again with backoff, so a
+        // dongle plugged in later is picked up without a restart.
+        let mut backoff =
+            crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+        let mut warned = false;
+        let (adapter, name, mut events) = loop {
+            match open_and_scan(settings, Some(&component)).await {
+                Ok(opened) => break opened,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if warned {
+                        tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "BLE adapter still unavailable");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "BLE presence degraded: no usable adapter; retrying");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
-        }
-    };
-    component.running(Some(format!("scanning on {name}")));
-    tracing::info!(adapter = %name, "BLE presence scan started");
+        };
+        component.running(Some(format!("scanning on {name}")));
+        tracing::info!(adapter = %name, "BLE presence scan started");
 
-    let scanner: Arc<str> = Arc::from(SCANNER);
-    let watchdog = Duration::from_secs(u64::from(settings.watchdog_s.max(1)));
-    let mut tracked = Tracked::new(Duration::from_secs(u64::from(settings.age_out_s.max(1))));
-    let mut last_event = Instant::now();
-    let mut last_restart = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let scanner: Arc<str> = Arc::from(SCANNER);
+        let watchdog = Duration::from_secs(u64::from(settings.watchdog_s.max(1)));
+        let mut tracked = Tracked::new(Duration::from_secs(u64::from(settings.age_out_s.max(1))));
+        let mut last_event = Instant::now();
+        let mut last_restart = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    loop {
-        let event = tokio::select! {
-            _ = token.cancelled() => break,
-            _ = tick.tick() => {
-                let now = Instant::now();
-                tracked.age_out(now);
-                let Some(reason) = restart_reason(now, last_event, last_restart, watchdog, &tracked)
-                else {
+        loop {
+            let event = tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    tracked.age_out(now);
+                    let Some(reason) = restart_reason(now, last_event, last_restart, watchdog, &tracked)
+                    else {
+                        continue;
+                    };
+                    if reason == "watchdog" {
+                        tracing::warn!(adapter = %name, silent_s = watchdog.as_secs(), "no BLE events while customers were about; restarting the scan");
+                    }
+                    if let Err(e) = restart_scan(&adapter, &name, reason).await {
+                        component.degraded(&e);
+                        return Err(e);
+                    }
+                    last_restart = now;
+                    last_event = now;
                     continue;
-                };
-                if reason == "watchdog" {
-                    tracing::warn!(adapter = %name, silent_s = watchdog.as_secs(), "no BLE events while customers were about; restarting the scan");
                 }
-                if let Err(e) = restart_scan(&adapter, &name, reason).await {
-                    component.degraded(&e);
-                    return Err(e);
+                event = events.next() => event,
+            };
+            let Some(event) = event else {
+                forget_manager();
+                let e = SourceError::DbusUnavailable("the BlueZ event stream ended".into());
+                component.degraded(&e);
+                return Err(e);
+            };
+            last_event = Instant::now();
+            match &event {
+                CentralEvent::StateUpdate(CentralState::PoweredOff) => {
+                    component.degraded(format!("{name} is powered off"));
+                    continue;
                 }
-                last_restart = now;
-                last_event = now;
-                continue;
-            }
-            event = events.next() => event,
-        };
-        let Some(event) = event else {
-            forget_manager();
-            let e = SourceError::DbusUnavailable("the BlueZ event stream ended".into());
-            component.degraded(&e);
-            return Err(e);
-        };
-        last_event = Instant::now();
-        match &event {
-            CentralEvent::StateUpdate(CentralState::PoweredOff) => {
-                component.degraded(format!("{name} is powered off"));
-                continue;
-            }
-            CentralEvent::StateUpdate(CentralState::PoweredOn) => {
-                // Discovery does not survive a power cycle.
-                if let Err(e) = restart_scan(&adapter, &name, "powered_on").await {
-                    component.degraded(&e);
-                    return Err(e);
+                CentralEvent::StateUpdate(CentralState::PoweredOn) => {
+                    // Discovery does not survive a power cycle.
+                    if let Err(e) = restart_scan(&adapter, &name, "powered_on").await {
+                        component.degraded(&e);
+                        return Err(e);
+                    }
+                    last_restart = Instant::now();
+                    component.running(Some(format!("scanning on {name}")));
+                    continue;
                 }
-                last_restart = Instant::now();
-                component.running(Some(format!("scanning on {name}")));
-                continue;
+                _ => {}
             }
-            _ => {}
-        }
-        let (Some((payload, calibrated)), Some(id)) =
-            (payload_of(&event, &tenant), advertised_id(&event))
-        else {
-            continue;
-        };
-        tracked.touch(id, last_event);
-        let Some(props) = properties(&adapter, id).await else {
-            continue;
-        };
-        // No RSSI means BlueZ no longer hears the device; not a sighting.
-        let Some(rssi) = props.rssi else {
-            continue;
-        };
-        count_received("btleplug");
-        component.success();
-        let advert = Advertisement {
-            at: clock.now(),
-            scanner: scanner.clone(),
-            rssi,
-            // BlueZ's TxPower is power at the antenna, some 40 dB above what a phone reads at
-            // 1 m; only an iBeacon's calibrated byte means "RSSI at 1 m".
-            tx_power: calibrated,
-            distance_m: None,
-            payload,
-        };
-        match out.try_send(advert) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("storelink_presence_adverts_dropped_total", "source" => "btleplug")
+            let (Some((payload, calibrated)), Some(id)) =
+                (payload_of(&event, &tenant), advertised_id(&event))
+            else {
+                continue;
+            };
+            tracked.touch(id, last_event);
+            let Some(props) = properties(&adapter, id).await else {
+                continue;
+            };
+            // No RSSI means BlueZ no longer hears the device; not a sighting.
+            let Some(rssi) = props.rssi else {
+                continue;
+            };
+            count_received("btleplug");
+            component.success();
+            let advert = Advertisement {
+                at: clock.now(),
+                scanner: scanner.clone(),
+                rssi,
+                // BlueZ's TxPower is power at the antenna, some 40 dB above what a phone reads at
+                // 1 m; only an iBeacon's calibrated byte means "RSSI at 1 m".
+                tx_power: calibrated,
+                distance_m: None,
+                payload,
+            };
+            match out.try_send(advert) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    metrics::counter!("storelink_presence_adverts_dropped_total", "source" => "btleplug")
                     .increment(1);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::Closed),
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(SourceError::Closed),
         }
+        let _ = tokio::time::timeout(DBUS_PATIENCE, adapter.stop_scan()).await;
+        Ok(())
     }
-    let _ = tokio::time::timeout(DBUS_PATIENCE, adapter.stop_scan()).await;
-    Ok(())
 }
 
 /// `device` of a recorded line: the first 8 bytes of SHA-256(salt ‖ address), in hex.

@@ -23,18 +23,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::replay::RSSI_RANGE;
+use super::{Feed, Source, SourceError, count_received, send};
+use crate::config::ScannerSettings;
+use crate::presence::advert::{self, Advertisement};
+use crate::supervisor::Backoff;
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use serde::Deserialize;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-use super::replay::RSSI_RANGE;
-use super::{SourceError, count_received, send};
-use crate::clock::SharedClock;
-use crate::config::ScannerSettings;
-use crate::presence::advert::{self, Advertisement};
-use crate::supervisor::{Backoff, Component};
 
 impl ScannerSettings {
     fn password(&self) -> Result<Option<String>, SourceError> {
@@ -160,95 +156,99 @@ fn dbm(value: f64) -> Option<i16> {
 /// Reports are a few hundred bytes; anything much larger is not from ESPresense.
 const MAX_PACKET: usize = 256 * 1024;
 
-/// Subscribes to the scanners' reports and hands on the tenant's sightings until cancelled.
-pub async fn run(
-    settings: &ScannerSettings,
-    tenant: uuid::Uuid,
-    out: mpsc::Sender<Advertisement>,
-    clock: SharedClock,
-    component: Component,
-    token: CancellationToken,
-) -> Result<(), SourceError> {
-    let endpoint = settings.validate()?;
-    let password = settings.password()?;
-    let client_id = settings
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("storelink-scanners-{:08x}", rand::random::<u32>()));
-    let mut options = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-    if let Some(user) = &settings.username {
-        options.set_credentials(user.clone(), password.unwrap_or_default());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    let broker = format!("{}:{}", endpoint.host, endpoint.port);
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-    component.degraded(format!("connecting to {broker}"));
+impl Source for ScannerSettings {
+    /// Subscribes to the scanners' reports and hands on the tenant's sightings until cancelled.
+    async fn run(&self, feed: Feed) -> Result<(), SourceError> {
+        let settings = self;
+        let Feed {
+            tenant,
+            out,
+            clock,
+            component,
+            token,
+        } = feed;
+        let endpoint = settings.validate()?;
+        let password = settings.password()?;
+        let client_id = settings
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("storelink-scanners-{:08x}", rand::random::<u32>()));
+        let mut options = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        if let Some(user) = &settings.username {
+            options.set_credentials(user.clone(), password.unwrap_or_default());
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let broker = format!("{}:{}", endpoint.host, endpoint.port);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        component.degraded(format!("connecting to {broker}"));
 
-    loop {
-        let event = tokio::select! {
-            _ = token.cancelled() => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                tracing::info!(%broker, topic = %settings.topic, "connected to the scanners' broker");
-                // Clean session: every connection subscribes anew.
-                if let Err(e) = client.try_subscribe(settings.topic.clone(), QoS::AtMostOnce) {
-                    component.degraded(format!("{broker}: could not subscribe: {e}"));
+        loop {
+            let event = tokio::select! {
+                _ = token.cancelled() => break,
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff.reset();
+                    tracing::info!(%broker, topic = %settings.topic, "connected to the scanners' broker");
+                    // Clean session: every connection subscribes anew.
+                    if let Err(e) = client.try_subscribe(settings.topic.clone(), QoS::AtMostOnce) {
+                        component.degraded(format!("{broker}: could not subscribe: {e}"));
+                    }
                 }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    let e = SourceError::SubscriptionRefused(settings.topic.clone());
-                    component.degraded(&e);
-                    return Err(e);
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        let e = SourceError::SubscriptionRefused(settings.topic.clone());
+                        component.degraded(&e);
+                        return Err(e);
+                    }
+                    component.running(Some(format!(
+                        "subscribed to {} on {broker}",
+                        settings.topic
+                    )));
                 }
-                component.running(Some(format!(
-                    "subscribed to {} on {broker}",
-                    settings.topic
-                )));
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                match parse(&p.topic, &p.payload, &tenant, clock.now()) {
-                    Ok(Some(advert)) => {
-                        count_received("scanners");
-                        component.success();
-                        // Waiting here also stops reading from the broker: backpressure reaches
-                        // the scanners' QoS 0 stream, where the broker sheds it.
-                        if !send(&out, advert, &token).await? {
-                            break;
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    match parse(&p.topic, &p.payload, &tenant, clock.now()) {
+                        Ok(Some(advert)) => {
+                            count_received("scanners");
+                            component.success();
+                            // Waiting here also stops reading from the broker: backpressure reaches
+                            // the scanners' QoS 0 stream, where the broker sheds it.
+                            if !send(&out, advert, &token).await? {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            metrics::counter!("storelink_presence_scanner_rejected_total")
+                                .increment(1);
+                            tracing::warn!(error = %e, "skipping a scanner report");
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        metrics::counter!("storelink_presence_scanner_rejected_total").increment(1);
-                        tracing::warn!(error = %e, "skipping a scanner report");
-                    }
                 }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "scanners' broker unreachable");
-                component.degraded(format!("{broker}: {e}"));
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "scanners' broker unreachable");
+                    component.degraded(format!("{broker}: {e}"));
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
         }
+        let _ = client.try_disconnect();
+        Ok(())
     }
-    let _ = client.try_disconnect();
-    Ok(())
 }
 
 #[cfg(test)]

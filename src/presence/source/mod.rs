@@ -1,6 +1,6 @@
 //! Presence sources: whatever hears phones, reduced to [`Advertisement`]s on one bounded channel.
 //!
-//! Three sources share one entry point, [`run`]: a replay file ([`replay`]), remote ESPresense
+//! Three sources share one trait, [`Source`], and what they are handed, [`Feed`]: a replay file ([`replay`]), remote ESPresense
 //! room scanners over MQTT ([`espresense`]) and the gateway's own Bluetooth adapter through
 //! BlueZ ([`btle`]). The config picks one of them with `presence.source`.
 //!
@@ -9,7 +9,7 @@
 //!   dropped where it is heard, before it can reach a map, a log line or a metric.
 //! - No device address leaves a source. ESPresense's `mac` is never deserialised; BlueZ
 //!   peripherals are tracked under a salted hash of their id; the recorder writes a salted hash.
-//! - `run` returns `Ok(())` only once the token is cancelled. Any error goes to the supervisor,
+//! - [`Source::run`] returns `Ok(())` only once the token is cancelled. Any error goes to the supervisor,
 //!   which restarts the source with backoff; nothing here panics on what it hears.
 //! - Backpressure: the replay and ESPresense sources wait for room on the channel. The local
 //!   adapter does not: stalling the BlueZ signal stream is worse than losing a sighting (phones
@@ -83,21 +83,33 @@ pub enum SourceError {
     Closed,
 }
 
-/// Runs the configured source until the token is cancelled.
-pub async fn run(
-    settings: &SourceSettings,
-    tenant: uuid::Uuid,
-    out: mpsc::Sender<Advertisement>,
-    clock: SharedClock,
-    component: Component,
-    token: CancellationToken,
-) -> Result<(), SourceError> {
-    match settings {
-        SourceSettings::Replay(s) => replay::run(s, tenant, out, clock, component, token).await,
-        SourceSettings::Scanners(s) => {
-            espresense::run(s, tenant, out, clock, component, token).await
+/// What every source is handed when it starts: whose sightings to keep, where they go, and
+/// what it runs under. One struct, so the sources share one run signature.
+pub struct Feed {
+    /// The tenant's presence service UUID; sightings without its payload are dropped.
+    pub tenant: uuid::Uuid,
+    /// The presence pipeline's bounded channel.
+    pub out: mpsc::Sender<Advertisement>,
+    pub clock: SharedClock,
+    /// The supervisor's handle on this task, for running / degraded status.
+    pub component: Component,
+    pub token: CancellationToken,
+}
+
+/// A presence source. `run` hands on the tenant's sightings until `feed.token` is cancelled,
+/// and returns `Ok(())` only then (see the invariants above).
+pub trait Source {
+    fn run(&self, feed: Feed) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// The configured source, whichever it is.
+impl Source for SourceSettings {
+    async fn run(&self, feed: Feed) -> Result<(), SourceError> {
+        match self {
+            SourceSettings::Replay(s) => s.run(feed).await,
+            SourceSettings::Scanners(s) => s.run(feed).await,
+            SourceSettings::Btleplug(s) => s.run(feed).await,
         }
-        SourceSettings::Btleplug(s) => btle::run(s, tenant, out, clock, component, token).await,
     }
 }
 

@@ -30,11 +30,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{SourceError, count_received, send};
+use super::{Feed, Source, SourceError, count_received, send};
 use crate::clock::SharedClock;
 use crate::config::ReplaySettings;
 use crate::presence::advert::{self, Advertisement, Payload};
-use crate::supervisor::Component;
 
 /// Bytes written as lower-case hex in the file (upper case is accepted when reading).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -209,40 +208,43 @@ enum Pass {
     Cancelled,
 }
 
-/// Plays the file until the token is cancelled. At the end of a file that does not loop, the
-/// source idles (a replay that ends is not a failure the supervisor should restart).
-pub async fn run(
-    settings: &ReplaySettings,
-    tenant: uuid::Uuid,
-    out: mpsc::Sender<Advertisement>,
-    clock: SharedClock,
-    component: Component,
-    token: CancellationToken,
-) -> Result<(), SourceError> {
-    settings.validate()?;
-    component.running(Some(format!(
-        "replaying {} at {}x",
-        settings.file.display(),
-        settings.speed
-    )));
-    loop {
-        let sent = match play_once(settings, &tenant, &out, &clock, &token).await? {
-            Pass::Cancelled => return Ok(()),
-            Pass::Finished(sent) => sent,
-        };
-        if settings.loop_ && sent > 0 {
-            continue;
-        }
-        if settings.loop_ {
-            // Looping a file with nothing of ours would spin without end.
-            tracing::warn!(file = %settings.file.display(), "replay file has no advertisements for this tenant; not looping");
-        }
+impl Source for ReplaySettings {
+    /// Plays the file until the token is cancelled. At the end of a file that does not loop, the
+    /// source idles (a replay that ends is not a failure the supervisor should restart).
+    async fn run(&self, feed: Feed) -> Result<(), SourceError> {
+        let settings = self;
+        let Feed {
+            tenant,
+            out,
+            clock,
+            component,
+            token,
+        } = feed;
+        settings.validate()?;
         component.running(Some(format!(
-            "replay of {} finished: {sent} advertisements",
-            settings.file.display()
+            "replaying {} at {}x",
+            settings.file.display(),
+            settings.speed
         )));
-        token.cancelled().await;
-        return Ok(());
+        loop {
+            let sent = match play_once(settings, &tenant, &out, &clock, &token).await? {
+                Pass::Cancelled => return Ok(()),
+                Pass::Finished(sent) => sent,
+            };
+            if settings.loop_ && sent > 0 {
+                continue;
+            }
+            if settings.loop_ {
+                // Looping a file with nothing of ours would spin without end.
+                tracing::warn!(file = %settings.file.display(), "replay file has no advertisements for this tenant; not looping");
+            }
+            component.running(Some(format!(
+                "replay of {} finished: {sent} advertisements",
+                settings.file.display()
+            )));
+            token.cancelled().await;
+            return Ok(());
+        }
     }
 }
 
