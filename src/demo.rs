@@ -12,7 +12,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SharedClock, system};
@@ -22,7 +21,8 @@ use crate::presence::phones::{self, Phone};
 use crate::presence::source::ReplaySettings;
 use crate::presence::walk::{self, SimConfig, Walk};
 use crate::profiles::Profile;
-use crate::sim::{JsonlClient, SimRegister};
+use crate::sim::central::{self, Observer};
+use crate::sim::{JsonlClient, SimRegister, format_money};
 
 /// The demo's configuration, compiled in.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -186,7 +186,7 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
             .map_err(|e| DemoError::Storage(std::io::Error::other(e.to_string())))?;
     }
 
-    let central = tokio::spawn(print_central(broker, prefix, token.clone()));
+    let central = start_central(broker, &prefix, token.clone()).await?;
     let mut sims = Vec::new();
     let mut shoppers = std::collections::HashMap::new();
     for (i, (name, lane, addr)) in registers.into_iter().enumerate() {
@@ -214,7 +214,7 @@ pub async fn run(options: DemoOptions, token: CancellationToken) -> Result<(), D
     for sim in sims {
         let _ = sim.await;
     }
-    let _ = central.await;
+    central.stop();
     agent.shutdown().await?;
     drop(data);
     Ok(())
@@ -373,125 +373,31 @@ async fn drive_register(
     }
 }
 
-/// Plays central: subscribes to everything under the prefix and prints it.
-async fn print_central(broker: SocketAddr, prefix: String, token: CancellationToken) {
-    let mut options = MqttOptions::new(
-        format!("storelink-demo-central-{}", std::process::id()),
-        broker.ip().to_string(),
-        broker.port(),
-    );
-    options.set_max_packet_size(8 << 20, 8 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let filter = format!("{prefix}/#");
-    loop {
-        let event = tokio::select! {
-            e = eventloop.poll() => e,
-            _ = token.cancelled() => return,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                // Central's campaign set, retained as central would publish it.
-                let _ = client
-                    .publish(
-                        format!("{prefix}/campaigns"),
-                        QoS::AtLeastOnce,
-                        true,
-                        DEMO_CAMPAIGNS.as_bytes().to_vec(),
-                    )
-                    .await;
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/campaigns") => {
-                // Our own retained set, echoed back by the subscription.
-                println!(
-                    "central  -> campaigns                  {} ({} bytes, retained)",
-                    p.topic,
-                    p.payload.len()
-                );
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
-                    println!(
-                        "central  <- {} ({} bytes, not JSON)",
-                        p.topic,
-                        p.payload.len()
-                    );
-                    continue;
-                };
-                let kind = v["type"].as_str().unwrap_or("?");
-                let id = v["id"].as_str().unwrap_or("?");
-                let detail = match kind {
-                    "storelink.transaction.v1" => format!(
-                        "total {} {}",
-                        format_money(v["data"]["total"].as_i64().unwrap_or(0)),
-                        v["data"]["currency"].as_str().unwrap_or("")
-                    ),
-                    "storelink.status.v1" => v["data"]["state"].as_str().unwrap_or("").to_string(),
-                    "storelink.presence.v1" => format!(
-                        "{} {} {}",
-                        v["data"]["customer_id"].as_str().unwrap_or(""),
-                        v["data"]["event"].as_str().unwrap_or(""),
-                        v["data"]["zone"].as_str().unwrap_or("")
-                    ),
-                    "storelink.deadletter.v1" => {
-                        v["data"]["reason"].as_str().unwrap_or("").to_string()
-                    }
-                    "storelink.offer.v1" => {
-                        let d = &v["data"];
-                        let list = |key: &str| {
-                            d[key]
-                                .as_array()
-                                .map(|a| {
-                                    a.iter()
-                                        .map(|o| {
-                                            format!(
-                                                "{}/{}",
-                                                o["campaign"].as_str().unwrap_or(""),
-                                                o["offer"].as_str().unwrap_or("")
-                                            )
-                                        })
-                                        .collect::<Vec<_>>()
-                                        .join(", ")
-                                })
-                                .unwrap_or_default()
-                        };
-                        format!(
-                            "{} offers [{}] control [{}]",
-                            d["customer_id"].as_str().unwrap_or(""),
-                            list("offers"),
-                            list("controls")
-                        )
-                    }
-                    "storelink.prompt.v1" => format!(
-                        "lane {} {} {}",
-                        v["data"]["lane"].as_str().unwrap_or(""),
-                        v["data"]["action"].as_str().unwrap_or(""),
-                        v["data"]["campaign"].as_str().unwrap_or("")
-                    ),
-                    "storelink.redemption.v1" => format!(
-                        "{} {} {} revenue {} margin {}",
-                        v["data"]["customer_id"].as_str().unwrap_or(""),
-                        v["data"]["campaign"].as_str().unwrap_or(""),
-                        v["data"]["group"].as_str().unwrap_or(""),
-                        format_money(v["data"]["revenue"].as_i64().unwrap_or(0)),
-                        v["data"]["margin"]
-                            .as_i64()
-                            .map(format_money)
-                            .unwrap_or_else(|| "-".into())
-                    ),
-                    _ => String::new(),
-                };
-                println!("central  <- {kind:<26} {id}  {detail}");
-            }
-            Ok(_) => {}
-            Err(_) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = token.cancelled() => return,
-                }
-            }
-        }
-    }
+/// Plays central: subscribes to everything under the prefix and prints it, and publishes the
+/// demo's campaign set, retained, as central would.
+async fn start_central(
+    broker: SocketAddr,
+    prefix: &str,
+    token: CancellationToken,
+) -> Result<Observer, DemoError> {
+    let observer = Observer::start(
+        &format!("mqtt://{broker}"),
+        format!("{prefix}/#"),
+        Duration::from_secs(10),
+        |p: &rumqttc::Publish| println!("{}", central::describe(&p.topic, &p.payload)),
+        token,
+    )
+    .await
+    .map_err(|e| DemoError::Broker(e.to_string()))?;
+    observer
+        .publish(
+            format!("{prefix}/campaigns"),
+            DEMO_CAMPAIGNS.as_bytes().to_vec(),
+            true,
+        )
+        .await
+        .map_err(|e| DemoError::Broker(e.to_string()))?;
+    Ok(observer)
 }
 
 /// How long the demo's phones keep walking; one walk takes a few minutes.
@@ -560,11 +466,6 @@ fn demo_presence(
         ..ReplaySettings::new(file)
     });
     Ok(phones)
-}
-
-fn format_money(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    format!("{sign}{}.{:02}", minor.abs() / 100, minor.abs() % 100)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Plays central for `storelink sim`: subscribes to a store's events on the broker and records
-//! when each transaction arrives and how often, so the simulator can tell loss, duplicates and
-//! end-to-end latency; and publishes what central sends down (profiles).
+//! Plays central for `storelink sim` and the demo: subscribes to a store's events on the broker
+//! and records when each transaction arrives and how often, so the simulator can tell loss,
+//! duplicates and end-to-end latency ([`Arrivals`]), or describes each one for a person
+//! ([`describe`]); and publishes what central sends down (profiles, campaigns).
 //!
 //! Invariants:
 //! - The subscription is QoS 1 and confirmed (SUBACK) before [`Observer::start`] returns, so
@@ -9,13 +10,13 @@
 //!   only counted (duplicates are legal under at-least-once, and reported).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
-use super::drive::SimError;
+use super::SimError;
 
 /// The first arrival of one event and how many times it came.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +110,83 @@ impl Arrivals {
     }
 }
 
+/// One line for a person watching central's feed: the event's type and id and what matters in
+/// it. The demo prints these.
+pub fn describe(topic: &str, payload: &[u8]) -> String {
+    if topic.ends_with("/campaigns") {
+        // Central's own retained set, echoed back by a subscription to everything.
+        return format!(
+            "central  -> campaigns                  {topic} ({} bytes, retained)",
+            payload.len()
+        );
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return format!("central  <- {topic} ({} bytes, not JSON)", payload.len());
+    };
+    let kind = v["type"].as_str().unwrap_or("?");
+    let id = v["id"].as_str().unwrap_or("?");
+    let detail = match kind {
+        "storelink.transaction.v1" => format!(
+            "total {} {}",
+            super::format_money(v["data"]["total"].as_i64().unwrap_or(0)),
+            v["data"]["currency"].as_str().unwrap_or("")
+        ),
+        "storelink.status.v1" => v["data"]["state"].as_str().unwrap_or("").to_string(),
+        "storelink.presence.v1" => format!(
+            "{} {} {}",
+            v["data"]["customer_id"].as_str().unwrap_or(""),
+            v["data"]["event"].as_str().unwrap_or(""),
+            v["data"]["zone"].as_str().unwrap_or("")
+        ),
+        "storelink.deadletter.v1" => v["data"]["reason"].as_str().unwrap_or("").to_string(),
+        "storelink.offer.v1" => {
+            let d = &v["data"];
+            let list = |key: &str| {
+                d[key]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|o| {
+                                format!(
+                                    "{}/{}",
+                                    o["campaign"].as_str().unwrap_or(""),
+                                    o["offer"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            format!(
+                "{} offers [{}] control [{}]",
+                d["customer_id"].as_str().unwrap_or(""),
+                list("offers"),
+                list("controls")
+            )
+        }
+        "storelink.prompt.v1" => format!(
+            "lane {} {} {}",
+            v["data"]["lane"].as_str().unwrap_or(""),
+            v["data"]["action"].as_str().unwrap_or(""),
+            v["data"]["campaign"].as_str().unwrap_or("")
+        ),
+        "storelink.redemption.v1" => format!(
+            "{} {} {} revenue {} margin {}",
+            v["data"]["customer_id"].as_str().unwrap_or(""),
+            v["data"]["campaign"].as_str().unwrap_or(""),
+            v["data"]["group"].as_str().unwrap_or(""),
+            super::format_money(v["data"]["revenue"].as_i64().unwrap_or(0)),
+            v["data"]["margin"]
+                .as_i64()
+                .map(super::format_money)
+                .unwrap_or_else(|| "-".into())
+        ),
+        _ => String::new(),
+    };
+    format!("central  <- {kind:<26} {id}  {detail}")
+}
+
 /// A subscriber on central's side of the broker.
 pub struct Observer {
     client: AsyncClient,
@@ -139,13 +217,13 @@ pub fn broker_address(url: &str) -> Result<(String, u16), SimError> {
 }
 
 impl Observer {
-    /// Connects to `broker` and subscribes to `filter`; returns once the broker has confirmed
-    /// the subscription, or fails after `patience`.
+    /// Connects to `broker` and subscribes to `filter`, handing every message to `on_publish`;
+    /// returns once the broker has confirmed the subscription, or fails after `patience`.
     pub async fn start(
         broker: &str,
         filter: String,
         patience: Duration,
-        arrivals: Arc<Arrivals>,
+        on_publish: impl Fn(&Publish) + Send + 'static,
         token: CancellationToken,
     ) -> Result<Observer, SimError> {
         let (host, port) = broker_address(broker)?;
@@ -185,9 +263,7 @@ impl Observer {
                                 });
                             }
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            arrivals.record_payload(&p.payload, Path::Mqtt);
-                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&p),
                         Ok(_) => {}
                         Err(e) => {
                             if ready.is_none() {
@@ -218,10 +294,16 @@ impl Observer {
         }
     }
 
-    /// Publishes as central would (QoS 1), for profiles sent down to the store.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SimError> {
+    /// Publishes as central would (QoS 1): profiles sent down to the store, or a retained
+    /// campaign set.
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), SimError> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .map_err(|e| SimError::Setup(format!("could not publish as central: {e}")))
     }
@@ -274,5 +356,23 @@ mod tests {
         assert_eq!(o["(not a CloudEvent)"], 1);
         assert!(a.has_all([String::from("s1:r1:20261123:1")].iter()));
         assert!(!a.has_all([String::from("s1:r1:20261123:2")].iter()));
+    }
+
+    #[test]
+    fn describe_names_the_type_the_id_and_what_matters() {
+        let tx = br#"{"id":"s1:r1:20261123:1","type":"storelink.transaction.v1","data":{"total":-1250,"currency":"EUR"}}"#;
+        let line = describe("retail/s1/events/transaction", tx);
+        assert!(
+            line.starts_with("central  <- storelink.transaction.v1"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("s1:r1:20261123:1  total -12.50 EUR"),
+            "{line}"
+        );
+        let red = br#"{"id":"r1","type":"storelink.redemption.v1","data":{"customer_id":"c1","campaign":"k","group":"g","revenue":300}}"#;
+        assert!(describe("t", red).ends_with("c1 k g revenue 3.00 margin -"));
+        assert!(describe("t", b"\xff").contains("(1 bytes, not JSON)"));
+        assert!(describe("retail/s1/campaigns", b"[]").contains("-> campaigns"));
     }
 }

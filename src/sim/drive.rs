@@ -29,8 +29,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::central::{Arrivals, Observer};
-use super::{JsonlClient, SimRegister};
+use super::central::{Arrivals, Observer, Path};
+use super::{JsonlClient, SimError, SimRegister};
 use crate::cashier::api::RegisterInfo;
 use crate::model::customer::{eid, ibeacon_major_minor, window_of};
 use crate::presence::phones::{self, Phone};
@@ -110,14 +110,6 @@ impl Default for SimOptions {
 
 /// How many transactions a smoke test sends.
 pub const SMOKE_TRANSACTIONS: usize = 3;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    #[error("{0}")]
-    Setup(String),
-    #[error("cannot reach the agent at {url}: {detail}")]
-    Agent { url: String, detail: String },
-}
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -576,7 +568,10 @@ pub async fn run(options: &SimOptions, token: CancellationToken) -> Result<SimRe
                 broker,
                 format!("{}/{}/events/#", facts.topic_prefix, facts.store),
                 Duration::from_secs(10),
-                arrivals.clone(),
+                {
+                    let arrivals = arrivals.clone();
+                    move |p: &rumqttc::Publish| arrivals.record_payload(&p.payload, Path::Mqtt)
+                },
                 token.child_token(),
             )
             .await?,
@@ -896,7 +891,7 @@ async fn send_profiles(
     let topic = format!("{}/{}/profiles", facts.topic_prefix, facts.store);
     for chunk in profiles.chunks(200) {
         let body = serde_json::to_vec(chunk).map_err(|e| SimError::Setup(e.to_string()))?;
-        observer.publish(topic.clone(), body).await?;
+        observer.publish(topic.clone(), body, false).await?;
     }
     let last = &population[population.len() - 1].customer_id;
     let deadline = Instant::now() + Duration::from_secs(20);

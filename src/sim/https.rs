@@ -20,8 +20,8 @@ use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
+use super::SimError;
 use super::central::Arrivals;
-use super::drive::SimError;
 
 /// A TLS server config from a certificate chain and key.
 pub fn server_config(

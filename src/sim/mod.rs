@@ -26,6 +26,22 @@ use crate::model::transaction::{
     Line, Money, Quantity, SourceFormat, Tender, Transaction, TransactionKind, transaction_id,
 };
 
+/// Why the simulator could not run or finish; shared by the driver, central's subscriber and
+/// central's HTTPS intake, so none of them imports another for it.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot reach the agent at {url}: {detail}")]
+    Agent { url: String, detail: String },
+}
+
+/// Minor units as a decimal amount for people to read (`-1250` is `-12.50`).
+pub fn format_money(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", minor.abs() / 100, minor.abs() % 100)
+}
+
 /// One catalogue item.
 #[derive(Debug, Clone, Copy)]
 pub struct Product {
