@@ -35,8 +35,6 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 use storelink::clock::SharedClock;
 use storelink::config::Config;
 use storelink::events::{self, EventKind};
@@ -105,6 +103,9 @@ unsafe impl std::alloc::GlobalAlloc for FleetAlloc {
 #[global_allocator]
 static ALLOCATOR: FleetAlloc = FleetAlloc;
 
+mod common;
+use common::Broker;
+
 /// The written contract: samples of what central receives are validated against docs/schemas.
 #[allow(dead_code)]
 #[path = "../tests/it/common/contract.rs"]
@@ -138,59 +139,44 @@ const MIX: [(EventKind, f64); 4] = [
 const SHARED_FILTER: &str = "$share/central/storelink/v1/+/+/events/#";
 const STATUS_FILTER: &str = "storelink/v1/+/+/status";
 
+/// `cargo bench --bench fleet -- [flags]`
+#[derive(clap::Parser)]
 struct Args {
+    #[arg(long, default_value_t = 500)]
     stores: usize,
     /// Transactions per store per second.
+    #[arg(long, default_value_t = 1.0)]
     rate: f64,
+    /// The steady window.
+    #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Central's consumers on the shared subscription.
+    #[arg(long, default_value_t = 2)]
     consumers: usize,
-    fsync: bool,
+    /// Do not fsync the stores' logs.
+    #[arg(long)]
+    no_fsync: bool,
+    #[arg(long, default_value_t = 60)]
     drain_timeout: u64,
+    #[arg(long, default_value_t = 5)]
     report_every: u64,
-    /// Where the stores' databases go.
+    /// Where the stores' databases go. tmpfs by default: 2,000 stores on one box share one
+    /// (virtual) disk, which real gateways do not, and that disk's fsync latency is not
+    /// central's concern. Each store still writes, flushes and syncs its own sled log; `--dir
+    /// /tmp` puts them on disk.
+    #[arg(long, default_value_os_t = default_dir())]
     dir: PathBuf,
     /// Seconds all uplinks are down after the steady window (0: no outage phase).
+    #[arg(long, default_value_t = 0)]
     outage: u64,
 }
 
-fn args() -> Args {
-    let mut a = Args {
-        stores: 500,
-        rate: 1.0,
-        seconds: 60,
-        consumers: 2,
-        fsync: true,
-        drain_timeout: 60,
-        report_every: 5,
-        // tmpfs by default: 2,000 stores on one box share one (virtual) disk, which real
-        // gateways do not, and that disk's fsync latency is not central's concern. Each store
-        // still writes, flushes and syncs its own sled log; `--dir /tmp` puts them on disk.
-        dir: if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        },
-        outage: 0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().expect("a value after the flag");
-        match arg.as_str() {
-            "--stores" => a.stores = value().parse().expect("--stores N"),
-            "--rate" => a.rate = value().parse().expect("--rate TX_PER_STORE_PER_S"),
-            "--seconds" => a.seconds = value().parse().expect("--seconds S"),
-            "--consumers" => a.consumers = value().parse().expect("--consumers K"),
-            "--drain-timeout" => a.drain_timeout = value().parse().expect("--drain-timeout S"),
-            "--report-every" => a.report_every = value().parse().expect("--report-every S"),
-            "--no-fsync" => a.fsync = false,
-            "--dir" => a.dir = PathBuf::from(value()),
-            "--outage" => a.outage = value().parse().expect("--outage S"),
-            // `cargo bench` passes --bench; anything else is ignored like the other benches do.
-            _ => {}
-        }
+fn default_dir() -> PathBuf {
+    if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
     }
-    assert!(a.stores > 0 && a.rate > 0.0 && a.consumers > 0 && a.report_every > 0);
-    a
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,91 +281,15 @@ fn thread_id() -> u32 {
 // ---------------------------------------------------------------------------------------------
 // The broker.
 
-struct Broker {
-    child: std::process::Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    fn stat(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/stat", self.pid()))
-    }
-    fn status(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/status", self.pid()))
-    }
-    fn log_tail(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn mosquitto_program() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
-    dirs.into_iter()
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-        .expect("mosquitto is installed (PATH or /usr/sbin)")
-}
-
 /// One mosquitto on a free loopback port. 1,000 QoS 1 messages in flight per client (the
 /// agents keep 100, so this only bounds what goes to the consumers), and up to 100,000 queued
 /// per client, so a consumer that falls behind for a moment is not silently dropped messages
 /// (mosquitto's default is 1,000): a loss this bench reports is then the agents' or the
 /// broker's, not a queue cap. Nagle off, as production brokers run.
 fn mosquitto() -> Broker {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\nset_tcp_nodelay true\nmax_keepalive 120\n"
-        ),
+    Broker::start(
+        "max_inflight_messages 1000\nmax_queued_messages 100000\nset_tcp_nodelay true\nmax_keepalive 120\n",
     )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-    let child = std::process::Command::new(mosquitto_program())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("mosquitto starts");
-    let broker = Broker { child, port, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto did not start:\n{}",
-            broker.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    broker
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -773,38 +683,8 @@ fn open_fleet(n: usize, root: &Path, port: u16, clock: &SharedClock) -> Vec<Arc<
 }
 
 // --- Event payloads: the agent's own `data` types (src/presence/pipeline.rs, src/offers/live.rs).
-use storelink::offers::live::OfferData;
+use storelink::offers::live::{OfferData, PromptAction, PromptData, Recognised, short_hash};
 use storelink::presence::pipeline::PresenceData;
-
-#[derive(Serialize)]
-struct PromptData<'a> {
-    store: &'a str,
-    prompt_id: &'a str,
-    lane: &'a str,
-    customer_id: &'a str,
-    action: &'static str,
-    recognised: &'static str,
-    ask_for_card: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    campaign: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    offer: Option<&'a str>,
-}
-
-/// The agent's id hash (`offers::live::short_hash`): 20 hex of SHA-256 over NUL-separated parts.
-fn short_hash(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p);
-        h.update([0]);
-    }
-    h.finalize()[..10]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn round2(x: f32) -> f32 {
     (x * 100.0).round() / 100.0
@@ -958,9 +838,9 @@ impl Gen {
                 let (p, action) = if answer {
                     let p = self.prompts.pop_front().unwrap();
                     let action = if self.rng.random_bool(0.6) {
-                        "accepted"
+                        PromptAction::Accepted
                     } else {
-                        "dismissed"
+                        PromptAction::Dismissed
                     };
                     (p, action)
                 } else {
@@ -979,7 +859,7 @@ impl Gen {
                         customer: p.customer.clone(),
                         offer: p.offer,
                     });
-                    (p, "shown")
+                    (p, PromptAction::Shown)
                 };
                 let by_presence = p.customer.ends_with('7');
                 let data = PromptData {
@@ -988,13 +868,17 @@ impl Gen {
                     lane: &p.lane,
                     customer_id: &p.customer,
                     action,
-                    recognised: if by_presence { "presence" } else { "card" },
+                    recognised: if by_presence {
+                        Recognised::Presence
+                    } else {
+                        Recognised::Card
+                    },
                     ask_for_card: by_presence,
                     campaign: p.offer.then_some("winter-gaming"),
                     variant: p.offer.then_some("b"),
                     offer: p.offer.then_some("controller-10"),
                 };
-                let id = format!("{}:{action}", p.id);
+                let id = format!("{}:{}", p.id, action.as_str());
                 let payload = events::encode(kind, &id, &store, at, &data);
                 (id, payload)
             }
@@ -1216,7 +1100,11 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn main() {
-    let args = args();
+    let args: Args = common::args();
+    assert!(
+        args.stores > 0 && args.rate > 0.0 && args.consumers > 0 && args.report_every > 0,
+        "--stores, --rate, --consumers and --report-every must be positive"
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -1235,7 +1123,7 @@ fn main() {
         events_per_store * args.stores as f64,
         args.seconds,
         args.consumers,
-        if args.fsync { "yes" } else { "no" }
+        if args.no_fsync { "no" } else { "yes" }
     );
 
     // The payloads are the agent's contract: check one of each kind before measuring anything.
@@ -1267,7 +1155,7 @@ fn main() {
     let probe = Probe {
         tck,
         central_stat: PathBuf::from(format!("/proc/self/task/{central_tid}/stat")),
-        broker_stat: broker.stat(),
+        broker_stat: broker.proc("stat"),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1296,13 +1184,13 @@ fn main() {
 
     let mut uplink_token = CancellationToken::new();
     let board = StatusBoard::new(clock.clone());
-    let broker_rss_idle = status_value(&broker.status(), "VmRSS:");
+    let broker_rss_idle = status_value(&broker.proc("status"), "VmRSS:");
     // Connect storm: every store at once, as after a regional outage.
     let mut uplinks = spawn_uplinks(&rt, &sims, &board, &clock, &uplink_token);
     let connect_s = wait_connected(&sims, &broker);
     // Let the birth messages and downlink SUBSCRIBEs settle.
     std::thread::sleep(Duration::from_secs(2));
-    let broker_rss_connected = status_value(&broker.status(), "VmRSS:");
+    let broker_rss_connected = status_value(&broker.proc("status"), "VmRSS:");
     println!(
         "connect storm: {} stores connected in {connect_s:.2} s; mosquitto RSS {:.1} → {:.1} MiB ({:.1} KiB/connection idle)",
         sims.len(),
@@ -1323,7 +1211,7 @@ fn main() {
                     sim.clone(),
                     1000 + i as u64,
                     events_per_store,
-                    args.fsync,
+                    !args.no_fsync,
                     ledger.clone(),
                     clock.clone(),
                     stop.clone(),
@@ -1349,7 +1237,7 @@ fn main() {
     let rss_window = status_value(Path::new("/proc/self/status"), "VmRSS:");
     let threads_window = status_value(Path::new("/proc/self/status"), "Threads:");
     let fds_window = fd_count();
-    let broker_rss_window = status_value(&broker.status(), "VmRSS:");
+    let broker_rss_window = status_value(&broker.proc("status"), "VmRSS:");
     let outage_report = (args.outage > 0).then(|| {
         // A regional outage: every store loses central at once while its registers keep
         // ringing, then all reconnect together and drain their backlogs into one broker.

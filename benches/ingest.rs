@@ -10,6 +10,9 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+use common::free_port;
+
 use storelink::config::Config;
 use storelink::sim::{JsonlClient, SimRegister};
 use tokio_util::sync::CancellationToken;
@@ -18,48 +21,26 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `cargo bench --bench ingest -- [flags]`
+#[derive(clap::Parser)]
 struct Args {
+    #[arg(long, default_value_t = 50_000)]
     transactions: usize,
+    /// Register connections sending at once.
+    #[arg(long, default_value_t = 4)]
     connections: usize,
+    #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Drain the outbox to an in-process broker at the same time.
+    #[arg(long)]
     broker: bool,
     /// `storage.cache_bytes`; the config default without it.
+    #[arg(long)]
     cache_bytes: Option<u64>,
     /// Share of transactions with a loyalty card (each updates its customer's KPIs); the
     /// simulator's 40 % without it.
+    #[arg(long)]
     loyalty_share: Option<f64>,
-}
-
-fn args() -> Args {
-    let mut a = Args {
-        transactions: 50_000,
-        connections: 4,
-        cache_bytes: None,
-        runs: 5,
-        broker: false,
-        loyalty_share: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--transactions" => a.transactions = it.next().unwrap().parse().unwrap(),
-            "--connections" => a.connections = it.next().unwrap().parse().unwrap(),
-            "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
-            "--broker" => a.broker = true,
-            "--cache-bytes" => a.cache_bytes = Some(it.next().unwrap().parse().unwrap()),
-            "--loyalty-share" => a.loyalty_share = Some(it.next().unwrap().parse().unwrap()),
-            _ => {} // cargo bench passes --bench
-        }
-    }
-    a
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn run_once(args: &Args) -> f64 {
@@ -146,7 +127,7 @@ async fn run_once(args: &Args) -> f64 {
 }
 
 fn main() {
-    let args = args();
+    let args: Args = common::args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -9,8 +9,11 @@
 //! `cargo bench --bench offers [-- --campaigns N --decisions D --profiles P]` (`--profiles 0`
 //! skips the full path)
 
+mod common;
 #[path = "../tests/it/common/https.rs"]
 mod https;
+
+use common::quantile;
 
 use std::time::{Duration, Instant};
 
@@ -30,17 +33,23 @@ use storelink::store::{Store, StoreOptions};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
+/// `cargo bench --bench offers -- [flags]`
+#[derive(clap::Parser)]
+struct Args {
+    /// Live campaigns in the set.
+    #[arg(long, default_value_t = 1000)]
+    campaigns: usize,
+    /// Decisions timed in each part.
+    #[arg(long, default_value_t = 5000)]
+    decisions: usize,
+    /// Profiles in sled for the full path; 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    profiles: usize,
 }
 
 fn main() {
-    let n = arg("--campaigns", 1000);
-    let decisions = arg("--decisions", 5000);
+    let args: Args = common::args();
+    let (n, decisions) = (args.campaigns, args.decisions);
     let audiences = [
         "'gamer' in segments",
         "kpi.frequency >= 3 && profile.tier == 'gold'",
@@ -138,19 +147,15 @@ fn main() {
         "decide: p50 {p50:.1} µs, p99 {p99:.1} µs, {:.0} decisions/s on one core ({chosen} offers chosen)",
         decisions as f64 / total.as_secs_f64()
     );
-    let profiles = arg("--profiles", 1_000_000);
+    let profiles = args.profiles;
     if profiles > 0 {
         full_path(profiles, decisions, &serde_json::to_vec(&set_json).unwrap());
     }
 }
 
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    (
-        at(0.5).as_nanos() as f64 / 1000.0,
-        at(0.99).as_nanos() as f64 / 1000.0,
-    )
+    let mut micros = |q: f64| quantile(&mut samples, q).as_nanos() as f64 / 1000.0;
+    (micros(0.5), micros(0.99))
 }
 
 /// The agent's path for a store entry, at `n` profiles.

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+mod common;
+use common::median;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use storelink::presence::advert::{Advertisement, Payload};
@@ -52,31 +55,19 @@ static ALLOCATOR: Counting = Counting;
 #[allow(dead_code)]
 static SYSTEM: System = System;
 
+/// `cargo bench --bench presence -- [flags]`
+#[derive(clap::Parser)]
 struct Args {
+    #[arg(long, default_value_t = 2_000_000)]
     adverts: usize,
+    #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Consenting customers in the identity table.
+    #[arg(long, default_value_t = 5_000)]
     customers: usize,
+    /// Phones in the store.
+    #[arg(long, default_value_t = 300)]
     phones: usize,
-}
-
-fn args() -> Args {
-    let mut a = Args {
-        adverts: 2_000_000,
-        runs: 5,
-        customers: 5_000,
-        phones: 300,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--adverts" => a.adverts = it.next().unwrap().parse().unwrap(),
-            "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
-            "--customers" => a.customers = it.next().unwrap().parse().unwrap(),
-            "--phones" => a.phones = it.next().unwrap().parse().unwrap(),
-            _ => {} // cargo bench passes --bench
-        }
-    }
-    a
 }
 
 const ROTATION_S: u32 = 900;
@@ -171,13 +162,8 @@ fn run(args: &Args, keys: &[(Arc<str>, PresenceKey)], ads: &[Advertisement]) -> 
     (ads.len() as f64 / secs, events)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let args = args();
+    let args: Args = common::args();
     let mut rng = StdRng::seed_from_u64(42);
     let keys = customers(args.customers, &mut rng);
     let start: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();

@@ -9,8 +9,11 @@
 //! this process on the same two cores and builds each page on demand, so the sync figure
 //! includes central's side of the work and the RSS figure its page buffers.
 
+mod common;
 #[path = "../tests/it/common/https.rs"]
 mod https;
+
+use common::quantile;
 
 use std::time::{Duration, Instant};
 
@@ -26,35 +29,21 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `cargo bench --bench profiles -- [flags]`
+#[derive(clap::Parser)]
 struct Args {
+    #[arg(long, default_value_t = 1_000_000)]
     profiles: usize,
+    #[arg(long, default_value_t = 200_000)]
     lookups: usize,
+    /// Profiles per page of the initial sync.
+    #[arg(long, default_value_t = 1000)]
     page: u32,
+    #[arg(long, default_value_t = StoreOptions::default().cache_bytes >> 20)]
     sled_cache_mib: u64,
     /// Load through `upsert_many` directly, without HTTPS, to separate the two costs.
+    #[arg(long)]
     direct: bool,
-}
-
-fn args() -> Args {
-    let mut a = Args {
-        profiles: 1_000_000,
-        lookups: 200_000,
-        page: 1000,
-        sled_cache_mib: StoreOptions::default().cache_bytes >> 20,
-        direct: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--profiles" => a.profiles = it.next().unwrap().parse().unwrap(),
-            "--lookups" => a.lookups = it.next().unwrap().parse().unwrap(),
-            "--page" => a.page = it.next().unwrap().parse().unwrap(),
-            "--direct" => a.direct = true,
-            "--sled-cache-mib" => a.sled_cache_mib = it.next().unwrap().parse().unwrap(),
-            _ => {} // cargo bench passes --bench
-        }
-    }
-    a
 }
 
 /// A `/proc/self/status` figure in KiB.
@@ -88,12 +77,10 @@ struct Percentiles {
 }
 
 fn percentiles(mut v: Vec<Duration>) -> Percentiles {
-    v.sort();
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     Percentiles {
-        p50: at(0.5),
-        p99: at(0.99),
-        p999: at(0.999),
+        p50: quantile(&mut v, 0.5),
+        p99: quantile(&mut v, 0.99),
+        p999: quantile(&mut v, 0.999),
     }
 }
 
@@ -117,7 +104,7 @@ fn time_lookups(n: usize, mut f: impl FnMut(usize)) -> Percentiles {
 }
 
 fn main() {
-    let args = args();
+    let args: Args = common::args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

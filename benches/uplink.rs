@@ -31,78 +31,27 @@ use storelink::uplink::outbox::{Limits, NewEvent, Outbox, Take};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{Broker, free_port, median};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TOPIC: &str = "storelink/v1/acme/s042/events/transaction";
 
+/// `cargo bench --bench uplink -- [flags]`
+#[derive(clap::Parser)]
 struct Args {
+    /// Events held in the outbox before the uplink connects (drain).
+    #[arg(long, default_value_t = 100_000)]
     backlog: usize,
+    /// Transactions pipelined on one register connection (live).
+    #[arg(long, default_value_t = 20_000)]
     burst: usize,
+    #[arg(long, default_value_t = 3)]
     runs: usize,
+    #[arg(long, default_value_t = 1000)]
     latency_samples: usize,
-}
-
-fn args() -> Args {
-    let mut a = Args {
-        backlog: 100_000,
-        burst: 20_000,
-        runs: 3,
-        latency_samples: 1000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--backlog" => a.backlog = it.next().unwrap().parse().unwrap(),
-            "--burst" => a.burst = it.next().unwrap().parse().unwrap(),
-            "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
-            "--latency-samples" => a.latency_samples = it.next().unwrap().parse().unwrap(),
-            _ => {}
-        }
-    }
-    a
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Broker(std::process::Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn mosquitto(port: u16) -> Broker {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("m.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n"
-        ),
-    )
-    .unwrap();
-    let child = std::process::Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("mosquitto on PATH");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker(child, dir)
 }
 
 /// Central's side: a QoS 1 subscriber that notes when each distinct event id arrived.
@@ -505,27 +454,43 @@ fn bytes_per_transaction() {
     );
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn list(v: &[f64]) -> String {
+fn list(v: &[f64], decimals: usize) -> String {
     v.iter()
-        .map(|r| format!("{r:.0}"))
+        .map(|r| format!("{r:.decimals$}"))
         .collect::<Vec<_>>()
         .join(" / ")
 }
 
+/// The agent's rates beside the two raw publishers' of the same runs, with the per-run ratios.
+fn against_baselines(agent: &[f64], raw: &[f64], pub_: &[f64]) -> String {
+    let ratios =
+        |base: &[f64]| -> Vec<f64> { agent.iter().zip(base).map(|(a, r)| a / r).collect() };
+    let (to_raw, to_pub) = (ratios(raw), ratios(pub_));
+    format!(
+        "agent median {:.0} ({}); raw rumqttc {:.0} ({}); mosquitto_pub -l {:.0} ({}); ratio to rumqttc {:.2}x (runs {}), to mosquitto_pub {:.2}x (runs {})",
+        median(agent.to_vec()),
+        list(agent, 0),
+        median(raw.to_vec()),
+        list(raw, 0),
+        median(pub_.to_vec()),
+        list(pub_, 0),
+        median(to_raw.clone()),
+        list(&to_raw, 2),
+        median(to_pub.clone()),
+        list(&to_pub, 2),
+    )
+}
+
 fn main() {
-    let args = args();
+    let args: Args = common::args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let port = free_port();
-        let _broker = mosquitto(port);
+        // No in-flight or queue cap: the baselines and the agent meet the same unlimited broker.
+        let broker = Broker::start("max_inflight_messages 0\nmax_queued_messages 0\n");
+        let port = broker.port;
         let sub = Subscriber::start(port).await;
 
         // Drain: the agent's outbox against the raw publishers, alternating within each run.
@@ -538,21 +503,10 @@ fn main() {
             raw.push(args.backlog as f64 / raw_rumqttc(port, &payloads, &sub).await);
             pub_.push(args.backlog as f64 / raw_mosquitto_pub(port, &payloads, &sub).await);
         }
-        let ratios: Vec<f64> = agent.iter().zip(&raw).map(|(a, r)| a / r).collect();
-        let ratios_pub: Vec<f64> = agent.iter().zip(&pub_).map(|(a, r)| a / r).collect();
         println!(
-            "drain: {} events of {size} B held → mosquitto QoS 1 → subscriber: agent median {:.0} events/s ({}); raw rumqttc {:.0} ({}); mosquitto_pub -l {:.0} ({}); ratio to rumqttc {:.2}x (runs {}), to mosquitto_pub {:.2}x (runs {})",
+            "drain: {} events of {size} B held → mosquitto QoS 1 → subscriber, events/s: {}",
             args.backlog,
-            median(agent.clone()),
-            list(&agent),
-            median(raw.clone()),
-            list(&raw),
-            median(pub_.clone()),
-            list(&pub_),
-            median(ratios.clone()),
-            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
-            median(ratios_pub.clone()),
-            ratios_pub.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
+            against_baselines(&agent, &raw, &pub_)
         );
 
         // Live: the agent binary fed over one TCP connection, against the raw publishers
@@ -581,28 +535,17 @@ fn main() {
             raw.push(args.burst as f64 / raw_rumqttc(port, &payloads, &sub).await);
             pub_.push(args.burst as f64 / raw_mosquitto_pub(port, &payloads, &sub).await);
         }
-        let ratios: Vec<f64> = agent.iter().zip(&raw).map(|(a, r)| a / r).collect();
-        let ratios_pub: Vec<f64> = agent.iter().zip(&pub_).map(|(a, r)| a / r).collect();
         println!(
-            "live: {} transactions on one TCP connection → agent (release binary) → mosquitto QoS 1 → subscriber, events of {size} B: agent median {:.0} tx/s ({}); raw rumqttc {:.0} ({}); mosquitto_pub -l {:.0} ({}); ratio to rumqttc {:.2}x (runs {}), to mosquitto_pub {:.2}x (runs {})",
+            "live: {} transactions on one TCP connection → agent (release binary) → mosquitto QoS 1 → subscriber, events of {size} B, tx/s: {}",
             args.burst,
-            median(agent.clone()),
-            list(&agent),
-            median(raw.clone()),
-            list(&raw),
-            median(pub_.clone()),
-            list(&pub_),
-            median(ratios.clone()),
-            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
-            median(ratios_pub.clone()),
-            ratios_pub.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" / "),
+            against_baselines(&agent, &raw, &pub_)
         );
         println!(
             "agent RSS: before the burst median {:.1} MiB ({}), peak over the burst median {:.1} MiB ({})",
             median(idle.clone()),
-            idle.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / "),
+            list(&idle, 1),
             median(peak.clone()),
-            peak.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / "),
+            list(&peak, 1),
         );
 
         let lat = latency(port, args.latency_samples).await;

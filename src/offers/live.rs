@@ -204,7 +204,7 @@ impl PromptAction {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             PromptAction::Shown => "shown",
             PromptAction::Accepted => "accepted",
@@ -216,20 +216,20 @@ impl PromptAction {
 
 /// The `data` of `storelink.prompt.v1`.
 #[derive(Debug, Serialize)]
-struct PromptData<'a> {
-    store: &'a str,
-    prompt_id: &'a str,
-    lane: &'a str,
-    customer_id: &'a str,
-    action: PromptAction,
-    recognised: Recognised,
-    ask_for_card: bool,
+pub struct PromptData<'a> {
+    pub store: &'a str,
+    pub prompt_id: &'a str,
+    pub lane: &'a str,
+    pub customer_id: &'a str,
+    pub action: PromptAction,
+    pub recognised: Recognised,
+    pub ask_for_card: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    campaign: Option<&'a str>,
+    pub campaign: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<&'a str>,
+    pub variant: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    offer: Option<&'a str>,
+    pub offer: Option<&'a str>,
 }
 
 /// The answer to a register event: what a POS with its own UI should show.
@@ -336,7 +336,9 @@ impl std::fmt::Debug for Offers {
     }
 }
 
-fn short_hash(parts: &[&[u8]]) -> String {
+/// The hash in offer and prompt ids: 20 hex of SHA-256 over the NUL-separated parts, so an id
+/// is the same wherever the same decision is made again.
+pub fn short_hash(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p);

@@ -341,14 +341,6 @@ async fn open_and_scan(
 impl Source for BtleSettings {
     /// Scans with the local adapter and hands on the tenant's sightings until cancelled.
     async fn run(&self, feed: Feed) -> Result<(), SourceError> {
-        let settings = self;
-        let Feed {
-            tenant,
-            out,
-            clock,
-            component,
-            token,
-        } = feed;
         // A gateway without an adapter (or without BlueZ) stays degraded, not failed: the rest of
         // the agent runs, status says why, and the adapter is looked for again with backoff, so a
         // dongle plugged in later is picked up without a restart.
@@ -356,7 +348,7 @@ impl Source for BtleSettings {
             crate::supervisor::Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
         let mut warned = false;
         let (adapter, name, mut events) = loop {
-            match open_and_scan(settings, Some(&component)).await {
+            match open_and_scan(self, Some(&feed.component)).await {
                 Ok(opened) => break opened,
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -367,18 +359,18 @@ impl Source for BtleSettings {
                         warned = true;
                     }
                     tokio::select! {
-                        _ = token.cancelled() => return Ok(()),
+                        _ = feed.token.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
         };
-        component.running(Some(format!("scanning on {name}")));
+        feed.component.running(Some(format!("scanning on {name}")));
         tracing::info!(adapter = %name, "BLE presence scan started");
 
         let scanner: Arc<str> = Arc::from(SCANNER);
-        let watchdog = Duration::from_secs(u64::from(settings.watchdog_s.max(1)));
-        let mut tracked = Tracked::new(Duration::from_secs(u64::from(settings.age_out_s.max(1))));
+        let watchdog = Duration::from_secs(u64::from(self.watchdog_s.max(1)));
+        let mut tracked = Tracked::new(Duration::from_secs(u64::from(self.age_out_s.max(1))));
         let mut last_event = Instant::now();
         let mut last_restart = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -386,7 +378,7 @@ impl Source for BtleSettings {
 
         loop {
             let event = tokio::select! {
-                _ = token.cancelled() => break,
+                _ = feed.token.cancelled() => break,
                 _ = tick.tick() => {
                     let now = Instant::now();
                     tracked.age_out(now);
@@ -398,7 +390,7 @@ impl Source for BtleSettings {
                         tracing::warn!(adapter = %name, silent_s = watchdog.as_secs(), "no BLE events while customers were about; restarting the scan");
                     }
                     if let Err(e) = restart_scan(&adapter, &name, reason).await {
-                        component.degraded(&e);
+                        feed.component.degraded(&e);
                         return Err(e);
                     }
                     last_restart = now;
@@ -410,29 +402,29 @@ impl Source for BtleSettings {
             let Some(event) = event else {
                 forget_manager();
                 let e = SourceError::DbusUnavailable("the BlueZ event stream ended".into());
-                component.degraded(&e);
+                feed.component.degraded(&e);
                 return Err(e);
             };
             last_event = Instant::now();
             match &event {
                 CentralEvent::StateUpdate(CentralState::PoweredOff) => {
-                    component.degraded(format!("{name} is powered off"));
+                    feed.component.degraded(format!("{name} is powered off"));
                     continue;
                 }
                 CentralEvent::StateUpdate(CentralState::PoweredOn) => {
                     // Discovery does not survive a power cycle.
                     if let Err(e) = restart_scan(&adapter, &name, "powered_on").await {
-                        component.degraded(&e);
+                        feed.component.degraded(&e);
                         return Err(e);
                     }
                     last_restart = Instant::now();
-                    component.running(Some(format!("scanning on {name}")));
+                    feed.component.running(Some(format!("scanning on {name}")));
                     continue;
                 }
                 _ => {}
             }
             let (Some((payload, calibrated)), Some(id)) =
-                (payload_of(&event, &tenant), advertised_id(&event))
+                (payload_of(&event, &feed.tenant), advertised_id(&event))
             else {
                 continue;
             };
@@ -445,9 +437,9 @@ impl Source for BtleSettings {
                 continue;
             };
             count_received("btleplug");
-            component.success();
+            feed.component.success();
             let advert = Advertisement {
-                at: clock.now(),
+                at: feed.clock.now(),
                 scanner: scanner.clone(),
                 rssi,
                 // BlueZ's TxPower is power at the antenna, some 40 dB above what a phone reads at
@@ -456,7 +448,7 @@ impl Source for BtleSettings {
                 distance_m: None,
                 payload,
             };
-            match out.try_send(advert) {
+            match feed.out.try_send(advert) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     metrics::counter!("storelink_presence_adverts_dropped_total", "source" => "btleplug")

@@ -159,17 +159,9 @@ const MAX_PACKET: usize = 256 * 1024;
 impl Source for ScannerSettings {
     /// Subscribes to the scanners' reports and hands on the tenant's sightings until cancelled.
     async fn run(&self, feed: Feed) -> Result<(), SourceError> {
-        let settings = self;
-        let Feed {
-            tenant,
-            out,
-            clock,
-            component,
-            token,
-        } = feed;
-        let endpoint = settings.validate()?;
-        let password = settings.password()?;
-        let client_id = settings
+        let endpoint = self.validate()?;
+        let password = self.password()?;
+        let client_id = self
             .client_id
             .clone()
             .unwrap_or_else(|| format!("storelink-scanners-{:08x}", rand::random::<u32>()));
@@ -178,26 +170,27 @@ impl Source for ScannerSettings {
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        if let Some(user) = &settings.username {
+        if let Some(user) = &self.username {
             options.set_credentials(user.clone(), password.unwrap_or_default());
         }
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         let broker = format!("{}:{}", endpoint.host, endpoint.port);
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        component.degraded(format!("connecting to {broker}"));
+        feed.component.degraded(format!("connecting to {broker}"));
 
         loop {
             let event = tokio::select! {
-                _ = token.cancelled() => break,
+                _ = feed.token.cancelled() => break,
                 event = eventloop.poll() => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
-                    tracing::info!(%broker, topic = %settings.topic, "connected to the scanners' broker");
+                    tracing::info!(%broker, topic = %self.topic, "connected to the scanners' broker");
                     // Clean session: every connection subscribes anew.
-                    if let Err(e) = client.try_subscribe(settings.topic.clone(), QoS::AtMostOnce) {
-                        component.degraded(format!("{broker}: could not subscribe: {e}"));
+                    if let Err(e) = client.try_subscribe(self.topic.clone(), QoS::AtMostOnce) {
+                        feed.component
+                            .degraded(format!("{broker}: could not subscribe: {e}"));
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -206,23 +199,21 @@ impl Source for ScannerSettings {
                         .iter()
                         .any(|c| matches!(c, SubscribeReasonCode::Failure))
                     {
-                        let e = SourceError::SubscriptionRefused(settings.topic.clone());
-                        component.degraded(&e);
+                        let e = SourceError::SubscriptionRefused(self.topic.clone());
+                        feed.component.degraded(&e);
                         return Err(e);
                     }
-                    component.running(Some(format!(
-                        "subscribed to {} on {broker}",
-                        settings.topic
-                    )));
+                    feed.component
+                        .running(Some(format!("subscribed to {} on {broker}", self.topic)));
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    match parse(&p.topic, &p.payload, &tenant, clock.now()) {
+                    match parse(&p.topic, &p.payload, &feed.tenant, feed.clock.now()) {
                         Ok(Some(advert)) => {
                             count_received("scanners");
-                            component.success();
+                            feed.component.success();
                             // Waiting here also stops reading from the broker: backpressure reaches
                             // the scanners' QoS 0 stream, where the broker sheds it.
-                            if !send(&out, advert, &token).await? {
+                            if !send(&feed.out, advert, &feed.token).await? {
                                 break;
                             }
                         }
@@ -238,9 +229,9 @@ impl Source for ScannerSettings {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "scanners' broker unreachable");
-                    component.degraded(format!("{broker}: {e}"));
+                    feed.component.degraded(format!("{broker}: {e}"));
                     tokio::select! {
-                        _ = token.cancelled() => break,
+                        _ = feed.token.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

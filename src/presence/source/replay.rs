@@ -212,37 +212,30 @@ impl Source for ReplaySettings {
     /// Plays the file until the token is cancelled. At the end of a file that does not loop, the
     /// source idles (a replay that ends is not a failure the supervisor should restart).
     async fn run(&self, feed: Feed) -> Result<(), SourceError> {
-        let settings = self;
-        let Feed {
-            tenant,
-            out,
-            clock,
-            component,
-            token,
-        } = feed;
-        settings.validate()?;
-        component.running(Some(format!(
+        self.validate()?;
+        feed.component.running(Some(format!(
             "replaying {} at {}x",
-            settings.file.display(),
-            settings.speed
+            self.file.display(),
+            self.speed
         )));
         loop {
-            let sent = match play_once(settings, &tenant, &out, &clock, &token).await? {
-                Pass::Cancelled => return Ok(()),
-                Pass::Finished(sent) => sent,
-            };
-            if settings.loop_ && sent > 0 {
+            let sent =
+                match play_once(self, &feed.tenant, &feed.out, &feed.clock, &feed.token).await? {
+                    Pass::Cancelled => return Ok(()),
+                    Pass::Finished(sent) => sent,
+                };
+            if self.loop_ && sent > 0 {
                 continue;
             }
-            if settings.loop_ {
+            if self.loop_ {
                 // Looping a file with nothing of ours would spin without end.
-                tracing::warn!(file = %settings.file.display(), "replay file has no advertisements for this tenant; not looping");
+                tracing::warn!(file = %self.file.display(), "replay file has no advertisements for this feed.tenant; not looping");
             }
-            component.running(Some(format!(
+            feed.component.running(Some(format!(
                 "replay of {} finished: {sent} advertisements",
-                settings.file.display()
+                self.file.display()
             )));
-            token.cancelled().await;
+            feed.token.cancelled().await;
             return Ok(());
         }
     }
