@@ -96,6 +96,11 @@ pub enum Commit {
 /// BE) ‖ value ‖ CRC-32 (LE) of everything from the table byte`. The magic is not valid UTF-8,
 /// so it cannot start inside the JSON that most values are.
 pub(super) const MAGIC: [u8; 4] = [0xF3, 0x5A, 0x1C, 0xE7];
+
+/// Larger than any value the agent writes (MQTT packets are capped at 4 MiB); a length beyond it
+/// is damage, not a record.
+pub(super) const MAX_FRAME: usize = 64 << 20;
+
 pub(super) const FRAME_OVERHEAD: usize = 4 + 1 + 2 + 4 + 4;
 
 #[cfg(test)]
@@ -172,7 +177,7 @@ pub(super) fn read_frame(bytes: &[u8]) -> FrameRead {
     else {
         return FrameRead::Broken;
     };
-    if end > super::salvage::MAX_FRAME {
+    if end > MAX_FRAME {
         return FrameRead::Broken;
     }
     if bytes.len() < end {

@@ -18,11 +18,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::log::{FrameRead, Framed, LogTable, MAGIC, read_frame};
-
-/// Larger than any value the agent writes (MQTT packets are capped at 4 MiB); a length beyond it
-/// is damage, not a record.
-pub(super) const MAX_FRAME: usize = 64 << 20;
+use super::log::{FrameRead, Framed, LogTable, MAGIC, MAX_FRAME, read_frame};
 
 /// How much of the file is read at a time.
 const WINDOW: usize = 8 << 20;
@@ -84,7 +80,7 @@ pub(super) fn scan(
                 found(record)?;
                 at = start + len;
             }
-            FrameRead::Short(need) if !eof && need <= super::salvage::MAX_FRAME => {
+            FrameRead::Short(need) if !eof && need <= MAX_FRAME => {
                 // Read on until the whole frame is in the buffer, then look again.
                 buf.drain(..start);
                 at = 0;
