@@ -382,7 +382,8 @@ impl Source for BtleSettings {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     tracked.age_out(now);
-                    let Some(reason) = restart_reason(now, last_event, last_restart, watchdog, &tracked)
+                    let Some(reason) =
+                        restart_reason(now, last_event, last_restart, watchdog, &tracked)
                     else {
                         continue;
                     };

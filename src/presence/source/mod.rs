@@ -1,16 +1,17 @@
 //! Presence sources: whatever hears phones, reduced to [`Advertisement`]s on one bounded channel.
 //!
-//! Three sources share one trait, [`Source`], and what they are handed, [`Feed`]: a replay file ([`replay`]), remote ESPresense
-//! room scanners over MQTT ([`espresense`]) and the gateway's own Bluetooth adapter through
-//! BlueZ ([`btle`]). The config picks one of them with `presence.source`.
+//! Three sources share one trait, [`Source`], and what they are handed, [`Feed`]: a replay
+//! file ([`replay`]), remote ESPresense room scanners over MQTT ([`espresense`]) and the
+//! gateway's own Bluetooth adapter through BlueZ ([`btle`]). The config picks one of them with
+//! `presence.source`.
 //!
 //! Invariants:
 //! - A source hands on only advertisements that carry the tenant's presence payload; the rest is
 //!   dropped where it is heard, before it can reach a map, a log line or a metric.
 //! - No device address leaves a source. ESPresense's `mac` is never deserialised; BlueZ
 //!   peripherals are tracked under a salted hash of their id; the recorder writes a salted hash.
-//! - [`Source::run`] returns `Ok(())` only once the token is cancelled. Any error goes to the supervisor,
-//!   which restarts the source with backoff; nothing here panics on what it hears.
+//! - [`Source::run`] returns `Ok(())` only once the token is cancelled. Any error goes to the
+//!   supervisor, which restarts the source with backoff; nothing here panics on what it hears.
 //! - Backpressure: the replay and ESPresense sources wait for room on the channel. The local
 //!   adapter does not: stalling the BlueZ signal stream is worse than losing a sighting (phones
 //!   advertise several times a second), so it drops and counts
