@@ -36,6 +36,27 @@ fn ts(text: &str) -> Timestamp {
     text.parse().unwrap()
 }
 
+/// Spawns `settings`' source for the test tenant, as the agent's supervisor does.
+fn spawn_source(
+    settings: SourceSettings,
+    out: mpsc::Sender<Advertisement>,
+    clock: SharedClock,
+    component: &Component,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), SourceError>> {
+    let (component, token) = (component.clone(), token.clone());
+    tokio::spawn(async move {
+        let feed = Feed {
+            tenant: tenant(),
+            out,
+            clock,
+            component,
+            token,
+        };
+        settings.run(feed).await
+    })
+}
+
 /// A running source with its channel, status and token.
 struct Running {
     rx: mpsc::Receiver<Advertisement>,
@@ -52,20 +73,7 @@ impl Running {
         let board = StatusBoard::new(storelink::clock::system());
         let component = board.component("presence");
         let token = CancellationToken::new();
-        let task = tokio::spawn({
-            let component = component.clone();
-            let token = token.clone();
-            async move {
-                let feed = Feed {
-                    tenant: tenant(),
-                    out: tx,
-                    clock,
-                    component,
-                    token,
-                };
-                settings.run(feed).await
-            }
-        });
+        let task = spawn_source(settings, tx, clock, &component, &token);
         Running {
             rx,
             board,
@@ -148,19 +156,7 @@ async fn replay_reports_how_many_it_played_when_the_file_ends() {
     let (tx, mut rx) = mpsc::channel(16);
     let token = CancellationToken::new();
     let settings = replay_settings(0.0, true, false);
-    let task = tokio::spawn({
-        let (component, token) = (component.clone(), token.clone());
-        async move {
-            let feed = Feed {
-                tenant: tenant(),
-                out: tx,
-                clock,
-                component,
-                token,
-            };
-            settings.run(feed).await
-        }
-    });
+    let task = spawn_source(settings, tx, clock, &component, &token);
     for _ in 0..3 {
         rx.recv().await.unwrap();
     }
@@ -508,21 +504,8 @@ async fn without_bluetooth_the_adapter_source_stays_degraded_and_stops_on_cancel
     let component = board.component("presence");
     let token = CancellationToken::new();
     let (tx, _rx) = mpsc::channel(16);
-    let task = tokio::spawn({
-        let component = component.clone();
-        let token = token.clone();
-        async move {
-            let settings = SourceSettings::Btleplug(BtleSettings::default());
-            let feed = Feed {
-                tenant: tenant(),
-                out: tx,
-                clock: storelink::clock::system(),
-                component,
-                token,
-            };
-            settings.run(feed).await
-        }
-    });
+    let settings = SourceSettings::Btleplug(BtleSettings::default());
+    let task = spawn_source(settings, tx, storelink::clock::system(), &component, &token);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = board.get("presence").unwrap();
     if status.state == ComponentState::Running {
