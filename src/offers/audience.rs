@@ -147,6 +147,8 @@ enum Fast {
 }
 
 const KPI_FIELDS: &[&str] = &[
+    "revenue_12m",
+    "revenue_prev_12m",
     "revenue_this_year",
     "revenue_last_year",
     "purchases_this_year",
@@ -397,6 +399,8 @@ impl<'a> Env<'a> {
             Field::Kpi(name) => {
                 let k = self.kpi?;
                 match *name {
+                    "revenue_12m" => int(k.revenue_12m),
+                    "revenue_prev_12m" => int(k.revenue_prev_12m),
                     "revenue_this_year" => int(k.revenue_this_year),
                     "revenue_last_year" => int(k.revenue_last_year),
                     "purchases_this_year" => int(k.purchases_this_year),
@@ -489,6 +493,7 @@ mod tests {
             "profile.affinities['games']",
             "kpi.frequency",
             "kpi.revenue_this_year",
+            "kpi.revenue_12m",
             "kpi.purchases_this_year",
             "kpi.days_since_last",
             "kpi.p_alive",

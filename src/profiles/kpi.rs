@@ -165,7 +165,17 @@ pub struct Kpis {
     pub group_days: BTreeMap<String, std::collections::BTreeSet<Date>>,
     #[serde(default)]
     pub sales_total: i64,
+    /// Refunds per day (positive), so revenue over any window of days is known.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub returns_by_day: BTreeMap<Date, i64>,
+    /// Which inputs the record keeps ([`KPI_INPUTS`] for the current ones); a record with
+    /// older inputs is rebuilt from the ledger once.
+    #[serde(default)]
+    pub inputs: u8,
 }
+
+/// The version of the inputs [`Kpis`] keeps: 2 added refunds per day (rolling year-on-year).
+pub const KPI_INPUTS: u8 = 2;
 
 impl Kpis {
     /// Derives every stored KPI from the ledger: the fold of [`Kpis::add`] over it, so the
@@ -189,12 +199,13 @@ impl Kpis {
     /// Whether the record carries the inputs [`Kpis::add`] needs (records written before they
     /// were kept are rebuilt from the ledger once).
     pub fn is_incremental(&self) -> bool {
-        self.purchases == 0 || !self.sales_by_day.is_empty()
+        self.inputs >= KPI_INPUTS || self.revenue_by_year.is_empty()
     }
 
     fn apply(&mut self, e: &LedgerEntry) {
         *self.revenue_by_year.entry(e.day.year()).or_insert(0) += e.amount;
         if !e.is_purchase() {
+            *self.returns_by_day.entry(e.day).or_insert(0) -= e.amount;
             return;
         }
         self.purchases += 1;
@@ -208,6 +219,7 @@ impl Kpis {
 
     /// Recomputes what follows from the kept inputs.
     fn derive(&mut self) {
+        self.inputs = KPI_INPUTS;
         if self.purchases > 0 {
             self.mean_basket = Some(div_round(self.sales_total, i64::from(self.purchases)));
         }
@@ -269,7 +281,11 @@ impl Kpis {
             }
             _ => (None, None, self.fallback_clv(today, config)),
         };
+        // Rolling years: the 365 days up to and including today, and the 365 before them.
+        let days_ago = |n: i64| today.saturating_sub(jiff::Span::new().days(n));
         KpiView {
+            revenue_12m: self.revenue_between(days_ago(364), today),
+            revenue_prev_12m: self.revenue_between(days_ago(729), days_ago(365)),
             revenue_this_year: self.revenue_by_year.get(&year).copied().unwrap_or(0),
             revenue_last_year: self.revenue_by_year.get(&(year - 1)).copied().unwrap_or(0),
             purchases_this_year: self.purchases_by_year.get(&year).copied().unwrap_or(0),
@@ -291,6 +307,13 @@ impl Kpis {
             clv,
             rfm: rfm.and_then(|b| b.score(self, today)),
         }
+    }
+
+    /// Net revenue (sales minus refunds) on the days in `from..=to`.
+    pub fn revenue_between(&self, from: Date, to: Date) -> i64 {
+        let sales: i64 = self.sales_by_day.range(from..=to).map(|(_, v)| v).sum();
+        let refunds: i64 = self.returns_by_day.range(from..=to).map(|(_, v)| v).sum();
+        sales - refunds
     }
 
     /// Net revenue over the whole ledger.
@@ -352,6 +375,11 @@ impl Activity {
 /// KPIs as of a day.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KpiView {
+    /// Net revenue over the last 365 days including today, and over the 365 days before
+    /// them: year on year, rolling.
+    pub revenue_12m: i64,
+    pub revenue_prev_12m: i64,
+    /// Calendar year to date, and the whole of last calendar year.
     pub revenue_this_year: i64,
     pub revenue_last_year: i64,
     pub purchases_this_year: u32,
@@ -545,6 +573,15 @@ mod tests {
         let v = k.view(today, &KpiConfig::default(), None, None);
         assert_eq!(v.revenue_this_year, 9000);
         assert_eq!(v.revenue_last_year, 11000);
+        // Rolling: 2025-05-02..=2026-05-01 holds 20 - 10 + 90; the year before, 40 + 60.
+        assert_eq!((v.revenue_12m, v.revenue_prev_12m), (10000, 10000));
+        // The window's edges: the day 364 days ago is in, 365 days ago is the year before.
+        let k2 = Kpis::compute(&[
+            sale(date(2025, 5, 2), 100, &[]),
+            sale(date(2025, 5, 1), 7, &[]),
+        ]);
+        let v2 = k2.view(today, &KpiConfig::default(), None, None);
+        assert_eq!((v2.revenue_12m, v2.revenue_prev_12m), (100, 7));
         assert_eq!(v.purchases_this_year, 1);
         // Last purchase 86 days ago: not new (first was 476 days ago), within 180: Loyal.
         assert_eq!(v.activity, Some(Activity::Loyal));
