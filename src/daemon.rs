@@ -35,7 +35,9 @@ use crate::presence::history::History;
 use crate::presence::pipeline::{self, Pipeline};
 use crate::presence::source::{self, Source};
 use crate::profiles::ProfileStore;
+use crate::occasions::Occasions;
 use crate::profiles::erasure::Eraser;
+use crate::signals::Signals;
 use crate::profiles::sync::{self, Syncer};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{StatusBoard, Supervisor};
@@ -113,6 +115,8 @@ pub struct Agent {
     /// Presence changes for the core (offers, prompts); subscribe to follow them.
     pub presence: tokio::sync::broadcast::Sender<PresenceEvent>,
     pub offers: Offers,
+    /// Customer signals; tests call its daily run directly.
+    pub signals: Signals,
     supervisor: Supervisor,
 }
 
@@ -134,8 +138,8 @@ pub async fn start(
         report_salvage(s, &config, &board, &deadletters, &outbox, &store, &clock).await?;
     }
 
-    let (ingest, profiles, offer_ledger, completed_rx) =
-        start_core(&config, &store, &outbox, &deadletters, &supervisor, &token).await?;
+    let (ingest, profiles, offer_ledger, completed_rx, signals) =
+        start_core(&config, &store, &outbox, &deadletters, &clock, &supervisor, &token).await?;
     let offers = open_offers(&config, &clock, &profiles, &offer_ledger, &ingest)?;
 
     let eraser = Eraser {
@@ -254,6 +258,7 @@ pub async fn start(
         profiles,
         presence,
         offers,
+        signals,
         supervisor,
     })
 }
@@ -266,6 +271,7 @@ async fn start_core(
     store: &Store,
     outbox: &Arc<Outbox>,
     deadletters: &Arc<DeadLetters>,
+    clock: &SharedClock,
     supervisor: &Supervisor,
     token: &CancellationToken,
 ) -> Result<
@@ -274,12 +280,25 @@ async fn start_core(
         ProfileStore,
         OfferLedger,
         Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<crate::offers::live::Completed>>>,
+        Signals,
     ),
     DaemonError,
 > {
     let (ingest, rx) = crate::model::ingest::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let profiles = ProfileStore::open_with(store, config.profiles.cache_entries)?;
+    let signals = Signals::new(
+        crate::signals::Settings {
+            store_id: config.store.id.clone(),
+            tz: config.time_zone(),
+            kpi: config.profiles.kpi.clone(),
+            config: config.signals.clone(),
+        },
+        clock.clone(),
+        profiles.clone(),
+        Occasions::new(store),
+        Some(ingest.clone()),
+    );
     let offer_ledger = OfferLedger::open(store)?;
     let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
     let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
@@ -298,6 +317,7 @@ async fn start_core(
         store_id: config.store.id.clone(),
         completed: completed_tx,
     }))
+    .with_hook(Arc::new(signals.clone()))
     .with_reserve(config.storage.min_free_bytes);
     // What a power cut left owed to the profile cache is finished before anything new comes in.
     core.recover().await?;
@@ -314,7 +334,14 @@ async fn start_core(
             }
         });
     }
-    Ok((ingest, profiles, offer_ledger, completed_rx))
+    {
+        let (signals, token) = (signals.clone(), token.clone());
+        supervisor.spawn("signals", move |component| {
+            let (signals, token) = (signals.clone(), token.clone());
+            async move { signals.run(component, token).await }
+        });
+    }
+    Ok((ingest, profiles, offer_ledger, completed_rx, signals))
 }
 
 /// One task per register; returns the contexts of HTTP registers, which the local API serves.

@@ -26,6 +26,7 @@ use crate::model::ingest::{
     Accepted, CommitHook, Committed, Ingest, IngestError, NewEvent, StepOutput, reply_all,
 };
 use crate::model::transaction::Transaction;
+use crate::occasions;
 use crate::store::{Commit, LogWrite, Store, StoreError};
 use crate::supervisor::Component;
 use crate::uplink::outbox::{AppendOutcome, Outbox};
@@ -160,7 +161,9 @@ impl Engine {
                     });
                     letters.push(letter.as_ref().clone());
                 }
-                Ingest::Event { event } => events.push(event.as_ref().clone()),
+                Ingest::Event { event } | Ingest::Once { event, .. } => {
+                    events.push(event.as_ref().clone())
+                }
                 // Taken out by `commit_answering_probes`: every item here has an event, so
                 // outcomes line up with the batch.
                 Ingest::Probe { .. } => unreachable!("probes never reach commit"),
@@ -168,7 +171,7 @@ impl Engine {
         }
         self.store.write(Commit::Durable, |w| {
             self.deadletters.record_in(w, &letters)?;
-            let outcomes = self.outbox.append_in(w, &events)?;
+            let outcomes = self.append_once(w, batch, &events)?;
             // Duplicates go to the cache too: a register resends what it was never told `ok`
             // about, and the cache's share of the first copy may be what a crash lost (a
             // store migrated from before the journal). The ledger's own check keeps an update
@@ -191,6 +194,55 @@ impl Engine {
             let step = self.run_hooks(w, &loyal)?;
             Ok((outcomes, step))
         })
+    }
+
+    /// Appends the batch's events, except those of an occasion already remembered (or
+    /// remembered earlier in this batch), which are [`AppendOutcome::Duplicate`]; remembers
+    /// the occasions of the ones stored, in the same transaction.
+    fn append_once<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        batch: &[Ingest],
+        events: &[NewEvent],
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        if !batch.iter().any(|i| matches!(i, Ingest::Once { .. })) {
+            return self.outbox.append_in(w, events);
+        }
+        let mut fresh = Vec::with_capacity(events.len());
+        let mut keep = Vec::with_capacity(events.len());
+        let mut this_batch = std::collections::HashSet::new();
+        for (item, event) in batch.iter().zip(events) {
+            let new = match item {
+                Ingest::Once {
+                    occasion, token, ..
+                } => !occasions::is_claimed_in(w, occasion, *token)? && this_batch.insert(occasion),
+                _ => true,
+            };
+            keep.push(new);
+            if new {
+                fresh.push(event.clone());
+            }
+        }
+        let mut stored = self.outbox.append_in(w, &fresh)?.into_iter();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for (item, new) in batch.iter().zip(keep) {
+            let outcome = if new {
+                stored.next().expect("one outcome per fresh event")
+            } else {
+                AppendOutcome::Duplicate
+            };
+            if let (
+                Ingest::Once {
+                    occasion, token, at, ..
+                },
+                AppendOutcome::Stored,
+            ) = (item, outcome)
+            {
+                occasions::claim_in(w, occasion, *token, *at)?;
+            }
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
     }
 
     /// The hooks' share of loyalty transactions, inside the log transaction `w`: the events
@@ -367,7 +419,7 @@ impl Engine {
                     };
                     let _ = reply.send(result);
                 }
-                Ingest::Event { event } => {
+                Ingest::Event { event } | Ingest::Once { event, .. } => {
                     if outcome == AppendOutcome::Refused {
                         tracing::debug!(kind = event.kind.name(), "outbox full; event not kept");
                     }

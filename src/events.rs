@@ -21,11 +21,17 @@ pub enum EventKind {
     DeadLetter,
     /// The acknowledgement of a customer erasure.
     Erasure,
+    /// A KPI snapshot of one customer.
+    Customer,
+    /// A lifecycle trigger (win-back, birthday, …).
+    Trigger,
+    /// The store's learned follow-up purchases.
+    FollowUps,
 }
 
 impl EventKind {
     /// Every kind; the position is the kind's byte in outbox headers, so new kinds go last.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Transaction,
         EventKind::Presence,
         EventKind::Offer,
@@ -34,6 +40,9 @@ impl EventKind {
         EventKind::Status,
         EventKind::DeadLetter,
         EventKind::Erasure,
+        EventKind::Customer,
+        EventKind::Trigger,
+        EventKind::FollowUps,
     ];
 
     /// The short name: the MQTT topic suffix in `…/{store}/events/{name}`.
@@ -47,6 +56,9 @@ impl EventKind {
             EventKind::Status => "status",
             EventKind::DeadLetter => "deadletter",
             EventKind::Erasure => "erasure",
+            EventKind::Customer => "customer",
+            EventKind::Trigger => "trigger",
+            EventKind::FollowUps => "followups",
         }
     }
 
@@ -61,6 +73,9 @@ impl EventKind {
             EventKind::Status => "storelink.status.v1",
             EventKind::DeadLetter => "storelink.deadletter.v1",
             EventKind::Erasure => "storelink.erasure.v1",
+            EventKind::Customer => "storelink.customer.v1",
+            EventKind::Trigger => "storelink.trigger.v1",
+            EventKind::FollowUps => "storelink.followups.v1",
         }
     }
 
@@ -106,6 +121,19 @@ pub fn encode<T: Serialize>(
     };
     // Serialising plain structs of strings and numbers cannot fail.
     serde_json::to_vec(&envelope).expect("CloudEvent data serialises")
+}
+
+/// The hash in event ids (offers, prompts, triggers): 20 hex of SHA-256 over the NUL-separated parts, so an id
+/// is the same wherever the same decision is made again.
+pub fn short_hash(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0]);
+    }
+    let d = h.finalize();
+    d[..10].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `data` of a CloudEvent this module encoded, read back.

@@ -22,6 +22,7 @@ mod error;
 mod kpi;
 mod presence;
 mod schema;
+mod signals;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -31,6 +32,7 @@ pub use error::*;
 pub use kpi::*;
 pub use presence::*;
 pub use schema::*;
+pub use signals::*;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +52,10 @@ pub struct Config {
     pub central: CentralSection,
     #[serde(default)]
     pub cashier: CashierSection,
+    #[serde(default)]
+    pub signals: SignalsConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
 }
 
 /// Reads the environment; injectable so tests need not touch the process environment.

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::deadletter::DeadLetter;
 use crate::events::EventKind;
 use crate::model::transaction::Transaction;
+use crate::occasions::OccasionKey;
 use crate::store::StoreError;
 
 /// An event on its way into the outbox.
@@ -42,6 +43,16 @@ pub enum Ingest {
     /// An event the core produced (presence, offers, prompts), already encoded. Nothing waits
     /// on it: a refusal under a full outbox is the drop policy at work and is counted there.
     Event { event: Box<NewEvent> },
+    /// A core event that may be sent once per occasion (a `storelink.trigger.v1`): stored,
+    /// with its occasion remembered in the same transaction, only if the occasion is not
+    /// remembered yet (see [`crate::occasions`]). Nothing waits on it.
+    Once {
+        event: Box<NewEvent>,
+        occasion: OccasionKey,
+        /// What makes it new again: the snapshot's digest; 0 for a trigger.
+        token: u64,
+        at: jiff::Timestamp,
+    },
     /// Answered once every item queued before it is committed: proof the core loop is alive,
     /// for the systemd watchdog.
     Probe { reply: oneshot::Sender<()> },
@@ -107,6 +118,53 @@ impl IngestHandle {
             .map_err(|_| IngestError::ShuttingDown)
     }
 
+    /// Queues a core event that is sent once per occasion; waits only for room in the channel.
+    pub async fn once(
+        &self,
+        event: NewEvent,
+        occasion: OccasionKey,
+        token: u64,
+        at: jiff::Timestamp,
+    ) -> Result<(), IngestError> {
+        self.tx
+            .send(Ingest::Once {
+                event: Box::new(event),
+                occasion,
+                token,
+                at,
+            })
+            .await
+            .map_err(|_| IngestError::ShuttingDown)
+    }
+
+    /// The same, from a blocking thread (the daily trigger run): waits for room in the
+    /// channel, so a run over many customers is paced by the engine and never outruns it.
+    pub fn once_blocking(
+        &self,
+        event: NewEvent,
+        occasion: OccasionKey,
+        token: u64,
+        at: jiff::Timestamp,
+    ) -> Result<(), IngestError> {
+        self.tx
+            .blocking_send(Ingest::Once {
+                event: Box::new(event),
+                occasion,
+                token,
+                at,
+            })
+            .map_err(|_| IngestError::ShuttingDown)
+    }
+
+    /// Queues a core event from a blocking thread.
+    pub fn event_blocking(&self, event: NewEvent) -> Result<(), IngestError> {
+        self.tx
+            .blocking_send(Ingest::Event {
+                event: Box::new(event),
+            })
+            .map_err(|_| IngestError::ShuttingDown)
+    }
+
     /// Resolves when the core loop has worked through everything queued before it.
     pub async fn probe(&self) -> Result<(), IngestError> {
         let (reply, rx) = oneshot::channel();
@@ -136,7 +194,7 @@ pub fn reply_all(item: Ingest, reply: IngestReply) {
         Ingest::Probe { reply } => {
             let _ = reply.send(());
         }
-        Ingest::DeadLetter { reply: None, .. } | Ingest::Event { .. } => {}
+        Ingest::DeadLetter { reply: None, .. } | Ingest::Event { .. } | Ingest::Once { .. } => {}
     }
 }
 

@@ -19,7 +19,6 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -336,17 +335,7 @@ impl std::fmt::Debug for Offers {
     }
 }
 
-/// The hash in offer and prompt ids: 20 hex of SHA-256 over the NUL-separated parts, so an id
-/// is the same wherever the same decision is made again.
-pub fn short_hash(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p);
-        h.update([0]);
-    }
-    let d = h.finalize();
-    d[..10].iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::events::short_hash;
 
 impl LiveEvents for Offers {
     fn answer(&self, event: RegisterEvent) -> BoxFuture<'_, Result<String, String>> {

@@ -309,6 +309,45 @@ impl Kpis {
         }
     }
 
+    /// The activity class as of `day`, from the purchases up to that day.
+    pub fn activity_on(&self, day: Date, config: &KpiConfig) -> Option<Activity> {
+        let first = self.rhythm.first.filter(|f| *f <= day)?;
+        let last = *self.sales_by_day.range(..=day).next_back()?.0;
+        let days = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        Some(if (day - first).get_days() <= days(config.new_days) {
+            Activity::New
+        } else if (day - last).get_days() <= days(config.passive_after_days) {
+            Activity::Loyal
+        } else {
+            Activity::Passive
+        })
+    }
+
+    /// The day the customer entered the class they are in on `today`: the class changes only
+    /// on a purchase day, the day after the New period, or the day after the passive limit.
+    pub fn activity_since(&self, today: Date, config: &KpiConfig) -> Option<Date> {
+        let first = self.rhythm.first?;
+        let after = |d: Date, n: u32| d.checked_add(jiff::Span::new().days(i64::from(n) + 1)).ok();
+        let mut points: Vec<Date> = vec![first];
+        points.extend(after(first, config.new_days));
+        for d in self.sales_by_day.keys() {
+            points.push(*d);
+            points.extend(after(*d, config.passive_after_days));
+        }
+        points.retain(|d| *d <= today);
+        points.sort();
+        points.dedup();
+        let mut since = None;
+        let mut class = None;
+        for d in points {
+            let c = self.activity_on(d, config);
+            if c != class {
+                (class, since) = (c, Some(d));
+            }
+        }
+        since
+    }
+
     /// Net revenue (sales minus refunds) on the days in `from..=to`.
     pub fn revenue_between(&self, from: Date, to: Date) -> i64 {
         let sales: i64 = self.sales_by_day.range(from..=to).map(|(_, v)| v).sum();
@@ -598,6 +637,30 @@ mod tests {
             Some((5250.0 * (4.0 / years) * 3.0_f64).round() as i64)
         );
         assert_eq!(v.p_alive, None);
+    }
+
+    #[test]
+    fn activity_since_is_the_day_the_class_began() {
+        let c = KpiConfig::default();
+        let k = Kpis::compute(&[
+            sale(date(2025, 1, 1), 100, &[]),
+            sale(date(2025, 2, 1), 100, &[]),
+            sale(date(2026, 1, 1), 100, &[]),
+        ]);
+        // New from the first purchase; Loyal from day 91; Passive 181 days after Feb 1.
+        assert_eq!(k.activity_since(date(2025, 3, 1), &c), Some(date(2025, 1, 1)));
+        assert_eq!(k.activity_since(date(2025, 5, 1), &c), Some(date(2025, 4, 2)));
+        assert_eq!(k.activity_since(date(2025, 9, 1), &c), Some(date(2025, 8, 1)));
+        assert_eq!(
+            k.activity_on(date(2025, 9, 1), &c),
+            Some(Activity::Passive)
+        );
+        // The purchase of 2026-01-01 ended the passive period.
+        assert_eq!(k.activity_since(date(2026, 2, 1), &c), Some(date(2026, 1, 1)));
+        assert_eq!(
+            k.view(date(2026, 2, 1), &c, None, None).activity,
+            k.activity_on(date(2026, 2, 1), &c)
+        );
     }
 
     #[test]

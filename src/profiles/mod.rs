@@ -118,6 +118,23 @@ impl<'de> Deserialize<'de> for MonthDay {
     }
 }
 
+/// Points of a customer that expire on a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointsExpiry {
+    pub points: i64,
+    pub on: Date,
+}
+
+impl MonthDay {
+    /// The next day, `from` or after, that is this birthday.
+    pub fn next_from(&self, from: Date) -> Option<Date> {
+        (0..=366)
+            .filter_map(|n| from.checked_add(jiff::Span::new().days(n)).ok())
+            .find(|d| self.is(*d))
+    }
+}
+
 /// What a follow-up recommendation matches or suggests: a category or one article.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,6 +168,9 @@ pub struct Profile {
     pub points: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birthday: Option<MonthDay>,
+    /// Points that expire, when central's loyalty programme says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points_expiring: Option<PointsExpiry>,
     #[serde(default)]
     pub consents: Consents,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -175,6 +195,7 @@ impl Profile {
             tier: None,
             points: 0,
             birthday: None,
+            points_expiring: None,
             consents: Consents::default(),
             segments: Vec::new(),
             affinities: BTreeMap::new(),

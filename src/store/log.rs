@@ -41,9 +41,11 @@ pub enum LogTable {
     Meta,
     /// Work owed to the profile cache, kept until the cache has it on disk.
     Journal,
+    /// Which lifecycle triggers fired for whom (see [`crate::occasions`]).
+    Occasions,
 }
 
-const TABLE_COUNT: usize = 5;
+const TABLE_COUNT: usize = 6;
 
 impl LogTable {
     pub const ALL: [LogTable; TABLE_COUNT] = [
@@ -52,6 +54,7 @@ impl LogTable {
         LogTable::DeadLetters,
         LogTable::Meta,
         LogTable::Journal,
+        LogTable::Occasions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +64,7 @@ impl LogTable {
             LogTable::DeadLetters => "deadletters",
             LogTable::Meta => "meta",
             LogTable::Journal => "journal",
+            LogTable::Occasions => "occasions",
         }
     }
 

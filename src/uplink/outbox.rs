@@ -64,7 +64,8 @@ pub enum Stream {
     Transaction = 0,
     Redemption = 1,
     DeadLetter = 2,
-    /// Offer decisions and cashier prompts.
+    /// Offer decisions, cashier prompts and customer signals (snapshots, triggers,
+    /// follow-ups).
     Offer = 3,
     Presence = 4,
     Status = 5,
@@ -88,7 +89,12 @@ impl Stream {
             // An erasure acknowledgement is a compliance record: never dropped, sent early.
             EventKind::Redemption | EventKind::Erasure => Stream::Redemption,
             EventKind::DeadLetter => Stream::DeadLetter,
-            EventKind::Offer | EventKind::Prompt => Stream::Offer,
+            // Marketing: offers, prompts and the customer signals for central's email tool.
+            EventKind::Offer
+            | EventKind::Prompt
+            | EventKind::Customer
+            | EventKind::Trigger
+            | EventKind::FollowUps => Stream::Offer,
             EventKind::Presence => Stream::Presence,
             EventKind::Status => Stream::Status,
         }

@@ -778,5 +778,39 @@ fn must_refuse_specific_breakage(kind: EventKind, event: &Value) {
             });
             refuses("a negative version", &|e| e["data"]["version"] = json!(-1));
         }
+        EventKind::Customer => {
+            refuses("revenue as a float", &|e| {
+                e["data"]["revenue_12m"] = json!(120.5)
+            });
+            refuses("an unknown activity class", &|e| {
+                e["data"]["activity"] = json!("dormant")
+            });
+            refuses("an RFM score of 6", &|e| e["data"]["rfm"] = json!({"r": 6, "f": 1, "m": 1}));
+            refuses("a day that is not a date", &|e| {
+                e["data"]["as_of"] = json!("yesterday")
+            });
+        }
+        EventKind::Trigger => {
+            refuses("an unknown trigger", &|e| {
+                e["data"]["trigger"] = json!("whenever")
+            });
+            refuses("days overdue as a string", &|e| {
+                e["data"]["days_overdue"] = json!("16")
+            });
+            refuses("an unknown detection", &|e| {
+                e["data"]["detected"] = json!("guess")
+            });
+        }
+        EventKind::FollowUps => {
+            refuses("a lift as a string", &|e| {
+                e["data"]["pairs"][0]["lift"] = json!("high")
+            });
+            refuses("a confidence above 1", &|e| {
+                e["data"]["pairs"][0]["confidence"] = json!(1.5)
+            });
+            refuses("no window", &|e| {
+                e["data"].as_object_mut().unwrap().remove("window_days");
+            });
+        }
     }
 }
