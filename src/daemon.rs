@@ -24,6 +24,7 @@ use crate::deadletter::DeadLetters;
 use crate::engine::Engine;
 use crate::model::ingest::IngestHandle;
 use crate::model::presence::PresenceEvent;
+use crate::occasions::Occasions;
 use crate::offers::attribution::Attribution;
 use crate::offers::campaign::CampaignSet;
 use crate::offers::ledger::OfferLedger;
@@ -35,10 +36,9 @@ use crate::presence::history::History;
 use crate::presence::pipeline::{self, Pipeline};
 use crate::presence::source::{self, Source};
 use crate::profiles::ProfileStore;
-use crate::occasions::Occasions;
 use crate::profiles::erasure::Eraser;
-use crate::signals::Signals;
 use crate::profiles::sync::{self, Syncer};
+use crate::signals::Signals;
 use crate::store::{Store, StoreError};
 use crate::supervisor::{StatusBoard, Supervisor};
 use crate::uplink::mqtt::{self, MqttSettings};
@@ -138,8 +138,16 @@ pub async fn start(
         report_salvage(s, &config, &board, &deadletters, &outbox, &store, &clock).await?;
     }
 
-    let (ingest, profiles, offer_ledger, completed_rx, signals) =
-        start_core(&config, &store, &outbox, &deadletters, &clock, &supervisor, &token).await?;
+    let (ingest, profiles, offer_ledger, completed_rx, signals) = start_core(
+        &config,
+        &store,
+        &outbox,
+        &deadletters,
+        &clock,
+        &supervisor,
+        &token,
+    )
+    .await?;
     let offers = open_offers(&config, &clock, &profiles, &offer_ledger, &ingest)?;
 
     let eraser = Eraser {

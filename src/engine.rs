@@ -233,7 +233,10 @@ impl Engine {
             };
             if let (
                 Ingest::Once {
-                    occasion, token, at, ..
+                    occasion,
+                    token,
+                    at,
+                    ..
                 },
                 AppendOutcome::Stored,
             ) = (item, outcome)

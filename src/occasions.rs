@@ -106,8 +106,7 @@ pub fn is_claimed_in(
     key: &OccasionKey,
     token: u64,
 ) -> Result<bool, StoreError> {
-    Ok(w
-        .table(LogTable::Occasions)?
+    Ok(w.table(LogTable::Occasions)?
         .get(key.as_bytes())?
         .and_then(|v| decode(v.bytes()))
         .is_some_and(|f| f.token == token))
@@ -243,8 +242,11 @@ mod tests {
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let o = Occasions::new(&store);
         assert!(o.fired(&shoes).unwrap(), "durable across a reopen");
-        assert!(!o.fired(&in_store).unwrap(), "the scopes are remembered apart");
-        assert_eq!(o.claim(&[in_store.clone()], at).unwrap(), vec![true]);
+        assert!(
+            !o.fired(&in_store).unwrap(),
+            "the scopes are remembered apart"
+        );
+        assert_eq!(o.claim(std::slice::from_ref(&in_store), at).unwrap(), vec![true]);
         // "c10" begins with "c1": the NUL after the id keeps it out of c1's range.
         assert_eq!(o.erase_customer("c1").unwrap(), 2);
         assert!(o.fired(&other).unwrap());

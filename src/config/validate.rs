@@ -515,28 +515,84 @@ impl Config {
         if s.daily_time().is_none() {
             v.problem(
                 "signals.daily_at",
-                format!("{:?} is not a local time HH:MM such as \"06:00\"", s.daily_at),
+                format!(
+                    "{:?} is not a local time HH:MM such as \"06:00\"",
+                    s.daily_at
+                ),
             );
         }
         let mut range = |key: &str, value: u64, lo: u64, hi: u64| {
             if !(lo..=hi).contains(&value) {
-                v.problem(key.to_string(), format!("{value} is out of range {lo}-{hi}"));
+                v.problem(
+                    key.to_string(),
+                    format!("{value} is out of range {lo}-{hi}"),
+                );
             }
         };
-        range("signals.snapshot_every_s", s.snapshot_every_s, 60, 7 * 86_400);
-        range("signals.birthday_days_ahead", s.birthday_days_ahead.into(), 0, 60);
-        range("signals.points_expiry_days_ahead", s.points_expiry_days_ahead.into(), 0, 365);
-        range("signals.first_purchase_grace_days", s.first_purchase_grace_days.into(), 0, 60);
+        range(
+            "signals.snapshot_every_s",
+            s.snapshot_every_s,
+            60,
+            7 * 86_400,
+        );
+        range(
+            "signals.birthday_days_ahead",
+            s.birthday_days_ahead.into(),
+            0,
+            60,
+        );
+        range(
+            "signals.points_expiry_days_ahead",
+            s.points_expiry_days_ahead.into(),
+            0,
+            365,
+        );
+        range(
+            "signals.first_purchase_grace_days",
+            s.first_purchase_grace_days.into(),
+            0,
+            60,
+        );
         let f = &s.followups;
-        range("signals.followups.window_days", f.window_days.into(), 1, 730);
-        range("signals.followups.max_pairs", f.max_pairs as u64, 1, 1_000_000);
-        range("signals.followups.min_customers", f.min_customers, 1, 1_000_000);
+        range(
+            "signals.followups.window_days",
+            f.window_days.into(),
+            1,
+            730,
+        );
+        range(
+            "signals.followups.max_pairs",
+            f.max_pairs as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            "signals.followups.min_customers",
+            f.min_customers,
+            1,
+            1_000_000,
+        );
         range("signals.followups.top", f.top as u64, 1, 1000);
         let r = &self.retention;
         range("retention.ledger_days", r.ledger_days.into(), 730, 36_500);
-        range("retention.offer_history_days", r.offer_history_days.into(), 1, 36_500);
-        range("retention.occasion_days", r.occasion_days.into(), 366, 36_500);
-        range("retention.deadletter_days", r.deadletter_days.into(), 1, 36_500);
+        range(
+            "retention.offer_history_days",
+            r.offer_history_days.into(),
+            1,
+            36_500,
+        );
+        range(
+            "retention.occasion_days",
+            r.occasion_days.into(),
+            366,
+            36_500,
+        );
+        range(
+            "retention.deadletter_days",
+            r.deadletter_days.into(),
+            1,
+            36_500,
+        );
         for (i, sku) in f.anchor_skus.iter().enumerate() {
             if sku.is_empty() || sku.len() > 64 {
                 v.problem(

@@ -648,15 +648,24 @@ mod tests {
             sale(date(2026, 1, 1), 100, &[]),
         ]);
         // New from the first purchase; Loyal from day 91; Passive 181 days after Feb 1.
-        assert_eq!(k.activity_since(date(2025, 3, 1), &c), Some(date(2025, 1, 1)));
-        assert_eq!(k.activity_since(date(2025, 5, 1), &c), Some(date(2025, 4, 2)));
-        assert_eq!(k.activity_since(date(2025, 9, 1), &c), Some(date(2025, 8, 1)));
         assert_eq!(
-            k.activity_on(date(2025, 9, 1), &c),
-            Some(Activity::Passive)
+            k.activity_since(date(2025, 3, 1), &c),
+            Some(date(2025, 1, 1))
         );
+        assert_eq!(
+            k.activity_since(date(2025, 5, 1), &c),
+            Some(date(2025, 4, 2))
+        );
+        assert_eq!(
+            k.activity_since(date(2025, 9, 1), &c),
+            Some(date(2025, 8, 1))
+        );
+        assert_eq!(k.activity_on(date(2025, 9, 1), &c), Some(Activity::Passive));
         // The purchase of 2026-01-01 ended the passive period.
-        assert_eq!(k.activity_since(date(2026, 2, 1), &c), Some(date(2026, 1, 1)));
+        assert_eq!(
+            k.activity_since(date(2026, 2, 1), &c),
+            Some(date(2026, 1, 1))
+        );
         assert_eq!(
             k.view(date(2026, 2, 1), &c, None, None).activity,
             k.activity_on(date(2026, 2, 1), &c)

@@ -392,7 +392,11 @@ impl Signals {
             let id = format!(
                 "{}:trigger:{}",
                 s.store_id,
-                short_hash(&[customer.as_bytes(), d.trigger.as_bytes(), d.occasion.as_bytes()])
+                short_hash(&[
+                    customer.as_bytes(),
+                    d.trigger.as_bytes(),
+                    d.occasion.as_bytes()
+                ])
             );
             let data = TriggerData {
                 store: &s.store_id,
@@ -464,7 +468,14 @@ impl Signals {
         if self.inner.settings.config.enabled {
             for item in self.inner.profiles.all_kpis() {
                 let (customer, kpis) = item?;
-                if !self.consider(&customer, &kpis, today, now, Detected::Schedule, &mut report)? {
+                if !self.consider(
+                    &customer,
+                    &kpis,
+                    today,
+                    now,
+                    Detected::Schedule,
+                    &mut report,
+                )? {
                     // Inside its window: the next look after a transaction, or tomorrow.
                     self.dirty().insert(customer);
                 }
@@ -491,12 +502,26 @@ impl Signals {
             let Some(kpis) = self.inner.profiles.kpis(&customer)? else {
                 continue;
             };
-            if !self.consider(&customer, &kpis, today, now, Detected::Transaction, &mut report)? {
+            if !self.consider(
+                &customer,
+                &kpis,
+                today,
+                now,
+                Detected::Transaction,
+                &mut report,
+            )? {
                 waiting.push(customer);
             }
         }
         self.dirty().extend(waiting);
         Ok(report)
+    }
+
+    /// Resolves once the engine has committed everything this service queued before the call.
+    pub async fn probe(&self) {
+        if let Some(ingest) = &self.inner.ingest {
+            let _ = ingest.probe().await;
+        }
     }
 
     /// The business day of the last daily run, if there was one.
@@ -513,7 +538,10 @@ impl Signals {
     /// was missed; otherwise at `daily_at` on the next day that has not had its run.
     pub fn next_daily(&self, now: Timestamp) -> Result<Timestamp, StoreError> {
         let s = &self.inner.settings;
-        let time = s.config.daily_time().unwrap_or(jiff::civil::Time::midnight());
+        let time = s
+            .config
+            .daily_time()
+            .unwrap_or(jiff::civil::Time::midnight());
         let today = self.today(now);
         let at = |day: Date| {
             day.to_datetime(time)
@@ -533,7 +561,11 @@ impl Signals {
 
     /// Runs until cancelled: looks at marked customers every few seconds, and does the daily
     /// run on its schedule (and at start when one was missed).
-    pub async fn run(&self, component: Component, token: CancellationToken) -> Result<(), SignalsError> {
+    pub async fn run(
+        &self,
+        component: Component,
+        token: CancellationToken,
+    ) -> Result<(), SignalsError> {
         component.running(Some("waiting for the daily run".into()));
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -550,7 +582,14 @@ impl Signals {
                     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                 match report {
                     Ok(r) => {
-                        tracing::info!(customers = r.customers, consenting = r.consenting, triggers = r.triggers, snapshots = r.snapshots, elapsed_ms = started.elapsed().as_millis() as u64, "daily customer signals run");
+                        tracing::info!(
+                            customers = r.customers,
+                            consenting = r.consenting,
+                            triggers = r.triggers,
+                            snapshots = r.snapshots,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "daily customer signals run"
+                        );
                         component.running(Some(format!(
                             "daily run: {} customers, {} triggers, {} snapshots",
                             r.customers, r.triggers, r.snapshots

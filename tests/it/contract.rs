@@ -785,7 +785,9 @@ fn must_refuse_specific_breakage(kind: EventKind, event: &Value) {
             refuses("an unknown activity class", &|e| {
                 e["data"]["activity"] = json!("dormant")
             });
-            refuses("an RFM score of 6", &|e| e["data"]["rfm"] = json!({"r": 6, "f": 1, "m": 1}));
+            refuses("an RFM score of 6", &|e| {
+                e["data"]["rfm"] = json!({"r": 6, "f": 1, "m": 1})
+            });
             refuses("a day that is not a date", &|e| {
                 e["data"]["as_of"] = json!("yesterday")
             });

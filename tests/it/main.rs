@@ -27,6 +27,7 @@ mod profile_sync;
 mod profiles;
 mod registers;
 mod rfm_crosscheck;
+mod signals;
 mod sim;
 mod storage;
 mod uplink_drain;
