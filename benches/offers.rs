@@ -213,6 +213,7 @@ fn full_path(n: usize, decisions: usize, campaigns: &[u8]) {
         clock.clone(),
         profiles,
         OfferLedger::open(&store).unwrap(),
+        storelink::occasions::Occasions::new(&store),
         None,
     )
     .unwrap();

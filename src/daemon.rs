@@ -148,7 +148,7 @@ pub async fn start(
         &token,
     )
     .await?;
-    let offers = open_offers(&config, &clock, &profiles, &offer_ledger, &ingest)?;
+    let offers = open_offers(&config, &clock, &store, &profiles, &offer_ledger, &ingest)?;
 
     let eraser = Eraser {
         profiles: profiles.clone(),
@@ -478,6 +478,7 @@ fn spawn_checkpoint(supervisor: &Supervisor, store: &Store, token: &Cancellation
 fn open_offers(
     config: &Config,
     clock: &SharedClock,
+    store: &Store,
     profiles: &ProfileStore,
     offer_ledger: &OfferLedger,
     ingest: &IngestHandle,
@@ -498,6 +499,7 @@ fn open_offers(
         clock.clone(),
         profiles.clone(),
         offer_ledger.clone(),
+        Occasions::new(store),
         Some(ingest.clone()),
     )?;
     if let Some(file) = &config.offers.campaigns_file {

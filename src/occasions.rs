@@ -246,7 +246,10 @@ mod tests {
             !o.fired(&in_store).unwrap(),
             "the scopes are remembered apart"
         );
-        assert_eq!(o.claim(std::slice::from_ref(&in_store), at).unwrap(), vec![true]);
+        assert_eq!(
+            o.claim(std::slice::from_ref(&in_store), at).unwrap(),
+            vec![true]
+        );
         // "c10" begins with "c1": the NUL after the id keeps it out of c1's range.
         assert_eq!(o.erase_customer("c1").unwrap(), 2);
         assert!(o.fired(&other).unwrap());

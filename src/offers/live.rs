@@ -33,6 +33,7 @@ use crate::model::presence::PresenceEvent;
 use crate::model::presence::PresenceKind;
 use crate::model::register::LiveEvents;
 pub use crate::model::register::RegisterEvent;
+use crate::occasions::{OccasionKey, Occasions, Scope};
 use crate::profiles::kpi::{KpiConfig, KpiView};
 use crate::profiles::{Profile, ProfileStore};
 use crate::store::StoreError;
@@ -319,8 +320,8 @@ struct Inner {
     live: RwLock<Arc<CompiledSet>>,
     lanes: Mutex<HashMap<String, LaneState>>,
     lane_tx: broadcast::Sender<LaneUpdate>,
-    /// Customers whose birthday visit has been decided today (store's day).
-    birthdays: Mutex<(Option<Date>, HashSet<String>)>,
+    /// Which in-store lifecycle triggers fired for whom (durable; see [`crate::occasions`]).
+    occasions: Occasions,
 }
 
 /// The offers service; cheap to clone.
@@ -357,6 +358,7 @@ impl Offers {
         clock: SharedClock,
         profiles: ProfileStore,
         ledger: OfferLedger,
+        occasions: Occasions,
         ingest: Option<IngestHandle>,
     ) -> Result<Offers, StoreError> {
         let mut sets = Sets::default();
@@ -385,7 +387,7 @@ impl Offers {
                 live: RwLock::new(Arc::new(CompiledSet::default())),
                 lanes: Mutex::new(HashMap::new()),
                 lane_tx,
-                birthdays: Mutex::new((None, HashSet::new())),
+                occasions,
             }),
         };
         offers.go_live(compiled);
@@ -547,44 +549,81 @@ impl Offers {
         })
     }
 
-    /// The triggers a store entry is: always `store_entered`; `birthday_visit` on the first
-    /// entry of the customer's birthday; `winback_due` when they are overdue (overall, or per
-    /// overdue product group).
-    fn entry_triggers(
+    /// The lifecycle triggers a visit adds (a store entry, a card scanned at a till), each
+    /// once per customer and occasion: `birthday_visit` on the birthday's first visit,
+    /// `winback_due` once per overdue rhythm (overall, or per product group, until the next
+    /// purchase there). The memory is claimed durably before the decision, so a restart or a
+    /// second visit the same day never fires one twice.
+    async fn lifecycle_triggers(
         &self,
         profile: &Profile,
         view: Option<&KpiView>,
         today: Date,
-    ) -> Vec<Trigger> {
-        let mut triggers = vec![Trigger::StoreEntered];
+        at: Timestamp,
+    ) -> Result<Vec<Trigger>, OffersError> {
+        let customer = profile.customer_id.as_str();
+        let mut candidates: Vec<(Trigger, OccasionKey)> = Vec::new();
         if profile.birthday.is_some_and(|b| b.is(today)) {
-            let mut seen = self.inner.birthdays.lock().expect("birthday lock");
-            if seen.0 != Some(today) {
-                *seen = (Some(today), HashSet::new());
-            }
-            if seen.1.insert(profile.customer_id.clone()) {
-                triggers.push(Trigger::BirthdayVisit);
-            }
+            let key = OccasionKey::new(
+                customer,
+                Scope::Store,
+                "birthday_visit",
+                &today.year().to_string(),
+            );
+            candidates.push((Trigger::BirthdayVisit, key));
         }
-        if let Some(v) = view {
-            if v.overdue {
-                triggers.push(Trigger::WinbackDue { group: None });
+        if let Some(v) = view.filter(|v| v.overdue || !v.overdue_groups.is_empty())
+            && let Some(kpis) = self.inner.profiles.kpis(customer)?
+        {
+            let last = |r: &crate::profiles::kpi::Rhythm| r.last.map(|d| d.to_string());
+            if v.overdue
+                && let Some(day) = last(&kpis.rhythm)
+            {
+                let key =
+                    OccasionKey::new(customer, Scope::Store, "winback_due", &format!("*:{day}"));
+                candidates.push((Trigger::WinbackDue { group: None }, key));
             }
             for g in &v.overdue_groups {
-                triggers.push(Trigger::WinbackDue {
-                    group: Some(g.clone()),
-                });
+                if let Some(day) = kpis.groups.get(g).and_then(last) {
+                    let key = OccasionKey::new(
+                        customer,
+                        Scope::Store,
+                        "winback_due",
+                        &format!("{g}:{day}"),
+                    );
+                    candidates.push((
+                        Trigger::WinbackDue {
+                            group: Some(g.clone()),
+                        },
+                        key,
+                    ));
+                }
             }
         }
-        triggers
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<OccasionKey> = candidates.iter().map(|(_, k)| k.clone()).collect();
+        let occasions = self.inner.occasions.clone();
+        // A durable commit: off the async threads.
+        let fresh = tokio::task::spawn_blocking(move || occasions.claim(&keys, at))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        Ok(candidates
+            .into_iter()
+            .zip(fresh)
+            .filter_map(|((t, _), new)| new.then_some(t))
+            .collect())
     }
 
     /// Decides for a customer on an occasion, records the decision, and sends the offer
-    /// event. `triggers` of `None` means a store entry (whose triggers depend on the profile).
+    /// event. A `visit` (a store entry, a card at a till) adds the lifecycle triggers that are
+    /// new ([`Offers::lifecycle_triggers`]).
     async fn decide_and_record(
         &self,
         profile: &Profile,
-        triggers: Option<Vec<Trigger>>,
+        mut triggers: Vec<Trigger>,
+        visit: bool,
         zone: Option<String>,
         lane: Option<String>,
         at: Timestamp,
@@ -592,8 +631,13 @@ impl Offers {
         let customer = profile.customer_id.as_str();
         let today = self.today(at);
         let view = self.kpi_view(customer, today)?;
-        let triggers =
-            triggers.unwrap_or_else(|| self.entry_triggers(profile, view.as_ref(), today));
+        // Without offers, or without consent to them, no occasion is used up.
+        if visit && self.inner.settings.enabled && profile.consents.personalised_offers {
+            triggers.extend(
+                self.lifecycle_triggers(profile, view.as_ref(), today, at)
+                    .await?,
+            );
+        }
         let occasion = Occasion {
             triggers,
             store: self.inner.settings.store_id.clone(),
@@ -781,16 +825,23 @@ impl Offers {
         let Some(profile) = self.inner.profiles.lookup(customer)? else {
             return Ok(None);
         };
-        let triggers = match (ev.kind, &ev.zone, &ev.lane) {
-            (PresenceKind::Entered, None, _) => None,
-            (PresenceKind::Entered, Some(_), Some(_)) => Some(vec![Trigger::LaneArrived]),
+        let (triggers, visit) = match (ev.kind, &ev.zone, &ev.lane) {
+            (PresenceKind::Entered, None, _) => (vec![Trigger::StoreEntered], true),
+            (PresenceKind::Entered, Some(_), Some(_)) => (vec![Trigger::LaneArrived], false),
             (PresenceKind::Dwelling, Some(zone), _) => {
-                Some(vec![Trigger::ZoneDwelling { zone: zone.clone() }])
+                (vec![Trigger::ZoneDwelling { zone: zone.clone() }], false)
             }
             _ => return Ok(None),
         };
         let decision = self
-            .decide_and_record(&profile, triggers, ev.zone.clone(), ev.lane.clone(), ev.at)
+            .decide_and_record(
+                &profile,
+                triggers,
+                visit,
+                ev.zone.clone(),
+                ev.lane.clone(),
+                ev.at,
+            )
             .await?;
         if let (PresenceKind::Entered, Some(lane)) = (ev.kind, &ev.lane) {
             // A card already scanned at this lane outranks a phone nearby.
@@ -876,7 +927,8 @@ impl Offers {
         let decision = self
             .decide_and_record(
                 &profile,
-                Some(vec![Trigger::TransactionStarted]),
+                vec![Trigger::TransactionStarted],
+                true,
                 None,
                 Some(lane.clone()),
                 now,
@@ -939,7 +991,8 @@ impl Offers {
         let decision = self
             .decide_and_record(
                 &profile,
-                Some(vec![Trigger::TransactionCompleted]),
+                vec![Trigger::TransactionCompleted],
+                false,
                 None,
                 done.lane.clone(),
                 done.at,
@@ -1128,6 +1181,7 @@ mod tests {
             clock.clone(),
             profiles,
             OfferLedger::open(&store).unwrap(),
+            Occasions::new(&store),
             Some(ingest),
         )
         .unwrap();
@@ -1208,9 +1262,13 @@ mod tests {
             .unwrap();
         let p2 = effects.prompt.unwrap();
         assert!(!p2.ask_for_card, "the card is scanned now");
-        // No campaign for transaction_started: the offer decided at the lane stays.
+        // No cashier campaign for transaction_started: the offer decided at the lane stays.
+        // The card is the birthday's first visit (the phone was only seen at the lane), so
+        // the birthday push offer comes with it.
         assert_eq!(p2.offer, p.offer);
-        assert_eq!(effects.offers.len(), 1);
+        let campaigns: Vec<&str> = effects.offers.iter().map(|o| o.campaign.as_str()).collect();
+        assert_eq!(campaigns.len(), 2, "{campaigns:?}");
+        assert!(campaigns.contains(&"birthday"), "{campaigns:?}");
         assert_eq!(p2.recognised, Recognised::Card);
         assert_eq!(lanes.recv().await.unwrap().prompt.unwrap().id, p2.id);
 
@@ -1249,6 +1307,8 @@ mod tests {
             [
                 "\"storelink.offer.v1\":",
                 "\"storelink.prompt.v1\":shown",
+                // The birthday offer the card scan brought.
+                "\"storelink.offer.v1\":",
                 "\"storelink.prompt.v1\":shown"
             ]
         );
@@ -1301,6 +1361,41 @@ mod tests {
         assert!(d.chosen.is_empty());
         assert!(!d.explained.iter().any(|e| e.campaign == "birthday"
             && e.outcome != super::super::decide::Outcome::OtherTrigger));
+
+        // The memory is durable: after a restart, neither an entry nor a card scan that day
+        // brings the birthday again.
+        let dir = f._dir;
+        drop(f.offers);
+        f.store.flush_blocking().unwrap();
+        drop(f.store);
+        let again = fixture_in(dir);
+        again.offers.install(Slot::Store, &campaigns(1)).unwrap();
+        let d = again
+            .offers
+            .on_presence(&presence(
+                PresenceKind::Entered,
+                None,
+                None,
+                "2026-11-23T16:00:00Z",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(d.chosen.is_empty(), "{:?}", d.chosen);
+        let effects = again
+            .offers
+            .on_register_event(RegisterEvent::CustomerIdentified {
+                register: Some("r1".into()),
+                lane: None,
+                loyalty_id: "c1".into(),
+            })
+            .await
+            .unwrap();
+        assert!(
+            effects.offers.iter().all(|o| o.campaign != "birthday"),
+            "{:?}",
+            effects.offers
+        );
     }
 
     #[tokio::test]

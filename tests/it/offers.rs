@@ -299,6 +299,7 @@ async fn campaigns_over_https_use_etags_and_a_bad_body_keeps_the_last_good_set()
         storelink::clock::system(),
         storelink::profiles::ProfileStore::open(&store).unwrap(),
         storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
+        storelink::occasions::Occasions::new(&store),
         None,
     )
     .unwrap();
