@@ -163,12 +163,14 @@ fn main() {
                 store: store.clone(),
                 eraser: Eraser {
                     profiles: profiles.clone(),
-                    history: std::sync::Arc::new(
-                        storelink::presence::history::History::open(&store, 30).unwrap(),
-                    ),
-                    offers: std::sync::Arc::new(
-                        storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
-                    ),
+                    records: vec![
+                        std::sync::Arc::new(
+                            storelink::presence::history::History::open(&store, 30).unwrap(),
+                        ),
+                        std::sync::Arc::new(
+                            storelink::offers::ledger::OfferLedger::open(&store).unwrap(),
+                        ),
+                    ],
                     store_id: "s1".into(),
                     clock: storelink::clock::system(),
                     ingest: None,

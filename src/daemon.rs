@@ -152,8 +152,15 @@ pub async fn start(
 
     let eraser = Eraser {
         profiles: profiles.clone(),
-        history: Arc::new(History::open(&store, config.presence.retention_days)?),
-        offers: Arc::new(offer_ledger.clone()),
+        records: vec![
+            Arc::new(History::open(&store, config.presence.retention_days)?),
+            Arc::new(offer_ledger.clone()),
+            Arc::new(Occasions::new(&store)),
+            Arc::new(crate::uplink::outbox::HeldForCentral {
+                outbox: outbox.clone(),
+                deadletters: deadletters.clone(),
+            }),
+        ],
         store_id: config.store.id.clone(),
         clock: clock.clone(),
         ingest: Some(ingest.clone()),

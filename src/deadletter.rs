@@ -193,6 +193,65 @@ impl DeadLetters {
         Ok(out)
     }
 
+    /// Removes the records that mention any of `needles` in their raw bytes or reason (an
+    /// erased customer's id or card); returns how many. Committed durably: an erasure is
+    /// acknowledged only after it.
+    pub fn erase_mentioning(&self, needles: &[String]) -> Result<usize, StoreError> {
+        let needles: Vec<&[u8]> = needles
+            .iter()
+            .map(|n| n.as_bytes())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mentions = |hay: &[u8]| {
+            needles
+                .iter()
+                .any(|n| hay.windows(n.len()).any(|w| w == *n))
+        };
+        self.remove_where(Commit::Durable, |letter| {
+            mentions(&letter.raw) || mentions(letter.reason.as_bytes())
+        })
+    }
+
+    /// Removes the records received before `before` (retention); returns how many.
+    pub fn prune(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.remove_where(Commit::Lazy, |letter| letter.received_at < before)
+    }
+
+    fn remove_where(
+        &self,
+        commit: Commit,
+        doomed: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<usize, StoreError> {
+        let view = self.store.view(LogTable::DeadLetters)?;
+        let mut gone: Vec<(Vec<u8>, u64)> = Vec::new();
+        for item in view.iter()? {
+            let item = item?;
+            if serde_json::from_slice::<DeadLetter>(item.value()).is_ok_and(|l| doomed(&l)) {
+                gone.push((item.key().to_vec(), 8 + item.value().len() as u64));
+            }
+        }
+        drop(view);
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        self.store.write(commit, |w| {
+            let table = w.table(LogTable::DeadLetters)?;
+            let mut freed = (0u64, 0u64);
+            for (k, size) in &gone {
+                if table.remove(k)? {
+                    freed.0 += 1;
+                    freed.1 += size;
+                }
+            }
+            w.after_commit(move || {
+                let mut state = self.state.lock().expect("dead-letter lock");
+                state.count = state.count.saturating_sub(freed.0);
+                state.bytes = state.bytes.saturating_sub(freed.1);
+            });
+            Ok(freed.0 as usize)
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.state.lock().expect("dead-letter lock").count as usize
     }
@@ -241,6 +300,31 @@ mod tests {
         let reopened = DeadLetters::open(&store, 2_000).unwrap();
         reopened.record(&[letter(b"after")]).unwrap();
         assert_eq!(reopened.recent(1).unwrap()[0].raw, b"after");
+    }
+
+    #[test]
+    fn an_erasure_removes_the_letters_that_mention_the_customer_and_retention_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let dls = DeadLetters::open(&store, 1 << 20).unwrap();
+        dls.record(&[
+            letter(br#"{"loyalty_id":"9990001","total":"12,50"}"#),
+            letter(b"\x02nothing personal\x03"),
+        ])
+        .unwrap();
+        assert_eq!(
+            dls.erase_mentioning(&["c77".into(), "9990001".into()])
+                .unwrap(),
+            1
+        );
+        assert_eq!(dls.len(), 1);
+        assert_eq!(dls.recent(10).unwrap()[0].raw, b"\x02nothing personal\x03");
+        assert_eq!(
+            dls.prune("2026-11-22T10:00:01Z".parse().unwrap()).unwrap(),
+            1
+        );
+        assert!(dls.is_empty());
+        assert!(DeadLetters::open(&store, 1 << 20).unwrap().is_empty());
     }
 
     #[test]

@@ -68,8 +68,11 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// A keeper of customer-linked records that an erasure must reach (presence history, offer
-/// history). Registered with the eraser, so the profile store names none of them.
+/// history, trigger memory, what the outbox still holds). Registered with the eraser, so the
+/// profile store names none of them.
 pub trait CustomerRecords: Send + Sync {
-    /// Removes every record of the customer; returns how many there were.
-    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError>;
+    /// Removes (or redacts) every record of the customer, known by `ids`: their id first,
+    /// then the loyalty card numbers that were theirs. Returns what it did, each count under
+    /// the name the erasure acknowledgement gives it.
+    fn erase_customer(&self, ids: &[String]) -> Result<Vec<(&'static str, u64)>, StoreError>;
 }

@@ -561,8 +561,12 @@ fn fact_key(name: &str) -> Vec<u8> {
 
 /// What an erasure removes of the offer history.
 impl crate::model::customer::CustomerRecords for OfferLedger {
-    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError> {
-        self.erase(customer_id)
+    fn erase_customer(&self, ids: &[String]) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let n = match ids.first() {
+            Some(id) => self.erase(id)?,
+            None => 0,
+        };
+        Ok(vec![("offer_records", n as u64)])
     }
 }
 

@@ -137,8 +137,12 @@ impl History {
 
 /// What an erasure removes of the presence history.
 impl crate::model::customer::CustomerRecords for History {
-    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError> {
-        self.erase(customer_id)
+    fn erase_customer(&self, ids: &[String]) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let n = match ids.first() {
+            Some(id) => self.erase(id)?,
+            None => 0,
+        };
+        Ok(vec![("presence_records", n as u64)])
     }
 }
 

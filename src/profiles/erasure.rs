@@ -3,9 +3,12 @@
 //!
 //! Invariants:
 //! - One request removes the profile, presence key, card index entries, KPIs and ledger (one
-//!   atomic batch in the profiles tree), the customer's presence history and their offer
-//!   history, and leaves a
-//!   tombstone so a stale upsert cannot bring them back.
+//!   atomic batch in the profiles tree), and leaves a tombstone so a stale upsert cannot bring
+//!   them back. Every other keeper registered with the eraser ([`CustomerRecords`]) does its
+//!   share, by the customer's id and card numbers: presence history, offer history, trigger
+//!   memory, and what is still held for central (transactions lose the loyalty id; presence,
+//!   offer, prompt, customer and trigger events are dropped; dead letters that mention the
+//!   customer are removed).
 //! - The acknowledgement (`storelink.erasure.v1`) is queued only after the caller flushed the
 //!   erasure to disk, so central never hears "erased" about something a crash could undo.
 //! - The acknowledgement does not carry the customer id: it echoes central's `request_id`
@@ -51,13 +54,14 @@ pub struct ErasureAck {
     /// The tombstone's version.
     pub version: u64,
     pub erased_at: Timestamp,
-    /// What was removed: profile records (profile, presence key, KPIs, cards), ledger entries,
-    /// presence history records and offer history records. All zero when the store never knew
-    /// the customer.
+    /// What was removed: profile records (profile, presence key, KPIs, cards) and ledger
+    /// entries; then each keeper's counts (`presence_records`, `offer_records`,
+    /// `trigger_records`, `outbox_redacted`, `outbox_dropped`, `dead_letters`). All zero
+    /// when the store never knew the customer.
     pub profile_records: u64,
     pub ledger_entries: u64,
-    pub presence_records: u64,
-    pub offer_records: u64,
+    #[serde(flatten)]
+    pub records: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// The SHA-256 of a customer id, as acknowledgements name the customer.
@@ -69,9 +73,9 @@ pub fn customer_ref(customer_id: &str) -> String {
 #[derive(Clone)]
 pub struct Eraser {
     pub profiles: ProfileStore,
-    /// The customer's presence history and offer history, kept by presence and offers.
-    pub history: Arc<dyn CustomerRecords>,
-    pub offers: Arc<dyn CustomerRecords>,
+    /// Every other keeper of customer-linked records (presence and offer history, trigger
+    /// memory, the outbox and dead letters).
+    pub records: Vec<Arc<dyn CustomerRecords>>,
     pub store_id: String,
     pub clock: SharedClock,
     /// Where acknowledgements go; `None` in tools that only clean up.
@@ -83,9 +87,18 @@ impl Eraser {
     /// flushes; acknowledge only after that.
     pub fn erase(&self, request: &Erasure) -> Result<ErasureAck, StoreError> {
         tracing::debug!(customer = %request.customer_id, "erasing customer");
+        // The cards go with the profile; what else names the customer may name them by card.
+        let mut ids = vec![request.customer_id.clone()];
+        if let Some(p) = self.profiles.get(&request.customer_id)? {
+            ids.extend(p.cards.into_iter().filter(|c| !c.is_empty()));
+        }
         let erased = self.profiles.erase(&request.customer_id, request.version)?;
-        let presence_records = self.history.erase_customer(&request.customer_id)? as u64;
-        let offer_records = self.offers.erase_customer(&request.customer_id)? as u64;
+        let mut records = std::collections::BTreeMap::new();
+        for keeper in &self.records {
+            for (name, n) in keeper.erase_customer(&ids)? {
+                *records.entry(name).or_insert(0) += n;
+            }
+        }
         metrics::counter!("storelink_erasures_total").increment(1);
         Ok(ErasureAck {
             store: self.store_id.clone(),
@@ -95,8 +108,7 @@ impl Eraser {
             erased_at: self.clock.now(),
             profile_records: erased.records,
             ledger_entries: erased.ledger_entries,
-            presence_records,
-            offer_records,
+            records,
         })
     }
 

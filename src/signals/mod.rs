@@ -638,7 +638,11 @@ impl CommitHook for Signals {
 
 /// The occasion memory is customer-linked: an erasure forgets it.
 impl crate::model::customer::CustomerRecords for Occasions {
-    fn erase_customer(&self, customer_id: &str) -> Result<usize, StoreError> {
-        Occasions::erase_customer(self, customer_id)
+    fn erase_customer(&self, ids: &[String]) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let n = match ids.first() {
+            Some(id) => Occasions::erase_customer(self, id)?,
+            None => 0,
+        };
+        Ok(vec![("trigger_records", n as u64)])
     }
 }

@@ -153,6 +153,34 @@ impl EntryKey {
     }
 }
 
+/// What an erasure changed in the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxErased {
+    /// Transactions and redemptions kept without the customer.
+    pub redacted: u64,
+    /// Events about the customer removed, and dead letters that mentioned them.
+    pub dropped: u64,
+}
+
+/// What an erasure reaches of what is held for central: the outbox's events and the local dead
+/// letters.
+pub struct HeldForCentral {
+    pub outbox: std::sync::Arc<Outbox>,
+    pub deadletters: std::sync::Arc<crate::deadletter::DeadLetters>,
+}
+
+impl crate::model::customer::CustomerRecords for HeldForCentral {
+    fn erase_customer(&self, ids: &[String]) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let held = self.outbox.erase_customer(ids)?;
+        let letters = self.deadletters.erase_mentioning(ids)?;
+        Ok(vec![
+            ("outbox_redacted", held.redacted),
+            ("outbox_dropped", held.dropped),
+            ("dead_letters", letters as u64),
+        ])
+    }
+}
+
 /// What happened to one appended event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
@@ -790,6 +818,16 @@ impl Outbox {
         w: &mut LogWrite<'_, 'h>,
         keys: &[EntryKey],
     ) -> Result<usize, StoreError> {
+        self.remove_in(w, keys, "storelink_outbox_acked_total")
+    }
+
+    /// Removes entries within the caller's transaction, counting them under `counter`.
+    fn remove_in<'h>(
+        &'h self,
+        w: &mut LogWrite<'_, 'h>,
+        keys: &[EntryKey],
+        counter: &'static str,
+    ) -> Result<usize, StoreError> {
         let mut gone: Vec<(Stream, u64)> = Vec::with_capacity(keys.len());
         let entries = w.table(LogTable::Outbox)?;
         for key in keys {
@@ -825,13 +863,113 @@ impl Outbox {
             for stream in Stream::ALL {
                 let n = per_stream[stream as usize];
                 if n > 0 {
-                    metrics::counter!("storelink_outbox_acked_total", "stream" => stream.name())
-                        .increment(n);
+                    metrics::counter!(counter, "stream" => stream.name()).increment(n);
                     self.publish_metrics(stream, &snapshot);
                 }
             }
         });
         Ok(acked)
+    }
+
+    /// Erases a customer from what is still held, known by id and card numbers (`ids`): a
+    /// transaction loses its `loyalty_id`, a redemption its `customer_id`; presence, offer,
+    /// prompt, customer and trigger events about them, and dead letters that mention them,
+    /// are removed. Committed durably, since the erasure is acknowledged after it. An entry a
+    /// sender has in flight at this moment may still arrive unredacted; it was sent before the
+    /// request came.
+    pub fn erase_customer(&self, ids: &[String]) -> Result<OutboxErased, StoreError> {
+        let is_them =
+            |v: &serde_json::Value| v.as_str().is_some_and(|s| ids.iter().any(|id| id == s));
+        let needles: Vec<&[u8]> = ids
+            .iter()
+            .map(|i| i.as_bytes())
+            .filter(|i| !i.is_empty())
+            .collect();
+        let mentions = |hay: &[u8]| {
+            needles
+                .iter()
+                .any(|n| hay.windows(n.len()).any(|w| w == *n))
+        };
+        let mut doomed = Vec::new();
+        let mut rewrites: Vec<(EntryKey, Vec<u8>, u64, u64)> = Vec::new();
+        let view = self.store.view(LogTable::Outbox)?;
+        for item in view.iter()? {
+            let item = item?;
+            let (Some(key), Some((kind, _, _, payload_at))) =
+                (EntryKey::from_bytes(item.key()), parse_entry(item.value()))
+            else {
+                continue;
+            };
+            let raw = item.value();
+            let Ok(mut event) = serde_json::from_slice::<serde_json::Value>(&raw[payload_at..])
+            else {
+                continue;
+            };
+            let field = match kind {
+                EventKind::Transaction => "loyalty_id",
+                EventKind::Redemption => "customer_id",
+                EventKind::Presence
+                | EventKind::Offer
+                | EventKind::Prompt
+                | EventKind::Customer
+                | EventKind::Trigger => {
+                    if is_them(&event["data"]["customer_id"]) {
+                        doomed.push(key);
+                    }
+                    continue;
+                }
+                EventKind::DeadLetter => {
+                    let letter = event.get("data").cloned().and_then(|d| {
+                        serde_json::from_value::<crate::deadletter::DeadLetter>(d).ok()
+                    });
+                    if letter.is_some_and(|l| mentions(&l.raw) || mentions(l.reason.as_bytes())) {
+                        doomed.push(key);
+                    }
+                    continue;
+                }
+                EventKind::Status | EventKind::Erasure | EventKind::FollowUps => continue,
+            };
+            if !is_them(&event["data"][field]) {
+                continue;
+            }
+            if let Some(data) = event["data"].as_object_mut() {
+                data.remove(field);
+            }
+            let mut new_raw = raw[..payload_at].to_vec();
+            new_raw.extend_from_slice(&serde_json::to_vec(&event).expect("JSON serialises"));
+            let old = stored_size(raw).unwrap_or(0);
+            let new = stored_size(&new_raw).unwrap_or(0);
+            rewrites.push((key, new_raw, old, new));
+        }
+        drop(view);
+        let erased = OutboxErased {
+            redacted: rewrites.len() as u64,
+            dropped: doomed.len() as u64,
+        };
+        if doomed.is_empty() && rewrites.is_empty() {
+            return Ok(erased);
+        }
+        self.store.write(Commit::Durable, |w| {
+            self.remove_in(w, &doomed, "storelink_outbox_erased_total")?;
+            let entries = w.table(LogTable::Outbox)?;
+            let mut delta: Vec<(Stream, i64)> = Vec::new();
+            for (key, raw, old, new) in &rewrites {
+                // Only where the entry is still held (an acknowledgement may have come).
+                if entries.contains(&key.0)? {
+                    entries.insert(&key.0, raw)?;
+                    delta.push((key.stream(), *new as i64 - *old as i64));
+                }
+            }
+            w.after_commit(move || {
+                let mut state = self.state.lock().expect("outbox lock");
+                for (stream, d) in delta {
+                    let counts = &mut state.streams[stream as usize];
+                    counts.bytes = counts.bytes.saturating_add_signed(d);
+                }
+            });
+            Ok(())
+        })?;
+        Ok(erased)
     }
 
     /// Takes up to `limit` entries (and about `max_bytes` of payload, at least one entry) that

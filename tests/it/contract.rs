@@ -40,6 +40,12 @@ const OPTIONAL: &[(&str, &[&str])] = &[
     ("storelink.status.v1", &[]),
     ("storelink.deadletter.v1", &[]),
     ("storelink.erasure.v1", &["request_id"]),
+    ("storelink.customer.v1", &[]),
+    (
+        "storelink.trigger.v1",
+        &["group", "due", "days_overdue", "interval_days", "points"],
+    ),
+    ("storelink.followups.v1", &[]),
 ];
 
 fn docs() -> std::path::PathBuf {

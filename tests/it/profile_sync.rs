@@ -60,10 +60,12 @@ fn syncer(central: &CentralHttps, local: &Local, ca: Option<&std::path::Path>) -
         store: local.store.clone(),
         eraser: Eraser {
             profiles: local.profiles.clone(),
-            history: std::sync::Arc::new(history),
-            offers: std::sync::Arc::new(
-                storelink::offers::ledger::OfferLedger::open(&local.store).unwrap(),
-            ),
+            records: vec![
+                std::sync::Arc::new(history),
+                std::sync::Arc::new(
+                    storelink::offers::ledger::OfferLedger::open(&local.store).unwrap(),
+                ),
+            ],
             store_id: "s042".into(),
             clock: storelink::clock::system(),
             ingest: None,

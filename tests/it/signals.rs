@@ -257,3 +257,148 @@ async fn without_marketing_consent_nothing_is_queued_and_with_it_a_snapshot_foll
     assert_eq!(agent.profiles.kpis("quiet").unwrap().unwrap().purchases, 2);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_while_the_broker_is_down_leaves_central_only_the_ack_and_the_redacted_transaction()
+ {
+    use common::https::{CentralHttps, Feed, erase, upsert};
+    let mut profile = serde_json::json!({
+        "customer_id": "c77", "first_name": "Ada", "cards": ["9990001"], "version": 3,
+        "consents": {"marketing": true, "personalised_offers": true}
+    });
+    let central_https = CentralHttps::start(Feed {
+        extra: vec![upsert(profile.take())],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = central_https.pki.write_ca(dir.path());
+    // The broker's port, with no broker on it until the erasure is done.
+    let broker = local(free_port());
+    let port = free_port();
+    let text = config_text(
+        &dir.path().join("data"),
+        broker,
+        free_port(),
+        &[("lane-1", port)],
+    ) + &format!(
+        "\n[central.https]\nbase_url = \"{}\"\nca_file = \"{}\"\nuplink = false\n\n[profiles]\nsync_interval_s = 10\n",
+        central_https.base_url(),
+        ca.display()
+    );
+    let agent = TestAgent::from_text(
+        dir,
+        &[("lane-1", port)],
+        &text,
+        &HashMap::new(),
+        storelink::clock::system(),
+    )
+    .await;
+    common::eventually(
+        "the profile to sync",
+        std::time::Duration::from_secs(20),
+        || agent.profiles.get("c77").unwrap().is_some(),
+    )
+    .await;
+
+    // The customer buys by card, and so does someone else; a garbled line names the card.
+    let mut reg = SimRegister::new("s042", "lane-1", Some("1"), 3);
+    let mut client = agent.client(0).await;
+    let now = Timestamp::now();
+    let theirs = sale(&mut reg, now, "9990001", "consoles");
+    let other = sale(&mut reg, now, "c88", "shoes");
+    for tx in [&theirs, &other] {
+        assert!(client.submit(tx).await.unwrap().starts_with("ok"));
+    }
+    client
+        .send_raw(b"{\"loyalty_id\":\"9990001\",\"total\":\"12,50\"}\n")
+        .await
+        .unwrap();
+    assert!(client.reply().await.unwrap().starts_with("err"));
+    settle(&agent).await;
+    // In the event's text, or in a dead letter's raw bytes (base64 on the wire).
+    let mentions = |e: &Value| {
+        use base64::Engine as _;
+        let raw = e["data"]["raw"]
+            .as_str()
+            .and_then(|r| base64::engine::general_purpose::STANDARD.decode(r).ok())
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+            .unwrap_or_default();
+        let text = e.to_string() + &raw;
+        text.contains("c77") || text.contains("9990001")
+    };
+    let before: Vec<Value> = [
+        "storelink.customer.v1",
+        "storelink.trigger.v1",
+        "storelink.deadletter.v1",
+    ]
+    .iter()
+    .flat_map(|ty| held(&agent, ty))
+    .filter(mentions)
+    .collect();
+    assert!(
+        before.len() >= 3,
+        "a snapshot, a welcome and the dead letter are held: {before:#?}"
+    );
+
+    // Central erases the customer over HTTPS while the broker is still away.
+    central_https
+        .feed
+        .lock()
+        .unwrap()
+        .extra
+        .push(erase("c77", 3, "req-1"));
+    common::eventually("the erasure", std::time::Duration::from_secs(30), || {
+        agent.profiles.tombstone("c77").unwrap().is_some()
+    })
+    .await;
+    assert!(
+        agent.deadletters.is_empty(),
+        "the dead letter named the card"
+    );
+
+    // The broker comes back; everything held is delivered.
+    storelink::demo::start_broker(broker).unwrap();
+    let central = common::Central::subscribe(broker, "storelink/v1/acme/s042/events/#").await;
+    central
+        .wait_for_ids(
+            "storelink.erasure.v1",
+            1,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    common::eventually(
+        "the outbox to empty",
+        std::time::Duration::from_secs(30),
+        || agent.outbox.depth() == 0,
+    )
+    .await;
+    let received: Vec<Value> = central.all().into_iter().map(|r| r.event).collect();
+    let about_them: Vec<&Value> = received.iter().filter(|e| mentions(e)).collect();
+    assert!(about_them.is_empty(), "{about_them:#?}");
+    let transactions = central.of_type("storelink.transaction.v1");
+    let redacted = transactions
+        .iter()
+        .find(|t| t["id"] == theirs.id.as_str())
+        .expect("the customer's transaction, redacted");
+    assert!(redacted["data"].get("loyalty_id").is_none());
+    assert_eq!(redacted["data"]["total"], theirs.total);
+    assert!(
+        transactions
+            .iter()
+            .any(|t| t["data"]["loyalty_id"] == "c88"),
+        "other customers are untouched"
+    );
+    // Besides the two transactions, the acknowledgement is all.
+    let others: Vec<&str> = received
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .filter(|t| *t != "storelink.transaction.v1")
+        .collect();
+    assert_eq!(others, ["storelink.erasure.v1"]);
+    let ack = &central.of_type("storelink.erasure.v1")[0]["data"];
+    assert_eq!(ack["outbox_redacted"], 1, "{ack}");
+    assert!(ack["outbox_dropped"].as_u64().unwrap() >= 3, "{ack}");
+    assert_eq!(ack["dead_letters"], 1, "{ack}");
+    agent.stop().await;
+}
