@@ -108,6 +108,7 @@ fn main() {
         .map(|i| LedgerEntry {
             day: day("2025-01-01") + jiff::Span::new().days(i * 20),
             amount: 4000 + i * 100,
+            anchors: Vec::new(),
             groups: vec!["games".into()],
         })
         .collect();

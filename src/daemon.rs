@@ -302,6 +302,7 @@ async fn start_core(
     let (ingest, rx) = crate::model::ingest::channel();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let profiles = ProfileStore::open_with(store, config.profiles.cache_entries)?;
+    profiles.configure_followups(&config.signals.followups)?;
     let signals = Signals::new(
         crate::signals::Settings {
             store_id: config.store.id.clone(),

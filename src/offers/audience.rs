@@ -476,6 +476,7 @@ mod tests {
             .map(|i| LedgerEntry {
                 day: day("2025-01-01") + jiff::Span::new().days(i64::from(i) * gap),
                 amount: 4000 + i64::from(i) * 100,
+                anchors: Vec::new(),
                 groups: vec![if i % 2 == 0 { "games" } else { "toys" }.into()],
             })
             .collect();

@@ -176,6 +176,7 @@ mod tests {
             .map(|d| LedgerEntry {
                 day: day(d),
                 amount: 5000,
+                anchors: Vec::new(),
                 groups: vec!["fashion".into()],
             })
             .collect();

@@ -49,6 +49,9 @@ pub struct LedgerEntry {
     /// Product groups (categories) the basket touched, sorted, without repeats.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// Anchor-product SKUs (`signals.followups.anchor_skus`) in the basket, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anchors: Vec<String>,
 }
 
 impl LedgerEntry {
@@ -163,6 +166,9 @@ pub struct Kpis {
     pub sales_by_day: BTreeMap<Date, i64>,
     #[serde(default)]
     pub group_days: BTreeMap<String, std::collections::BTreeSet<Date>>,
+    /// The days each anchor product was bought (for the follow-up model).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sku_days: BTreeMap<String, std::collections::BTreeSet<Date>>,
     #[serde(default)]
     pub sales_total: i64,
     /// Refunds per day (positive), so revenue over any window of days is known.
@@ -214,6 +220,9 @@ impl Kpis {
         *self.sales_by_day.entry(e.day).or_insert(0) += e.amount;
         for g in &e.groups {
             self.group_days.entry(g.clone()).or_default().insert(e.day);
+        }
+        for s in &e.anchors {
+            self.sku_days.entry(s.clone()).or_default().insert(e.day);
         }
     }
 
@@ -568,6 +577,7 @@ mod tests {
             day,
             amount,
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            anchors: Vec::new(),
         }
     }
 
@@ -722,6 +732,7 @@ mod tests {
                     LedgerEntry {
                         day: date(2024, 1, 1) + jiff::Span::new().days(*d),
                         amount: *amount,
+                        anchors: groups.iter().filter(|g| *g == "games").map(|_| "ps5-game".to_string()).collect(),
                         groups,
                     }
                 })

@@ -30,6 +30,7 @@
 
 pub mod downlink;
 pub mod erasure;
+pub mod followups;
 pub mod kpi;
 pub mod sync;
 
@@ -43,10 +44,12 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::config::FollowUpConfig;
 use crate::model::customer::PresenceKey;
 use crate::model::ingest::{CommitHook, Committed, StepOutput};
 use crate::model::transaction::{Transaction, TransactionKind};
 use crate::store::{Batch, Store, StoreError, Tree, TreeName};
+use followups::{FollowUps, Share};
 use kpi::{Kpis, LedgerEntry, ModelParams, RfmBreakpoints};
 
 const PROFILE: u8 = b'p';
@@ -136,7 +139,7 @@ impl MonthDay {
 }
 
 /// What a follow-up recommendation matches or suggests: a category or one article.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Item {
     Category(String),
@@ -281,6 +284,8 @@ struct Inner {
     /// profile (versions, tombstones, the ledger) sees no other writer in between. Readers
     /// never take it, so a long page does not hold up lookups.
     writer: Mutex<()>,
+    /// The follow-up model; moved only by writers holding `writer`, after their batch.
+    followups: std::sync::RwLock<FollowUps>,
 }
 
 impl std::fmt::Debug for ProfileStore {
@@ -312,7 +317,7 @@ impl ProfileStore {
     /// Opens with an in-memory cache of at most `cache_entries` profiles (0 turns it off).
     pub fn open_with(store: &Store, cache_entries: usize) -> Result<ProfileStore, StoreError> {
         let cap = NonZeroUsize::new(cache_entries);
-        Ok(ProfileStore {
+        let store = ProfileStore {
             inner: Arc::new(Inner {
                 tree: store.tree(TreeName::Profiles)?,
                 changes: watch::channel(0).0,
@@ -321,8 +326,93 @@ impl ProfileStore {
                 caching: cap.is_some(),
                 writes: AtomicU64::new(0),
                 writer: Mutex::new(()),
+                followups: std::sync::RwLock::new(FollowUps::new(FollowUpConfig::default())),
             }),
-        })
+        };
+        store.load_followups()?;
+        Ok(store)
+    }
+
+    fn load_followups(&self) -> Result<(), StoreError> {
+        let mut model = FollowUps::new(self.followups().config().clone());
+        for item in self.tree().scan_prefix([followups::PREFIX]) {
+            let (k, v) = item?;
+            model.load(&k, &v);
+        }
+        *self.followups_mut() = model;
+        Ok(())
+    }
+
+    fn followups(&self) -> std::sync::RwLockReadGuard<'_, FollowUps> {
+        self.inner
+            .followups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn followups_mut(&self) -> std::sync::RwLockWriteGuard<'_, FollowUps> {
+        self.inner
+            .followups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the follow-up model's settings. When the window or the anchors differ from those
+    /// the counts were made with, the model is rebuilt from every customer's KPIs (once; the
+    /// settings are kept as a fact).
+    pub fn configure_followups(&self, config: &FollowUpConfig) -> Result<(), StoreError> {
+        let _writer = self.writer();
+        let basis = format!("{}|{}", config.window_days, config.anchor_skus.join(","));
+        let held = self.fact(FOLLOWUPS_FACT)?;
+        if held.as_deref() == Some(basis.as_bytes()) {
+            let mut model = self.followups_mut();
+            let mut fresh = FollowUps::new(config.clone());
+            std::mem::swap(&mut *model, &mut fresh);
+            drop(model);
+            return self.load_followups();
+        }
+        let started = std::time::Instant::now();
+        let mut model = FollowUps::new(config.clone());
+        let mut batch = Batch::default();
+        for item in self.tree().scan_prefix([followups::PREFIX]) {
+            batch.remove(&*item?.0);
+        }
+        let mut customers = 0u64;
+        for item in self.all_kpis() {
+            let (_, k) = item?;
+            for (key, n) in model.apply(&Share::default(), &Share::of(Some(&k), config.window_days))
+            {
+                batch.insert(key, n.to_be_bytes());
+            }
+            customers += 1;
+        }
+        batch.insert(key(FACT, FOLLOWUPS_FACT), basis.as_bytes());
+        self.tree().apply(batch)?;
+        *self.followups_mut() = model;
+        if customers > 0 {
+            tracing::info!(
+                customers,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "follow-up model rebuilt for new settings"
+            );
+        }
+        Ok(())
+    }
+
+    /// The follow-up pairs with enough customers, best lift first.
+    pub fn top_followups(&self, limit: usize) -> Vec<followups::Pair> {
+        self.followups().top(limit)
+    }
+
+    /// Loyalty customers the follow-up model counts, and its window.
+    pub fn followup_basis(&self) -> (u64, u32) {
+        let m = self.followups();
+        (m.customers(), m.config().window_days)
+    }
+
+    /// The learned follow-up for a customer's KPIs as of `today`, if any.
+    pub fn suggest_followup(&self, kpis: &Kpis, today: Date) -> Option<followups::Suggestion> {
+        self.followups().suggest(kpis, today)
     }
 
     fn tree(&self) -> &Tree {
@@ -552,6 +642,12 @@ impl ProfileStore {
         let _writer = self.writer();
         let mut batch = Batch::default();
         let mut kpis_now: HashMap<String, Kpis> = HashMap::new();
+        // Each customer's KPIs before this batch, for the follow-up model's difference.
+        let mut kpis_before: HashMap<String, Option<Kpis>> = HashMap::new();
+        let (window, anchors): (u32, Vec<String>) = {
+            let m = self.followups();
+            (m.config().window_days, m.config().anchor_skus.clone())
+        };
         let mut entries_now = std::collections::HashSet::new();
         let mut stubs_now = std::collections::HashSet::new();
         for tx in txs {
@@ -583,16 +679,29 @@ impl ProfileStore {
                 .collect();
             groups.sort();
             groups.dedup();
+            let mut anchored: Vec<String> = tx
+                .lines
+                .iter()
+                .filter(|l| !l.voided && anchors.contains(&l.sku))
+                .map(|l| l.sku.clone())
+                .collect();
+            anchored.sort();
+            anchored.dedup();
             let entry = LedgerEntry {
                 day: tx.business_day,
                 amount,
                 groups,
+                anchors: anchored,
             };
             // KPIs written earlier in this batch are always incremental (a rebuild yields
             // the kept inputs), so the ledger rebuild below never misses this batch's entries.
             let held = match kpis_now.remove(&customer) {
                 Some(k) => Some(k),
-                None => self.kpis(&customer)?,
+                None => {
+                    let k = self.kpis(&customer)?;
+                    kpis_before.insert(customer.clone(), k.clone());
+                    k
+                }
             };
             let kpis = match held {
                 Some(mut k) if k.is_incremental() => {
@@ -628,7 +737,30 @@ impl ProfileStore {
                 serde_json::to_vec(kpis).expect("KPIs serialise"),
             );
         }
-        self.tree().apply(batch)?;
+        // The follow-up model moves by each customer's change, in the same batch; if the
+        // batch fails, the move is undone in memory.
+        let mut model = self.followups_mut();
+        let shares: Vec<(Share, Share)> = kpis_now
+            .iter()
+            .map(|(customer, kpis)| {
+                let before = kpis_before.get(customer).and_then(|k| k.as_ref());
+                (Share::of(before, window), Share::of(Some(kpis), window))
+            })
+            .collect();
+        let mut counters: HashMap<Vec<u8>, i64> = HashMap::new();
+        for (old, new) in &shares {
+            counters.extend(model.apply(old, new));
+        }
+        for (k, n) in &counters {
+            batch.insert(k.clone(), n.to_be_bytes());
+        }
+        if let Err(e) = self.tree().apply(batch) {
+            for (old, new) in shares.iter().rev() {
+                model.apply(new, old);
+            }
+            return Err(e);
+        }
+        drop(model);
         let _cache = self.cache();
         self.inner.writes.fetch_add(1, Ordering::SeqCst);
         Ok(entries_now.len())
@@ -759,6 +891,8 @@ impl ProfileStore {
 }
 
 const MODEL_FACT: &str = "model";
+/// The window and anchors the follow-up counts were made with.
+const FOLLOWUPS_FACT: &str = "followups";
 const RFM_FACT: &str = "rfm";
 
 /// Recomputes the store's RFM distribution now and then every `every`, as of the store's
