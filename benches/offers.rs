@@ -109,6 +109,7 @@ fn main() {
             day: day("2025-01-01") + jiff::Span::new().days(i * 20),
             amount: 4000 + i * 100,
             anchors: Vec::new(),
+            main: None,
             groups: vec!["games".into()],
         })
         .collect();
@@ -119,6 +120,7 @@ fn main() {
         zone: None,
         lane: None,
         at: "2026-11-23T10:00:00Z".parse().unwrap(),
+        basket: None,
     };
     let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
     let state = CapState::default();

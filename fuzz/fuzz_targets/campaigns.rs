@@ -36,6 +36,7 @@ fn check(set: CampaignSet) {
         zone: Some("games".into()),
         lane: None,
         at: "2026-06-01T10:00:00Z".parse().unwrap(),
+        basket: None,
     };
     let d = decide(&compiled, &p, None, &occasion, &CapState::default(), &jiff::tz::TimeZone::UTC);
     assert!(d.chosen.len() <= 2);

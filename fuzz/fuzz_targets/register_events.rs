@@ -112,6 +112,7 @@ fuzz_target!(|data: &[u8]| {
             zone: Some("games".into()),
             lane: Some("1".into()),
             at: "2026-06-01T10:00:00Z".parse().unwrap(),
+            basket: None,
         };
         for kpi in [Some(&k), None] {
             if let Some(fast) = audience.fast(&p, kpi, &o) {

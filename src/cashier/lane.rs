@@ -59,6 +59,8 @@ pub struct PromptView {
     pub offer: Option<BTreeMap<String, String>>,
     pub code: Option<String>,
     pub barcode: Option<String>,
+    /// Class, last visit, last category and the follow-up to ask about (no ids).
+    pub insight: Option<crate::offers::live::Insight>,
 }
 
 impl From<&Prompt> for PromptView {
@@ -73,6 +75,7 @@ impl From<&Prompt> for PromptView {
             offer: p.offer.as_ref().map(|o| o.text.clone()),
             code: p.offer.as_ref().and_then(|o| o.code.clone()),
             barcode: p.offer.as_ref().and_then(|o| o.barcode.clone()),
+            insight: p.insight.clone(),
         }
     }
 }

@@ -65,6 +65,7 @@ impl CommitHook for Attribution {
                     customer_id: customer,
                     lane: tx.lane.clone(),
                     at: tx.ended_at,
+                    basket: super::decide::Basket::of(tx),
                 });
             }
         }

@@ -467,6 +467,7 @@ mod tests {
             zone,
             lane: Some("3".into()),
             at: "2026-11-23T10:00:00Z".parse().unwrap(),
+            basket: None,
         }
     }
 
@@ -477,6 +478,7 @@ mod tests {
                 day: day("2025-01-01") + jiff::Span::new().days(i64::from(i) * gap),
                 amount: 4000 + i64::from(i) * 100,
                 anchors: Vec::new(),
+                main: None,
                 groups: vec![if i % 2 == 0 { "games" } else { "toys" }.into()],
             })
             .collect();

@@ -34,6 +34,39 @@ pub struct Occasion {
     pub zone: Option<String>,
     pub lane: Option<String>,
     pub at: Timestamp,
+    /// The basket of the transaction that triggered it (`transaction_completed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basket: Option<Basket>,
+}
+
+/// What a campaign sees of the basket just bought: "just bought a PS5" is
+/// `'ps5-console' in event.basket.skus`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Basket {
+    /// Categories of the basket's lines, sorted, without repeats.
+    pub categories: Vec<String>,
+    /// SKUs of its lines, sorted, without repeats.
+    pub skus: Vec<String>,
+    /// Minor units.
+    pub total: i64,
+}
+
+impl Basket {
+    pub fn of(tx: &crate::model::transaction::Transaction) -> Basket {
+        let lines = tx.lines.iter().filter(|l| !l.voided);
+        let mut categories: Vec<String> =
+            lines.clone().filter_map(|l| l.category.clone()).collect();
+        let mut skus: Vec<String> = lines.map(|l| l.sku.clone()).collect();
+        categories.sort();
+        categories.dedup();
+        skus.sort();
+        skus.dedup();
+        Basket {
+            categories,
+            skus,
+            total: tx.total,
+        }
+    }
 }
 
 /// What the caller knows about one customer's past offers.
@@ -220,6 +253,7 @@ pub(super) fn audience_context(
             "triggers": occasion.triggers.iter().map(Trigger::name).collect::<Vec<_>>(),
             "zone": occasion.zone,
             "lane": occasion.lane,
+            "basket": occasion.basket,
         })),
     );
     ctx
@@ -258,8 +292,9 @@ fn item_text(item: &Item) -> &str {
     }
 }
 
-/// The slots a template can use, from the profile.
-fn slots(profile: &Profile) -> BTreeMap<&'static str, String> {
+/// The slots a template can use, from the profile and KPIs. `{suggestion}` is central's
+/// follow-up with the highest confidence, else the one the store's own baskets suggest.
+fn slots(profile: &Profile, kpi: Option<&KpiView>) -> BTreeMap<&'static str, String> {
     let mut s = BTreeMap::new();
     if let Some(n) = &profile.first_name {
         s.insert("first_name", n.clone());
@@ -273,6 +308,8 @@ fn slots(profile: &Profile) -> BTreeMap<&'static str, String> {
         .iter()
         .max_by(|a, b| a.confidence.total_cmp(&b.confidence))
     {
+        s.insert("suggestion", item_text(&f.suggest).to_string());
+    } else if let Some(f) = kpi.and_then(|k| k.follow_up.as_ref()) {
         s.insert("suggestion", item_text(&f.suggest).to_string());
     }
     s
@@ -318,7 +355,7 @@ pub fn decide(
         })
     };
     let consent = profile.consents.personalised_offers;
-    let slots = slots(profile);
+    let slots = slots(profile, kpi);
     let mut ctx = None;
     // Channel → (score, campaign id, candidate) of the best so far.
     let mut best: BTreeMap<Channel, Chosen> = BTreeMap::new();

@@ -619,6 +619,7 @@ mod tests {
                                 zone: None,
                                 lane: None,
                                 at: "2026-11-23T10:00:00Z".parse().unwrap(),
+                                basket: None,
                             };
                             let state = ledger.cap_state(&p.customer_id, set.budgeted()).unwrap();
                             let mut d = decide(&set, &p, None, &occasion, &state, &tz);
@@ -657,6 +658,7 @@ mod tests {
             zone: None,
             lane: None,
             at: t.parse().unwrap(),
+            basket: None,
         };
         let tz = jiff::tz::TimeZone::UTC;
         for (t, expect) in [
@@ -754,6 +756,7 @@ mod tests {
             zone: None,
             lane: None,
             at: at.parse().unwrap(),
+            basket: None,
         };
         let state = ledger.cap_state("c1", set.budgeted()).unwrap();
         let mut d = decide(set, &p, None, &occasion, &state, &jiff::tz::TimeZone::UTC);

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::campaign::{Campaign, CampaignSet, Channel, CompiledSet, Rejected, Trigger};
-use super::decide::{Chosen, Control, Decision, Explained, Occasion, decide};
+use super::decide::{Basket, Chosen, Control, Decision, Explained, Occasion, decide};
 use super::ledger::OfferLedger;
 use super::stats::CampaignStats;
 use crate::clock::SharedClock;
@@ -34,7 +34,7 @@ use crate::model::presence::PresenceKind;
 use crate::model::register::LiveEvents;
 pub use crate::model::register::RegisterEvent;
 use crate::occasions::{OccasionKey, Occasions, Scope};
-use crate::profiles::kpi::{KpiConfig, KpiView};
+use crate::profiles::kpi::{Activity, KpiConfig, KpiView};
 use crate::profiles::{Profile, ProfileStore};
 use crate::store::StoreError;
 use crate::supervisor::Component;
@@ -150,6 +150,31 @@ pub struct Prompt {
     pub ask_for_card: bool,
     pub recognised: Recognised,
     pub at: Timestamp,
+    /// What the cashier may mention; absent when the store knows nothing of the customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insight: Option<Insight>,
+}
+
+/// What the store knows about a recognised customer that a cashier can use in a sentence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Insight {
+    pub activity: Option<Activity>,
+    pub days_since_last: Option<i32>,
+    /// The main category of the last purchase.
+    pub last_category: Option<String>,
+    /// "Bought consoles three weeks ago: ask about games." Absent when nothing is relevant,
+    /// so the display asks no question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggestion: Option<PromptSuggestion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptSuggestion {
+    pub if_bought: String,
+    pub suggest: String,
+    /// Absent for central's shipped follow-ups, which carry no purchase day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days_ago: Option<i32>,
 }
 
 /// A lane's prompt changed (`None`: the lane is idle).
@@ -165,6 +190,8 @@ pub struct Completed {
     pub customer_id: String,
     pub lane: Option<String>,
     pub at: Timestamp,
+    /// What was bought, for the CEL `event.basket`.
+    pub basket: Basket,
 }
 
 /// The `data` of `storelink.offer.v1`.
@@ -488,12 +515,14 @@ impl Offers {
         };
         let model = p.model()?;
         let rfm = p.rfm_breakpoints()?;
-        Ok(Some(kpis.view(
+        let mut view = kpis.view(
             today,
             &self.inner.settings.kpi,
             model.as_ref(),
             rfm.as_ref(),
-        )))
+        );
+        view.follow_up = p.suggest_followup(&kpis, today);
+        Ok(Some(view))
     }
 
     fn today(&self, at: Timestamp) -> Date {
@@ -517,6 +546,7 @@ impl Offers {
             zone,
             lane,
             at,
+            basket: None,
         };
         let set = self.campaigns();
         let Some(profile) = self.inner.profiles.lookup(&customer)? else {
@@ -627,6 +657,7 @@ impl Offers {
         zone: Option<String>,
         lane: Option<String>,
         at: Timestamp,
+        basket: Option<Basket>,
     ) -> Result<Decision, OffersError> {
         let customer = profile.customer_id.as_str();
         let today = self.today(at);
@@ -644,6 +675,7 @@ impl Offers {
             zone,
             lane,
             at,
+            basket,
         };
         if !self.inner.settings.enabled {
             return Ok(Decision::default());
@@ -801,7 +833,56 @@ impl Offers {
             ask_for_card: recognised == Recognised::Presence && !card_scanned,
             recognised,
             at,
+            insight: self.insight(profile, at),
         }
+    }
+
+    /// The cashier's view of the customer: class, days since the last visit, the last
+    /// purchase's main category, and the follow-up to ask about (central's first, else the
+    /// one the store learned). `None` when the store has no purchase of theirs and no
+    /// follow-up; a lookup failure only costs the insight, never the prompt.
+    fn insight(&self, profile: &Profile, at: Timestamp) -> Option<Insight> {
+        let text = |i: &crate::profiles::Item| match i {
+            crate::profiles::Item::Category(c) | crate::profiles::Item::Sku(c) => c.clone(),
+        };
+        let today = self.today(at);
+        let kpis = self
+            .inner
+            .profiles
+            .kpis(&profile.customer_id)
+            .ok()
+            .flatten();
+        let central = profile
+            .follow_ups
+            .iter()
+            .max_by(|a, b| a.confidence.total_cmp(&b.confidence))
+            .map(|f| PromptSuggestion {
+                if_bought: text(&f.if_bought),
+                suggest: text(&f.suggest),
+                days_ago: None,
+            });
+        let learned = || {
+            let s = self
+                .inner
+                .profiles
+                .suggest_followup(kpis.as_ref()?, today)?;
+            Some(PromptSuggestion {
+                if_bought: text(&s.if_bought),
+                suggest: text(&s.suggest),
+                days_ago: Some(s.days_ago),
+            })
+        };
+        let suggestion = central.or_else(learned);
+        let k = kpis.as_ref().filter(|k| k.purchases > 0);
+        if k.is_none() && suggestion.is_none() {
+            return None;
+        }
+        Some(Insight {
+            activity: k.and_then(|k| k.activity_on(today, &self.inner.settings.kpi)),
+            days_since_last: k.and_then(|k| Some((today - k.rhythm.last?).get_days())),
+            last_category: k.and_then(|k| k.last_main.as_ref().map(|(_, c)| c.clone())),
+            suggestion,
+        })
     }
 
     /// A presence change: store entry, zone dwelling, lane arrival, or a lane left.
@@ -841,6 +922,7 @@ impl Offers {
                 ev.zone.clone(),
                 ev.lane.clone(),
                 ev.at,
+                None,
             )
             .await?;
         if let (PresenceKind::Entered, Some(lane)) = (ev.kind, &ev.lane) {
@@ -932,6 +1014,7 @@ impl Offers {
                 None,
                 Some(lane.clone()),
                 now,
+                None,
             )
             .await?;
         let mut prompt = self.prompt_for(&profile, &lane, &decision, Recognised::Card, true, now);
@@ -996,6 +1079,7 @@ impl Offers {
                 None,
                 done.lane.clone(),
                 done.at,
+                Some(done.basket.clone()),
             )
             .await?;
         Ok(Some(decision))

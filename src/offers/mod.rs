@@ -100,6 +100,7 @@ mod tests {
             zone: None,
             lane: None,
             at: at.parse().unwrap(),
+            basket: None,
         }
     }
 
@@ -177,6 +178,7 @@ mod tests {
                 day: day(d),
                 amount: 5000,
                 anchors: Vec::new(),
+                main: None,
                 groups: vec!["fashion".into()],
             })
             .collect();

@@ -369,6 +369,7 @@ mod tests {
             amount: 1000,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             anchors: Vec::new(),
+            main: None,
         }
     }
 

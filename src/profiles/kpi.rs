@@ -52,6 +52,9 @@ pub struct LedgerEntry {
     /// Anchor-product SKUs (`signals.followups.anchor_skus`) in the basket, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anchors: Vec<String>,
+    /// The category with the largest net amount in the basket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<String>,
 }
 
 impl LedgerEntry {
@@ -171,6 +174,10 @@ pub struct Kpis {
     pub sku_days: BTreeMap<String, std::collections::BTreeSet<Date>>,
     #[serde(default)]
     pub sales_total: i64,
+    /// The last purchase day and the main category of that day's largest-category basket
+    /// (the greatest category name on ties, so the order of arrival does not matter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_main: Option<(Date, String)>,
     /// Refunds per day (positive), so revenue over any window of days is known.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub returns_by_day: BTreeMap<Date, i64>,
@@ -223,6 +230,12 @@ impl Kpis {
         }
         for s in &e.anchors {
             self.sku_days.entry(s.clone()).or_default().insert(e.day);
+        }
+        if let Some(main) = &e.main {
+            let this = (e.day, main.clone());
+            if self.last_main.as_ref().is_none_or(|held| *held < this) {
+                self.last_main = Some(this);
+            }
         }
     }
 
@@ -315,6 +328,12 @@ impl Kpis {
             expected_purchases_90d,
             clv,
             rfm: rfm.and_then(|b| b.score(self, today)),
+            days_since: self
+                .groups
+                .iter()
+                .filter_map(|(g, r)| Some((g.clone(), (today - r.last?).get_days())))
+                .collect(),
+            follow_up: None,
         }
     }
 
@@ -448,6 +467,14 @@ pub struct KpiView {
     pub clv: Option<i64>,
     /// Scores against the store's distribution; absent before the first recomputation.
     pub rfm: Option<Rfm>,
+    /// Days since the last purchase in each product group: "bought from `consoles` in the
+    /// last 60 days and not yet from `games`" is
+    /// `kpi.days_since['consoles'] <= 60 && !('games' in kpi.days_since)`.
+    pub days_since: BTreeMap<String, i32>,
+    /// The follow-up the store's own baskets suggest (set by the caller that holds the
+    /// model; see `profiles::followups`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<crate::profiles::followups::Suggestion>,
 }
 
 /// Recency, frequency and monetary scores, 1 (lowest fifth of the store's customers) to 5.
@@ -578,6 +605,7 @@ mod tests {
             amount,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             anchors: Vec::new(),
+            main: groups.first().map(|g| g.to_string()),
         }
     }
 
@@ -733,6 +761,7 @@ mod tests {
                         day: date(2024, 1, 1) + jiff::Span::new().days(*d),
                         amount: *amount,
                         anchors: groups.iter().filter(|g| *g == "games").map(|_| "ps5-game".to_string()).collect(),
+                        main: groups.last().cloned(),
                         groups,
                     }
                 })

@@ -687,11 +687,22 @@ impl ProfileStore {
                 .collect();
             anchored.sort();
             anchored.dedup();
+            let mut by_group: HashMap<&str, i64> = HashMap::new();
+            for l in tx.lines.iter().filter(|l| !l.voided) {
+                if let Some(c) = &l.category {
+                    *by_group.entry(c).or_insert(0) += l.net();
+                }
+            }
+            let main = by_group
+                .into_iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)))
+                .map(|(g, _)| g.to_string());
             let entry = LedgerEntry {
                 day: tx.business_day,
                 amount,
                 groups,
                 anchors: anchored,
+                main,
             };
             // KPIs written earlier in this batch are always incremental (a rebuild yields
             // the kept inputs), so the ledger rebuild below never misses this batch's entries.
