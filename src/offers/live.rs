@@ -540,14 +540,7 @@ impl Offers {
     ) -> Result<Explanation, OffersError> {
         let customer = self.inner.profiles.resolve_card(customer)?;
         let at = at.unwrap_or_else(|| self.inner.clock.now());
-        let occasion = Occasion {
-            triggers,
-            store: self.inner.settings.store_id.clone(),
-            zone,
-            lane,
-            at,
-            basket: None,
-        };
+        let occasion = self.occasion(triggers, zone, lane, at);
         let set = self.campaigns();
         let Some(profile) = self.inner.profiles.lookup(&customer)? else {
             return Ok(Explanation {
@@ -646,37 +639,44 @@ impl Offers {
             .collect())
     }
 
+    /// An occasion at this store.
+    fn occasion(
+        &self,
+        triggers: Vec<Trigger>,
+        zone: Option<String>,
+        lane: Option<String>,
+        at: Timestamp,
+    ) -> Occasion {
+        Occasion {
+            triggers,
+            store: self.inner.settings.store_id.clone(),
+            zone,
+            lane,
+            at,
+            basket: None,
+        }
+    }
+
     /// Decides for a customer on an occasion, records the decision, and sends the offer
     /// event. A `visit` (a store entry, a card at a till) adds the lifecycle triggers that are
     /// new ([`Offers::lifecycle_triggers`]).
     async fn decide_and_record(
         &self,
         profile: &Profile,
-        mut triggers: Vec<Trigger>,
+        mut occasion: Occasion,
         visit: bool,
-        zone: Option<String>,
-        lane: Option<String>,
-        at: Timestamp,
-        basket: Option<Basket>,
     ) -> Result<Decision, OffersError> {
         let customer = profile.customer_id.as_str();
+        let at = occasion.at;
         let today = self.today(at);
         let view = self.kpi_view(customer, today)?;
         // Without offers, or without consent to them, no occasion is used up.
         if visit && self.inner.settings.enabled && profile.consents.personalised_offers {
-            triggers.extend(
+            occasion.triggers.extend(
                 self.lifecycle_triggers(profile, view.as_ref(), today, at)
                     .await?,
             );
         }
-        let occasion = Occasion {
-            triggers,
-            store: self.inner.settings.store_id.clone(),
-            zone,
-            lane,
-            at,
-            basket,
-        };
         if !self.inner.settings.enabled {
             return Ok(Decision::default());
         }
@@ -917,12 +917,8 @@ impl Offers {
         let decision = self
             .decide_and_record(
                 &profile,
-                triggers,
+                self.occasion(triggers, ev.zone.clone(), ev.lane.clone(), ev.at),
                 visit,
-                ev.zone.clone(),
-                ev.lane.clone(),
-                ev.at,
-                None,
             )
             .await?;
         if let (PresenceKind::Entered, Some(lane)) = (ev.kind, &ev.lane) {
@@ -1009,12 +1005,13 @@ impl Offers {
         let decision = self
             .decide_and_record(
                 &profile,
-                vec![Trigger::TransactionStarted],
+                self.occasion(
+                    vec![Trigger::TransactionStarted],
+                    None,
+                    Some(lane.clone()),
+                    now,
+                ),
                 true,
-                None,
-                Some(lane.clone()),
-                now,
-                None,
             )
             .await?;
         let mut prompt = self.prompt_for(&profile, &lane, &decision, Recognised::Card, true, now);
@@ -1074,12 +1071,16 @@ impl Offers {
         let decision = self
             .decide_and_record(
                 &profile,
-                vec![Trigger::TransactionCompleted],
+                Occasion {
+                    basket: Some(done.basket.clone()),
+                    ..self.occasion(
+                        vec![Trigger::TransactionCompleted],
+                        None,
+                        done.lane.clone(),
+                        done.at,
+                    )
+                },
                 false,
-                None,
-                done.lane.clone(),
-                done.at,
-                Some(done.basket.clone()),
             )
             .await?;
         Ok(Some(decision))
