@@ -303,6 +303,7 @@ async fn start_core(
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let profiles = ProfileStore::open_with(store, config.profiles.cache_entries)?;
     profiles.configure_followups(&config.signals.followups)?;
+    let offer_ledger = OfferLedger::open(store)?;
     let signals = Signals::new(
         crate::signals::Settings {
             store_id: config.store.id.clone(),
@@ -314,8 +315,14 @@ async fn start_core(
         profiles.clone(),
         Occasions::new(store),
         Some(ingest.clone()),
-    );
-    let offer_ledger = OfferLedger::open(store)?;
+    )
+    .with_retention(retention(
+        config,
+        store,
+        &profiles,
+        &offer_ledger,
+        deadletters,
+    ));
     let (completed_tx, completed_rx) = tokio::sync::mpsc::channel(live::COMPLETED_CHANNEL);
     let completed_rx = Arc::new(tokio::sync::Mutex::new(completed_rx));
     // The durable step's other work, in this order: a redemption is attributed after the KPIs
@@ -358,6 +365,53 @@ async fn start_core(
         });
     }
     Ok((ingest, profiles, offer_ledger, completed_rx, signals))
+}
+
+/// The retentions the daily signals run applies (`[retention]`), oldest first.
+fn retention(
+    config: &Config,
+    store: &Store,
+    profiles: &ProfileStore,
+    offer_ledger: &OfferLedger,
+    deadletters: &Arc<DeadLetters>,
+) -> Vec<crate::signals::Retention> {
+    use crate::signals::Retention;
+    let r = &config.retention;
+    let days = |n: u32| jiff::SignedDuration::from_hours(24 * i64::from(n));
+    let tz = config.time_zone();
+    let (ledger_days, offer_days, occasion_days, deadletter_days) = (
+        days(r.ledger_days),
+        days(r.offer_history_days),
+        days(r.occasion_days),
+        days(r.deadletter_days),
+    );
+    let (p, o, oc, dl) = (
+        profiles.clone(),
+        offer_ledger.clone(),
+        Occasions::new(store),
+        deadletters.clone(),
+    );
+    vec![
+        Retention {
+            name: "ledger",
+            prune: Box::new(move |now| {
+                let before = (now - ledger_days).to_zoned(tz.clone()).date();
+                p.prune_ledger(before)
+            }),
+        },
+        Retention {
+            name: "offer_history",
+            prune: Box::new(move |now| Ok(o.prune(now - offer_days)? as u64)),
+        },
+        Retention {
+            name: "occasions",
+            prune: Box::new(move |now| Ok(oc.prune(now - occasion_days)? as u64)),
+        },
+        Retention {
+            name: "dead_letters",
+            prune: Box::new(move |now| Ok(dl.prune(now - deadletter_days)? as u64)),
+        },
+    ]
 }
 
 /// One task per register; returns the contexts of HTTP registers, which the local API serves.

@@ -543,6 +543,30 @@ impl OfferLedger {
         Ok(n)
     }
 
+    /// Forgets the shown and control records made before `before` (retention); returns how
+    /// many. Caps look back far less than any retention, so no cap is loosened by it.
+    pub fn prune(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let cutoff = before.as_microsecond();
+        let mut batch = Batch::default();
+        let mut n = 0;
+        for item in self.tree.scan_prefix([b's']) {
+            let (k, _) = item?;
+            let at = k
+                .len()
+                .checked_sub(8)
+                .and_then(|i| <[u8; 8]>::try_from(&k[i..]).ok())
+                .map(i64::from_be_bytes);
+            if at.is_some_and(|at| at < cutoff) {
+                batch.remove(&*k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.tree.apply(batch)?;
+        }
+        Ok(n)
+    }
+
     /// A value kept beside the ledger (the last good campaign sets).
     pub fn fact(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(fact_key(name))?.map(|v| v.to_vec()))

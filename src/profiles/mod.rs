@@ -777,6 +777,68 @@ impl ProfileStore {
         Ok(entries_now.len())
     }
 
+    /// Forgets ledger entries of business days before `before` (retention) and rebuilds the
+    /// KPIs of the customers who had any from what remains, so KPIs describe the retained
+    /// window; the follow-up model moves with them. Returns the entries removed.
+    pub fn prune_ledger(&self, before: Date) -> Result<u64, StoreError> {
+        let _writer = self.writer();
+        // Only customers whose first purchase is that old can have anything to forget.
+        let mut old: Vec<String> = Vec::new();
+        for item in self.all_kpis() {
+            let (id, k) = item?;
+            let oldest = k.revenue_by_year.keys().next().copied();
+            if k.rhythm.first.is_some_and(|f| f < before)
+                || oldest.is_some_and(|y| y < before.year())
+            {
+                old.push(id);
+            }
+        }
+        let window = self.followups().config().window_days;
+        let mut removed = 0u64;
+        for customer in old {
+            let mut batch = Batch::default();
+            let mut kept = Vec::new();
+            let mut gone = 0u64;
+            for item in self.tree().scan_prefix(ledger_prefix(&customer)) {
+                let (k, v) = item?;
+                match serde_json::from_slice::<LedgerEntry>(&v) {
+                    Ok(e) if e.day < before => {
+                        batch.remove(&*k);
+                        gone += 1;
+                    }
+                    Ok(e) => kept.push(e),
+                    Err(_) => {}
+                }
+            }
+            if gone == 0 {
+                continue;
+            }
+            let held = self.kpis(&customer)?;
+            let rebuilt = (!kept.is_empty()).then(|| Kpis::compute(&kept));
+            match &rebuilt {
+                Some(k) => batch.insert(
+                    key(KPIS, &customer),
+                    serde_json::to_vec(k).expect("KPIs serialise"),
+                ),
+                None => batch.remove(key(KPIS, &customer)),
+            }
+            let mut model = self.followups_mut();
+            let (was, now) = (
+                Share::of(held.as_ref(), window),
+                Share::of(rebuilt.as_ref(), window),
+            );
+            for (k, n) in model.apply(&was, &now) {
+                batch.insert(k, n.to_be_bytes());
+            }
+            if let Err(e) = self.tree().apply(batch) {
+                model.apply(&now, &was);
+                return Err(e);
+            }
+            removed += gone;
+        }
+        Ok(removed)
+    }
+
     /// A customer's ledger, in key (transaction id) order.
     pub fn ledger(&self, customer_id: &str) -> Result<Vec<LedgerEntry>, StoreError> {
         let mut out = Vec::new();
@@ -1075,6 +1137,46 @@ mod tests {
             batched.record_transactions(&txs).unwrap(),
             0,
             "a re-delivered group changes nothing"
+        );
+    }
+
+    #[test]
+    fn ledger_retention_forgets_old_entries_and_rebuilds_the_kpis_from_the_rest() {
+        let (_d, profiles) = open();
+        for (id, day) in [
+            ("t1", "2021-03-01"),
+            ("t2", "2025-03-01"),
+            ("t3", "2026-01-10"),
+        ] {
+            profiles
+                .record_transaction(&tx(id, "c5", day, TransactionKind::Sale, 1000))
+                .unwrap();
+        }
+        profiles
+            .record_transaction(&tx("t4", "c6", "2026-01-10", TransactionKind::Sale, 500))
+            .unwrap();
+        assert_eq!(
+            profiles
+                .prune_ledger("2023-12-01".parse().unwrap())
+                .unwrap(),
+            1
+        );
+        let k = profiles.kpis("c5").unwrap().unwrap();
+        assert_eq!(
+            (k.purchases, k.rhythm.first),
+            (2, Some("2025-03-01".parse().unwrap()))
+        );
+        assert_eq!(k, Kpis::compute(&profiles.ledger("c5").unwrap()));
+        assert_eq!(
+            profiles.kpis("c6").unwrap().unwrap().purchases,
+            1,
+            "untouched"
+        );
+        assert_eq!(
+            profiles
+                .prune_ledger("2023-12-01".parse().unwrap())
+                .unwrap(),
+            0
         );
     }
 

@@ -278,13 +278,34 @@ pub fn due_triggers(
 }
 
 /// What one daily run did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RunReport {
     pub customers: u64,
     /// Of those, with `marketing` consent.
     pub consenting: u64,
     pub triggers: u64,
     pub snapshots: u64,
+    /// Follow-up pairs sent in `storelink.followups.v1`.
+    pub followup_pairs: u64,
+    /// Records each retention removed, by keeper.
+    pub pruned: Vec<(&'static str, u64)>,
+}
+
+/// The `data` of `storelink.followups.v1`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FollowUpsData<'a> {
+    pub store: &'a str,
+    pub as_of: Date,
+    pub window_days: u32,
+    pub customers: u64,
+    pub pairs: Vec<crate::profiles::followups::Pair>,
+}
+
+/// One keeper's retention, run by the daily run: forgets what is older than its limit as of
+/// the given time, and says how many records went.
+pub struct Retention {
+    pub name: &'static str,
+    pub prune: Box<dyn Fn(Timestamp) -> Result<u64, StoreError> + Send + Sync>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +330,7 @@ struct Inner {
     ingest: Option<IngestHandle>,
     /// Loyalty ids (or cards) of customers whose transactions committed since the last look.
     dirty: Mutex<HashSet<String>>,
+    retention: Vec<Retention>,
 }
 
 impl std::fmt::Debug for Signals {
@@ -333,8 +355,17 @@ impl Signals {
                 occasions,
                 ingest,
                 dirty: Mutex::new(HashSet::new()),
+                retention: Vec::new(),
             }),
         }
+    }
+
+    /// Adds the retentions the daily run applies (before the service is shared).
+    pub fn with_retention(mut self, retention: Vec<Retention>) -> Signals {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.retention = retention;
+        }
+        self
     }
 
     fn today(&self, at: Timestamp) -> Date {
@@ -481,10 +512,55 @@ impl Signals {
                 }
             }
         }
+        if self.inner.settings.config.enabled {
+            report.followup_pairs = self.send_followups(today, now)?;
+        }
+        for r in &self.inner.retention {
+            let n = (r.prune)(now)?;
+            if n > 0 {
+                tracing::info!(
+                    records = n,
+                    keeper = r.name,
+                    "retention removed old records"
+                );
+            }
+            report.pruned.push((r.name, n));
+        }
         self.inner
             .profiles
             .set_fact(DAILY_FACT, today.to_string().as_bytes())?;
         Ok(report)
+    }
+
+    /// Queues the day's `storelink.followups.v1`: the top pairs of the learned model. One per
+    /// store and day (its id is the day's), nothing before the model counts a customer.
+    fn send_followups(&self, today: Date, now: Timestamp) -> Result<u64, SignalsError> {
+        let s = &self.inner.settings;
+        let (customers, window_days) = self.inner.profiles.followup_basis();
+        let Some(ingest) = &self.inner.ingest else {
+            return Ok(0);
+        };
+        if customers == 0 {
+            return Ok(0);
+        }
+        let data = FollowUpsData {
+            store: &s.store_id,
+            as_of: today,
+            window_days,
+            customers,
+            pairs: self.inner.profiles.top_followups(s.config.followups.top),
+        };
+        let n = data.pairs.len() as u64;
+        let id = format!("{}:followups:{today}", s.store_id);
+        let payload = events::encode(EventKind::FollowUps, &id, &s.store_id, now, &data);
+        ingest
+            .event_blocking(NewEvent {
+                kind: EventKind::FollowUps,
+                id,
+                payload,
+            })
+            .map_err(|_| SignalsError::Stopping)?;
+        Ok(n)
     }
 
     /// Looks at the customers whose transactions committed since the last look. Blocking.
