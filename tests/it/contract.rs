@@ -2,9 +2,9 @@
 //! agent really sends: one running agent is driven to produce every event type it has
 //! (transactions from three register formats, dead letters, status online and offline,
 //! presence from a replayed walk, offers with a control decision, prompts shown by card and by
-//! presence, redemptions exposed and control, erasure acknowledgements), and each event must
-//! match the schema of its type. Each schema must also refuse broken variants of those real
-//! events, so the check can fail. Every other test's central runs the same check on whatever
+//! presence, redemptions exposed and control, customer snapshots, triggers and follow-ups,
+//! erasure acknowledgements), and each event must match the schema of its type. Each schema
+//! must also refuse broken variants of those real events, so the check can fail. Every other test's central runs the same check on whatever
 //! it receives (`common::contract::check`).
 
 use crate::common;
@@ -283,6 +283,7 @@ fn seed(dir: &std::path::Path, phone: &Phone) {
     gamer.first_name = Some("Ada".into());
     gamer.cards = vec!["9990001".into()];
     gamer.consents.personalised_offers = true;
+    gamer.consents.marketing = true;
     gamer.segments = vec!["gamers".into()];
     gamer.version = 3;
     profiles.upsert(gamer).unwrap();
@@ -388,6 +389,9 @@ name = "printer-4"
 format = "receipt"
 template = "{}/config/receipts/supermarket.toml"
 transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{receipt_port}" }}
+
+[signals.followups]
+min_customers = 1
 "#,
         replay_presence_config(&replay),
         env!("CARGO_MANIFEST_DIR"),
@@ -487,6 +491,24 @@ transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{receipt_port}" }}
     central
         .wait_for_ids("storelink.redemption.v1", 2, Duration::from_secs(10))
         .await;
+
+    // Customer signals: the gamer consents to marketing, so their snapshot and welcome
+    // follow the purchases, and the daily run sends the store's follow-ups (games and dairy
+    // in one basket are a pair).
+    let signals = agent.signals.clone();
+    tokio::task::spawn_blocking(move || {
+        signals.flush().unwrap();
+        signals.daily_run().unwrap();
+    })
+    .await
+    .unwrap();
+    for ty in [
+        "storelink.customer.v1",
+        "storelink.trigger.v1",
+        "storelink.followups.v1",
+    ] {
+        central.wait_for_ids(ty, 1, Duration::from_secs(10)).await;
+    }
 
     // Erasures: one the store knew, with a request id, and one it never knew, without.
     publisher
