@@ -613,3 +613,178 @@ async fn register_events_on_a_json_lines_connection_answer_with_effects() {
     assert_eq!(agent.deadletters.len(), 0);
     agent.stop().await;
 }
+
+/// A sale of one line in `category`, `days_ago` days before now.
+fn bought(
+    reg: &mut SimRegister,
+    who: &str,
+    category: &str,
+    days_ago: i64,
+) -> storelink::model::transaction::Transaction {
+    let at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * days_ago);
+    let mut tx = reg.purchase(at, who, None);
+    tx.lines.truncate(1);
+    tx.lines[0].category = Some(category.into());
+    tx.business_day = at
+        .to_zoned(jiff::tz::TimeZone::get("Europe/Berlin").unwrap())
+        .date();
+    tx.total = tx.lines[0].net();
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_follow_up_reaches_the_console_buyer_not_the_shoe_buyer_and_the_display_names_it()
+{
+    const TEST: &str =
+        "a_learned_follow_up_reaches_the_console_buyer_not_the_shoe_buyer_and_the_display_names_it";
+    if !require_external("chromium", TEST) || !require_external("chromedriver", TEST) {
+        return;
+    }
+    storelink::install_crypto_provider();
+    let broker = common::start_rumqttd();
+    let agent = TestAgent::start(broker, &["lane-3"]).await;
+    // The store's history: 10% of 600 loyalty customers bought a console; 60% of those bought
+    // games within 30 days, 5% of the others did.
+    let mut reg = SimRegister::new("s042", "lane-3", Some("3"), 21);
+    let mut history = Vec::new();
+    for i in 0..600 {
+        let who = format!("h{i:03}");
+        let console = i % 10 == 0;
+        history.push(bought(
+            &mut reg,
+            &who,
+            if console { "consoles" } else { "shoes" },
+            90,
+        ));
+        let games = if console { i % 50 < 30 } else { i % 20 == 1 };
+        if games {
+            history.push(bought(
+                &mut reg,
+                &who,
+                "games",
+                if console { 75 } else { 60 },
+            ));
+        }
+    }
+    agent.profiles.record_transactions(&history).unwrap();
+    let top = agent.profiles.top_followups(1);
+    assert_eq!(
+        (&top[0].if_bought, &top[0].then),
+        (
+            &storelink::profiles::Item::Category("consoles".into()),
+            &storelink::profiles::Item::Category("games".into())
+        )
+    );
+    assert!(top[0].lift > 5.0, "{:?}", top[0]);
+
+    // Two customers at the till: one bought a console three weeks ago, one shoes.
+    let mut fan = common::gamer();
+    fan.segments.clear();
+    let mut walker = fan.clone();
+    walker.customer_id = "c78".into();
+    walker.first_name = Some("Ben".into());
+    walker.cards = vec!["9990002".into()];
+    agent.profiles.upsert_many(vec![fan, walker], &[]).unwrap();
+    agent
+        .profiles
+        .record_transactions(&[
+            bought(&mut reg, "c77", "consoles", 21),
+            bought(&mut reg, "c78", "shoes", 21),
+        ])
+        .unwrap();
+    let set = json!({
+        "version": 1,
+        "campaigns": [{
+            "id": "follow-up-at-till",
+            "name": "What the store's baskets say comes next",
+            "valid_from": "2020-01-01T00:00:00Z",
+            "valid_until": "2100-01-01T00:00:00Z",
+            "trigger": {"kind": "transaction_started"},
+            "audience": "'follow_up' in kpi && kpi.follow_up.suggest.category == 'games' && kpi.days_since['consoles'] <= 60",
+            "offers": [{"id": "next-20", "texts": {"cashier": {"en": "20% off {suggestion}"}}}],
+            "value": 1500
+        }]
+    });
+    agent
+        .offers
+        .install(Slot::File, set.to_string().as_bytes())
+        .unwrap();
+
+    let api = agent.api();
+    let token = agent.api.lanes.auth.token("3");
+    let driver = ChromeDriver::start();
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("{api}/lanes/3?token={token}&lang=en"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while text_of(&browser, "idle-title").await != "Ready"
+        || body_has_class(&browser, "offline").await
+    {
+        assert!(Instant::now() < deadline, "the display never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (status, effects) = post_event(
+        &api,
+        json!({"type": "transaction_started", "register": "lane-3", "loyalty_id": "9990001"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{effects}");
+    assert_eq!(
+        effects["offers"][0]["campaign"], "follow-up-at-till",
+        "{effects}"
+    );
+    let want = "Bought consoles 21 days ago: ask about games";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while text_of(&browser, "suggestion").await != want {
+        assert!(
+            Instant::now() < deadline,
+            "the display never named the follow-up: {:?}",
+            text_of(&browser, "suggestion").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(text_of(&browser, "offer-text").await, "20% off games");
+    assert_eq!(
+        text_of(&browser, "last-category").await,
+        "Last bought: consoles"
+    );
+    assert_eq!(
+        text_of(&browser, "last-visit").await,
+        "Last purchase 21 days ago"
+    );
+    assert_eq!(text_of(&browser, "activity").await, "New customer");
+
+    // The shoe buyer: no offer, and no question to ask.
+    let (_, ended) = post_event(
+        &api,
+        json!({"type": "transaction_ended", "register": "lane-3"}),
+    )
+    .await;
+    assert!(ended["prompt"].is_null(), "{ended}");
+    let (status, effects) = post_event(
+        &api,
+        json!({"type": "transaction_started", "register": "lane-3", "loyalty_id": "9990002"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{effects}");
+    assert_eq!(effects["offers"], json!([]), "{effects}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while text_of(&browser, "name").await != "Ben" {
+        assert!(
+            Instant::now() < deadline,
+            "the shoe buyer's prompt never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(text_of(&browser, "suggestion").await, "");
+    assert_eq!(
+        text_of(&browser, "last-category").await,
+        "Last bought: shoes"
+    );
+    browser.close().await.unwrap();
+    agent.stop().await;
+}
