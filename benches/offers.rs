@@ -3,8 +3,12 @@
 //!
 //! - the pure decision, for one customer with KPIs (no store involved);
 //! - the full path at 1,000,000 profiles in sled: a customer enters the store, and the agent
-//!   looks the profile up, reads their KPIs and cap state, decides, and records the decision
-//!   (`Offers::on_presence`, as the agent runs it, without the uplink).
+//!   looks the profile up, reads their KPIs and cap state, asks the learned follow-up model,
+//!   claims the visit's lifecycle triggers, decides, and records the decision
+//!   (`Offers::on_presence`, as the agent runs it, without the uplink). The customers'
+//!   histories have categories, so the follow-up model has pairs to look through.
+//!
+//! The pure decision has a learned follow-up and a basket in its context.
 //!
 //! `cargo bench --bench offers [-- --campaigns N --decisions D --profiles P]` (`--profiles 0`
 //! skips the full path)
@@ -113,14 +117,29 @@ fn main() {
             groups: vec!["games".into()],
         })
         .collect();
-    let view = Kpis::compute(&ledger).view(day("2026-11-23"), &KpiConfig::default(), None, None);
+    let mut view =
+        Kpis::compute(&ledger).view(day("2026-11-23"), &KpiConfig::default(), None, None);
+    // The learned follow-up and the basket just bought are in the context, as they are for a
+    // recognised customer after a purchase.
+    view.follow_up = Some(storelink::profiles::followups::Suggestion {
+        if_bought: Item::Category("consoles".into()),
+        suggest: Item::Category("games".into()),
+        bought_on: day("2026-11-02"),
+        days_ago: 21,
+        confidence: 0.6,
+        lift: 5.7,
+    });
     let occasion = Occasion {
         triggers: vec![Trigger::StoreEntered],
         store: "s1".into(),
         zone: None,
         lane: None,
         at: "2026-11-23T10:00:00Z".parse().unwrap(),
-        basket: None,
+        basket: Some(storelink::offers::decide::Basket {
+            categories: vec!["consoles".into(), "games".into()],
+            skus: vec!["PS5-DISC".into(), "G-1".into(), "G-2".into()],
+            total: 61_997,
+        }),
     };
     let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
     let state = CapState::default();

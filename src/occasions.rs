@@ -158,12 +158,30 @@ impl Occasions {
     /// Remembers occasions durably; returns, per key, whether it was new. For in-store
     /// triggers, claimed before the decision: a power cut in between loses that trigger's
     /// moment rather than firing it twice.
+    ///
+    /// An occasion already remembered costs a read; only a new one costs a durable commit
+    /// (checked again inside it, so two visits at once still claim it once).
     pub fn claim(&self, keys: &[OccasionKey], at: Timestamp) -> Result<Vec<bool>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let view = self.store.view(LogTable::Occasions)?;
+        let mut unseen = Vec::with_capacity(keys.len());
+        for k in keys {
+            unseen.push(!view.contains(k.as_bytes())?);
+        }
+        drop(view);
+        if !unseen.contains(&true) {
+            return Ok(unseen);
         }
         self.store.write(Commit::Durable, |w| {
-            keys.iter().map(|k| claim_in(w, k, 0, at)).collect()
+            keys.iter()
+                .zip(&unseen)
+                .map(|(k, unseen)| {
+                    if *unseen {
+                        claim_in(w, k, 0, at)
+                    } else {
+                        Ok(false)
+                    }
+                })
+                .collect()
         })
     }
 

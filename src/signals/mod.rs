@@ -277,6 +277,29 @@ pub fn due_triggers(
     out
 }
 
+/// What every customer's view shares in one run: central's model and the RFM breakpoints.
+struct StoreWide {
+    model: Option<crate::profiles::kpi::ModelParams>,
+    rfm: Option<crate::profiles::kpi::RfmBreakpoints>,
+}
+
+impl StoreWide {
+    fn read(p: &ProfileStore) -> Result<StoreWide, StoreError> {
+        Ok(StoreWide {
+            model: p.model()?,
+            rfm: p.rfm_breakpoints()?,
+        })
+    }
+}
+
+/// One look at customers: when, why, and what they all share.
+struct Look {
+    today: Date,
+    now: Timestamp,
+    detected: Detected,
+    wide: StoreWide,
+}
+
 /// What one daily run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RunReport {
@@ -386,11 +409,16 @@ impl Signals {
         &self,
         customer: &str,
         kpis: &Kpis,
-        today: Date,
-        now: Timestamp,
-        detected: Detected,
+        look: &Look,
         report: &mut RunReport,
     ) -> Result<bool, SignalsError> {
+        let Look {
+            today,
+            now,
+            detected,
+            wide: store_wide,
+        } = look;
+        let (today, now, detected) = (*today, *now, *detected);
         let s = &self.inner.settings;
         let p = &self.inner.profiles;
         report.customers += 1;
@@ -404,8 +432,8 @@ impl Signals {
         let view = kpis.view(
             today,
             &s.kpi,
-            p.model()?.as_ref(),
-            p.rfm_breakpoints()?.as_ref(),
+            store_wide.model.as_ref(),
+            store_wide.rfm.as_ref(),
         );
         let Some(ingest) = &self.inner.ingest else {
             return Ok(true);
@@ -497,16 +525,15 @@ impl Signals {
         let today = self.today(now);
         let mut report = RunReport::default();
         if self.inner.settings.config.enabled {
+            let look_schedule = Look {
+                today,
+                now,
+                detected: Detected::Schedule,
+                wide: StoreWide::read(&self.inner.profiles)?,
+            };
             for item in self.inner.profiles.all_kpis() {
                 let (customer, kpis) = item?;
-                if !self.consider(
-                    &customer,
-                    &kpis,
-                    today,
-                    now,
-                    Detected::Schedule,
-                    &mut report,
-                )? {
+                if !self.consider(&customer, &kpis, &look_schedule, &mut report)? {
                     // Inside its window: the next look after a transaction, or tomorrow.
                     self.dirty().insert(customer);
                 }
@@ -572,20 +599,19 @@ impl Signals {
         }
         let now = self.inner.clock.now();
         let today = self.today(now);
+        let look_transaction = Look {
+            today,
+            now,
+            detected: Detected::Transaction,
+            wide: StoreWide::read(&self.inner.profiles)?,
+        };
         let mut waiting = Vec::new();
         for card in marked {
             let customer = self.inner.profiles.resolve_card(&card)?;
             let Some(kpis) = self.inner.profiles.kpis(&customer)? else {
                 continue;
             };
-            if !self.consider(
-                &customer,
-                &kpis,
-                today,
-                now,
-                Detected::Transaction,
-                &mut report,
-            )? {
+            if !self.consider(&customer, &kpis, &look_transaction, &mut report)? {
                 waiting.push(customer);
             }
         }
