@@ -156,6 +156,11 @@ impl IngestHandle {
             .map_err(|_| IngestError::ShuttingDown)
     }
 
+    /// Items waiting in the channel now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues a core event from a blocking thread.
     pub fn event_blocking(&self, event: NewEvent) -> Result<(), IngestError> {
         self.tx

@@ -22,7 +22,8 @@
 //!   leaves out what moves every day by itself (days since the last purchase, P(alive), CLV).
 //! - Time is the injected clock's; "today" is the store's business day.
 //! - The daily run reads on a blocking thread and queues through the bounded ingest channel,
-//!   so it is paced by the engine and never holds up registers' transactions.
+//!   keeping at most [`BACKLOG`] items waiting there, so a register's transaction never
+//!   queues behind a day's worth of signals.
 //! - Customer ids appear in logs at debug level only.
 
 use std::collections::{BTreeMap, HashSet};
@@ -45,6 +46,10 @@ use crate::profiles::kpi::{Activity, KpiConfig, KpiView, Kpis, Rfm};
 use crate::profiles::{Profile, ProfileStore};
 use crate::store::StoreError;
 use crate::supervisor::Component;
+
+/// Most items the run lets wait in the ingest channel before it waits itself: a register's
+/// transaction then never queues behind more than this many signals (plus one group commit).
+const BACKLOG: usize = 256;
 
 /// How often customers marked by a transaction are looked at.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
@@ -471,6 +476,7 @@ impl Signals {
                 id,
                 payload,
             };
+            pace(ingest);
             ingest
                 .once_blocking(event, key, 0, now)
                 .map_err(|_| SignalsError::Stopping)?;
@@ -511,6 +517,7 @@ impl Signals {
             id,
             payload,
         };
+        pace(ingest);
         ingest
             .once_blocking(event, key, digest, now)
             .map_err(|_| SignalsError::Stopping)?;
@@ -718,6 +725,14 @@ impl Signals {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Waits (on the blocking thread) while the ingest channel holds more than [`BACKLOG`] items,
+/// so registers' transactions keep their place near the front.
+fn pace(ingest: &IngestHandle) {
+    while ingest.queued() > BACKLOG {
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
