@@ -46,17 +46,7 @@ pub struct Pair {
     pub lift: f64,
 }
 
-/// What the model suggests for one customer: they bought `if_bought` `days_ago` days ago
-/// and nothing of `suggest` since.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Suggestion {
-    pub if_bought: Item,
-    pub suggest: Item,
-    pub bought_on: Date,
-    pub days_ago: i32,
-    pub confidence: f64,
-    pub lift: f64,
-}
+pub use super::kpi::Suggestion;
 
 /// A customer's share of the model: the items they bought and the pairs they followed.
 #[derive(Debug, Default, PartialEq)]

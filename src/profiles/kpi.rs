@@ -419,6 +419,18 @@ fn div_round(n: i64, d: i64) -> i64 {
     }
 }
 
+/// What the follow-up model (`profiles::followups`) suggests for one customer: they bought `if_bought` `days_ago` days ago
+/// and nothing of `suggest` since.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suggestion {
+    pub if_bought: crate::profiles::Item,
+    pub suggest: crate::profiles::Item,
+    pub bought_on: Date,
+    pub days_ago: i32,
+    pub confidence: f64,
+    pub lift: f64,
+}
+
 /// Activity class by recency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -474,7 +486,7 @@ pub struct KpiView {
     /// The follow-up the store's own baskets suggest (set by the caller that holds the
     /// model; see `profiles::followups`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub follow_up: Option<crate::profiles::followups::Suggestion>,
+    pub follow_up: Option<Suggestion>,
 }
 
 /// Recency, frequency and monetary scores, 1 (lowest fifth of the store's customers) to 5.
