@@ -348,10 +348,15 @@ async fn an_erasure_while_the_broker_is_down_leaves_central_only_the_ack_and_the
         .unwrap()
         .extra
         .push(erase("c77", 3, "req-1"));
-    common::eventually("the erasure", std::time::Duration::from_secs(30), || {
-        agent.profiles.tombstone("c77").unwrap().is_some()
-    })
+    // The acknowledgement is queued only once every keeper has done its share and the
+    // erasure is on disk.
+    common::eventually(
+        "the erasure's acknowledgement",
+        std::time::Duration::from_secs(30),
+        || !held(&agent, "storelink.erasure.v1").is_empty(),
+    )
     .await;
+    assert!(agent.profiles.tombstone("c77").unwrap().is_some());
     assert!(
         agent.deadletters.is_empty(),
         "the dead letter named the card"
