@@ -374,3 +374,45 @@ fn proxies_come_from_config_or_environment_and_no_proxy_exempts() {
     .unwrap_err();
     assert!(e.to_string().contains("central.mqtt.ca_file"), "{e}");
 }
+
+#[test]
+fn signals_and_retention_settings_are_checked_under_their_keys() {
+    let p = problems(&format!(
+        "{MINIMAL}\n[signals]\ndaily_at = \"6am\"\nsnapshot_every_s = 5\n\n[signals.followups]\nwindow_days = 0\nanchor_skus = [\"\"]\n\n[retention]\nledger_days = 30\noccasion_days = 100\n"
+    ));
+    assert_eq!(
+        keys(&p),
+        [
+            "signals.daily_at",
+            "signals.snapshot_every_s",
+            "signals.followups.window_days",
+            "retention.ledger_days",
+            "retention.occasion_days",
+            "signals.followups.anchor_skus[0]",
+        ]
+    );
+    let err = Config::parse(
+        &format!("{MINIMAL}\n[signals]\ndaily_at = \"25:00\"\n"),
+        "t.toml",
+        &env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("t.toml: signals.daily_at:"), "{err}");
+    assert!(
+        problems(&format!("{MINIMAL}\n[signals]\ndaily = \"06:00\"\n"))[0]
+            .message
+            .contains("daily")
+    );
+    let c = Config::parse(
+        &format!("{MINIMAL}\n[signals]\ndaily_at = \"23:30\"\n"),
+        "t.toml",
+        &env(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.signals.daily_time(),
+        Some(jiff::civil::time(23, 30, 0, 0))
+    );
+    assert_eq!(c.retention.occasion_days, 400);
+}
