@@ -5,10 +5,13 @@
 //!   days each in two categories, spread so that a share of them is overdue, passive or new;
 //! - one register sends transactions one at a time (each waits for its `ok`) at `--rate`;
 //! - after `--warmup` seconds of that, the daily run starts (`Signals::daily_run` on a
-//!   blocking thread, as the agent runs it) and the register keeps going.
+//!   blocking thread, as the agent runs it) and the register keeps going; then, after as long
+//!   again, the run a second time: the first is a fresh gateway's (every trigger and snapshot
+//!   is new), the second finds everything remembered and sends nothing, which is what a
+//!   day's run costs in reading.
 //!
-//! Prints the run's duration and counts, and the register's round-trip p50/p99/max before and
-//! during the run.
+//! Prints each run's duration and counts, and the register's round-trip p50/p99/max before
+//! and during each run.
 //!
 //! `cargo bench --bench signals [-- --customers N --rate R --warmup S]`
 
@@ -159,10 +162,6 @@ transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{register_port}" }}
 
     // The register: one transaction at a time, paced.
     let stop = CancellationToken::new();
-    let (run_started, run_ended) = (
-        std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>)),
-        std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>)),
-    );
     let register = {
         let stop = stop.clone();
         let addr = common_addr(register_port);
@@ -185,61 +184,68 @@ transport = {{ kind = "tcp-listen", bind = "127.0.0.1:{register_port}" }}
             samples
         })
     };
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let signals = agent.signals.clone();
-    let (s, e) = (run_started.clone(), run_ended.clone());
-    let report = tokio::task::spawn_blocking(move || {
-        *s.lock().unwrap() = Some(Instant::now());
-        let r = signals.daily_run().unwrap();
-        *e.lock().unwrap() = Some(Instant::now());
-        r
-    })
-    .await
-    .unwrap();
-    let (from, to) = (
-        run_started.lock().unwrap().unwrap(),
-        run_ended.lock().unwrap().unwrap(),
-    );
-    // What the run queued is committed by the engine; a probe through it says when.
-    agent.signals.probe().await;
-    let committed = from.elapsed();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+        let signals = agent.signals.clone();
+        let started = Instant::now();
+        let report = tokio::task::spawn_blocking(move || signals.daily_run().unwrap())
+            .await
+            .unwrap();
+        let ran = started.elapsed();
+        // What the run queued is committed by the engine; a probe through it says when.
+        agent.signals.probe().await;
+        runs.push((started, started + ran, started.elapsed(), report));
+    }
     stop.cancel();
     let samples = register.await.unwrap();
-    let (mut before, mut during): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
-    for (at, d) in samples {
-        if at < from {
-            before.push(d);
-        } else if at <= to {
-            during.push(d);
-        }
-    }
-    println!(
-        "daily run: {:.2} s over {} customers ({} consenting): {} triggers, {} snapshots, {} follow-up pairs; all committed after {:.2} s",
-        (to - from).as_secs_f64(),
-        report.customers,
-        report.consenting,
-        report.triggers,
-        report.snapshots,
-        report.followup_pairs,
-        committed.as_secs_f64()
-    );
-    for (name, mut s) in [("before the run", before), ("during the run", during)] {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let print = |name: &str, mut s: Vec<Duration>| {
         if s.is_empty() {
-            println!("register round trip {name}: no transactions");
-            continue;
+            println!("  register round trip {name}: no transactions");
+            return;
         }
         let n = s.len();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let (p50, p99) = (
             common::quantile(&mut s, 0.5),
             common::quantile(&mut s, 0.99),
         );
         let max = *s.iter().max().unwrap();
         println!(
-            "register round trip {name}: {n} transactions, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "  register round trip {name}: {n} transactions, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             ms(p50),
             ms(p99),
             ms(max)
+        );
+    };
+    let first = runs[0].0;
+    print(
+        "before the runs",
+        samples
+            .iter()
+            .filter(|(at, _)| *at < first)
+            .map(|(_, d)| *d)
+            .collect(),
+    );
+    for (i, (from, to, committed, report)) in runs.iter().enumerate() {
+        println!(
+            "run {}: {:.2} s over {} customers ({} consenting): {} triggers, {} snapshots, {} follow-up pairs; all committed after {:.2} s",
+            i + 1,
+            (*to - *from).as_secs_f64(),
+            report.customers,
+            report.consenting,
+            report.triggers,
+            report.snapshots,
+            report.followup_pairs,
+            committed.as_secs_f64()
+        );
+        print(
+            "during it",
+            samples
+                .iter()
+                .filter(|(at, _)| at >= from && at <= to)
+                .map(|(_, d)| *d)
+                .collect(),
         );
     }
     token.cancel();

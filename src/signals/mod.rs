@@ -49,7 +49,7 @@ use crate::supervisor::Component;
 
 /// Most items the run lets wait in the ingest channel before it waits itself: a register's
 /// transaction then never queues behind more than this many signals (plus one group commit).
-const BACKLOG: usize = 256;
+const BACKLOG: usize = 64;
 
 /// How often customers marked by a transaction are looked at.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
