@@ -780,8 +780,10 @@ impl ProfileStore {
     /// Forgets ledger entries of business days before `before` (retention) and rebuilds the
     /// KPIs of the customers who had any from what remains, so KPIs describe the retained
     /// window; the follow-up model moves with them. Returns the entries removed.
+    ///
+    /// The scan for candidates takes no lock; each customer's rebuild holds the writer lock
+    /// for that customer only, so the engine's KPI step waits for one customer at most.
     pub fn prune_ledger(&self, before: Date) -> Result<u64, StoreError> {
-        let _writer = self.writer();
         // Only customers whose first purchase is that old can have anything to forget.
         let mut old: Vec<String> = Vec::new();
         for item in self.all_kpis() {
@@ -796,6 +798,7 @@ impl ProfileStore {
         let window = self.followups().config().window_days;
         let mut removed = 0u64;
         for customer in old {
+            let _writer = self.writer();
             let mut batch = Batch::default();
             let mut kept = Vec::new();
             let mut gone = 0u64;

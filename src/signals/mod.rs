@@ -497,10 +497,16 @@ impl Signals {
                 return Ok(false);
             }
         }
+        // The time is part of the id: a customer can come back to a segment they left, and
+        // that snapshot must not look like a resend of the old one.
         let id = format!(
             "{}:customer:{}",
             s.store_id,
-            short_hash(&[customer.as_bytes(), &digest.to_be_bytes()])
+            short_hash(&[
+                customer.as_bytes(),
+                &digest.to_be_bytes(),
+                &now.as_microsecond().to_be_bytes()
+            ])
         );
         let data = Snapshot {
             store: &s.store_id,
