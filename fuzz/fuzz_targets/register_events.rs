@@ -58,6 +58,7 @@ fn world() -> &'static World {
             Arc::new(ManualClock::new("2026-06-01T10:00:00Z".parse().unwrap())),
             profiles,
             OfferLedger::open(&store).unwrap(),
+            storelink::occasions::Occasions::new(&store),
             None,
         )
         .unwrap();
@@ -89,6 +90,8 @@ fn kpis() -> storelink::profiles::kpi::KpiView {
             day: day("2026-01-01") + jiff::Span::new().days(i * 30),
             amount: 2500,
             groups: vec!["games".into()],
+            anchors: Vec::new(),
+            main: Some("games".into()),
         })
         .collect();
     Kpis::compute(&ledger).view(day("2026-06-01"), &KpiConfig::default(), None, None)
