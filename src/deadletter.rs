@@ -59,6 +59,21 @@ impl DeadLetter {
     }
 }
 
+impl DeadLetter {
+    /// Whether its raw bytes or its reason hold any of `needles` (an erased customer's id or
+    /// one of their cards).
+    pub fn mentions(&self, needles: &[String]) -> bool {
+        let hit = |hay: &[u8]| {
+            needles
+                .iter()
+                .map(|n| n.as_bytes())
+                .filter(|n| !n.is_empty())
+                .any(|n| hay.windows(n.len()).any(|w| w == n))
+        };
+        hit(&self.raw) || hit(self.reason.as_bytes())
+    }
+}
+
 pub(crate) mod base64_bytes {
     use super::*;
     use serde::{Deserializer, Serializer};
@@ -197,19 +212,7 @@ impl DeadLetters {
     /// erased customer's id or card); returns how many. Committed durably: an erasure is
     /// acknowledged only after it.
     pub fn erase_mentioning(&self, needles: &[String]) -> Result<usize, StoreError> {
-        let needles: Vec<&[u8]> = needles
-            .iter()
-            .map(|n| n.as_bytes())
-            .filter(|n| !n.is_empty())
-            .collect();
-        let mentions = |hay: &[u8]| {
-            needles
-                .iter()
-                .any(|n| hay.windows(n.len()).any(|w| w == *n))
-        };
-        self.remove_where(Commit::Durable, |letter| {
-            mentions(&letter.raw) || mentions(letter.reason.as_bytes())
-        })
+        self.remove_where(Commit::Durable, |letter| letter.mentions(needles))
     }
 
     /// Removes the records received before `before` (retention); returns how many.

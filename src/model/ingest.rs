@@ -58,6 +58,17 @@ pub enum Ingest {
     Probe { reply: oneshot::Sender<()> },
 }
 
+impl Ingest {
+    fn once(event: NewEvent, occasion: OccasionKey, token: u64, at: jiff::Timestamp) -> Ingest {
+        Ingest::Once {
+            event: Box::new(event),
+            occasion,
+            token,
+            at,
+        }
+    }
+}
+
 /// A durable acceptance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
@@ -127,12 +138,7 @@ impl IngestHandle {
         at: jiff::Timestamp,
     ) -> Result<(), IngestError> {
         self.tx
-            .send(Ingest::Once {
-                event: Box::new(event),
-                occasion,
-                token,
-                at,
-            })
+            .send(Ingest::once(event, occasion, token, at))
             .await
             .map_err(|_| IngestError::ShuttingDown)
     }
@@ -147,12 +153,7 @@ impl IngestHandle {
         at: jiff::Timestamp,
     ) -> Result<(), IngestError> {
         self.tx
-            .blocking_send(Ingest::Once {
-                event: Box::new(event),
-                occasion,
-                token,
-                at,
-            })
+            .blocking_send(Ingest::once(event, occasion, token, at))
             .map_err(|_| IngestError::ShuttingDown)
     }
 

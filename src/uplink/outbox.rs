@@ -880,16 +880,6 @@ impl Outbox {
     pub fn erase_customer(&self, ids: &[String]) -> Result<OutboxErased, StoreError> {
         let is_them =
             |v: &serde_json::Value| v.as_str().is_some_and(|s| ids.iter().any(|id| id == s));
-        let needles: Vec<&[u8]> = ids
-            .iter()
-            .map(|i| i.as_bytes())
-            .filter(|i| !i.is_empty())
-            .collect();
-        let mentions = |hay: &[u8]| {
-            needles
-                .iter()
-                .any(|n| hay.windows(n.len()).any(|w| w == *n))
-        };
         let mut doomed = Vec::new();
         let mut rewrites: Vec<(EntryKey, Vec<u8>, u64, u64)> = Vec::new();
         let view = self.store.view(LogTable::Outbox)?;
@@ -922,7 +912,7 @@ impl Outbox {
                     let letter = event.get("data").cloned().and_then(|d| {
                         serde_json::from_value::<crate::deadletter::DeadLetter>(d).ok()
                     });
-                    if letter.is_some_and(|l| mentions(&l.raw) || mentions(l.reason.as_bytes())) {
+                    if letter.is_some_and(|l| l.mentions(ids)) {
                         doomed.push(key);
                     }
                     continue;
