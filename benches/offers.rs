@@ -4,7 +4,8 @@
 //! - the pure decision, for one customer with KPIs (no store involved);
 //! - the full path at 1,000,000 profiles in sled: a customer enters the store, and the agent
 //!   looks the profile up, reads their KPIs and cap state, asks the learned follow-up model,
-//!   claims the visit's lifecycle triggers, decides, and records the decision
+//!   checks the visit's lifecycle triggers (claimed only when a campaign fires on one; none
+//!   of the bench's campaigns listens to them), decides, and records the decision
 //!   (`Offers::on_presence`, as the agent runs it, without the uplink). The customers'
 //!   histories have categories, so the follow-up model has pairs to look through.
 //!

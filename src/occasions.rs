@@ -155,19 +155,22 @@ impl Occasions {
             .and_then(|v| decode(v.bytes())))
     }
 
+    /// Per key, whether it is not remembered yet: one read transaction, no write.
+    pub fn unclaimed(&self, keys: &[OccasionKey]) -> Result<Vec<bool>, StoreError> {
+        let view = self.store.view(LogTable::Occasions)?;
+        keys.iter()
+            .map(|k| Ok(!view.contains(k.as_bytes())?))
+            .collect()
+    }
+
     /// Remembers occasions durably; returns, per key, whether it was new. For in-store
-    /// triggers, claimed before the decision: a power cut in between loses that trigger's
-    /// moment rather than firing it twice.
+    /// triggers, claimed before the decision is recorded or shown: a power cut in between
+    /// loses that trigger's moment rather than firing it twice.
     ///
     /// An occasion already remembered costs a read; only a new one costs a durable commit
     /// (checked again inside it, so two visits at once still claim it once).
     pub fn claim(&self, keys: &[OccasionKey], at: Timestamp) -> Result<Vec<bool>, StoreError> {
-        let view = self.store.view(LogTable::Occasions)?;
-        let mut unseen = Vec::with_capacity(keys.len());
-        for k in keys {
-            unseen.push(!view.contains(k.as_bytes())?);
-        }
-        drop(view);
+        let unseen = self.unclaimed(keys)?;
         if !unseen.contains(&true) {
             return Ok(unseen);
         }

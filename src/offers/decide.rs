@@ -210,6 +210,21 @@ fn trigger_matches(wanted: &Trigger, got: &Trigger) -> bool {
     }
 }
 
+/// Which of `triggers` the decision fired on: a chosen or control campaign listens to it.
+/// What an in-store occasion is used up by; a trigger no winner listens to stays unclaimed.
+pub fn fired_on(set: &CompiledSet, decision: &Decision, triggers: &[Trigger]) -> Vec<bool> {
+    let ids = decision.chosen.iter().map(|c| c.campaign.as_str());
+    let winners: Vec<&Trigger> = ids
+        .chain(decision.controls.iter().map(|c| c.campaign.as_str()))
+        .filter_map(|id| set.get(id))
+        .map(|c| &c.campaign.trigger)
+        .collect();
+    triggers
+        .iter()
+        .map(|t| winners.iter().any(|w| trigger_matches(w, t)))
+        .collect()
+}
+
 fn in_scope(c: &Compiled, o: &Occasion) -> bool {
     let s = &c.campaign.scope;
     let within = |list: &[String], v: Option<&str>| {

@@ -9,6 +9,9 @@
 //!   version is not newer than the one held for its slot, changes nothing. The set is
 //!   persisted before it goes live, so a restart offline starts with it.
 //! - A decision is recorded (caps, budget, history) before anything is shown or sent.
+//! - A lifecycle occasion (`birthday_visit`, `winback_due`) is claimed durably, once, by the
+//!   decision that fires on it, before that decision is recorded; one no campaign answers
+//!   costs no write and stays free.
 //! - Customer ids and names appear in logs at debug level only; campaign ids are not personal.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,7 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::campaign::{Campaign, CampaignSet, Channel, CompiledSet, Rejected, Trigger};
-use super::decide::{Basket, Chosen, Control, Decision, Explained, Occasion, decide};
+use super::decide::{Basket, Chosen, Control, Decision, Explained, Occasion, decide, fired_on};
 use super::ledger::OfferLedger;
 use super::stats::CampaignStats;
 use crate::clock::SharedClock;
@@ -34,7 +37,7 @@ use crate::model::presence::PresenceKind;
 use crate::model::register::LiveEvents;
 pub use crate::model::register::RegisterEvent;
 use crate::occasions::{OccasionKey, Occasions, Scope};
-use crate::profiles::kpi::{Activity, KpiConfig, KpiView};
+use crate::profiles::kpi::{Activity, KpiConfig, KpiView, Kpis};
 use crate::profiles::{Profile, ProfileStore};
 use crate::store::StoreError;
 use crate::supervisor::Component;
@@ -47,6 +50,13 @@ pub const COMPLETED_CHANNEL: usize = 4096;
 
 /// Lane updates for the displays; a display that lags reloads the lane's current prompt.
 const LANE_BROADCAST: usize = 256;
+
+/// What the store knows of a customer's purchases at a decision: their KPIs and the view of
+/// them on the day (with the learned follow-up).
+struct Known {
+    kpis: Kpis,
+    view: KpiView,
+}
 
 /// Where a campaign set came from. Each slot keeps its own version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -508,7 +518,9 @@ impl Offers {
         lanes.get(lane).and_then(|l| l.prompt.clone())
     }
 
-    fn kpi_view(&self, customer: &str, today: Date) -> Result<Option<KpiView>, StoreError> {
+    /// The customer's KPIs and their view on `today`, read once per decision and shared by
+    /// the lifecycle triggers, the audience and the cashier's insight.
+    fn known(&self, customer: &str, today: Date) -> Result<Option<Known>, StoreError> {
         let p = &self.inner.profiles;
         let Some(kpis) = p.kpis(customer)? else {
             return Ok(None);
@@ -522,7 +534,7 @@ impl Offers {
             rfm.as_ref(),
         );
         view.follow_up = p.suggest_followup(&kpis, today);
-        Ok(Some(view))
+        Ok(Some(Known { kpis, view }))
     }
 
     fn today(&self, at: Timestamp) -> Date {
@@ -552,12 +564,12 @@ impl Offers {
                 explained: Vec::new(),
             });
         };
-        let view = self.kpi_view(&customer, self.today(at))?;
+        let known = self.known(&customer, self.today(at))?;
         let state = self.inner.ledger.cap_state(&customer, set.budgeted())?;
         let d = decide(
             &set,
             &profile,
-            view.as_ref(),
+            known.as_ref().map(|k| &k.view),
             &occasion,
             &state,
             &self.inner.settings.tz,
@@ -572,18 +584,17 @@ impl Offers {
         })
     }
 
-    /// The lifecycle triggers a visit adds (a store entry, a card scanned at a till), each
+    /// The lifecycle triggers a visit may add (a store entry, a card scanned at a till), each
     /// once per customer and occasion: `birthday_visit` on the birthday's first visit,
     /// `winback_due` once per overdue rhythm (overall, or per product group, until the next
-    /// purchase there). The memory is claimed durably before the decision, so a restart or a
-    /// second visit the same day never fires one twice.
-    async fn lifecycle_triggers(
+    /// purchase there). Only those not yet claimed: a read, no write; the decision claims
+    /// the ones it fires on ([`Offers::decide_and_record`]).
+    fn lifecycle_candidates(
         &self,
         profile: &Profile,
-        view: Option<&KpiView>,
+        known: Option<&Known>,
         today: Date,
-        at: Timestamp,
-    ) -> Result<Vec<Trigger>, OffersError> {
+    ) -> Result<Vec<(Trigger, OccasionKey)>, StoreError> {
         let customer = profile.customer_id.as_str();
         let mut candidates: Vec<(Trigger, OccasionKey)> = Vec::new();
         if profile.birthday.is_some_and(|b| b.is(today)) {
@@ -595,8 +606,8 @@ impl Offers {
             );
             candidates.push((Trigger::BirthdayVisit, key));
         }
-        if let Some(v) = view.filter(|v| v.overdue || !v.overdue_groups.is_empty())
-            && let Some(kpis) = self.inner.profiles.kpis(customer)?
+        if let Some(Known { kpis, view: v }) =
+            known.filter(|k| k.view.overdue || !k.view.overdue_groups.is_empty())
         {
             let last = |r: &crate::profiles::kpi::Rhythm| r.last.map(|d| d.to_string());
             if v.overdue
@@ -624,19 +635,25 @@ impl Offers {
             }
         }
         if candidates.is_empty() {
-            return Ok(Vec::new());
+            return Ok(candidates);
         }
         let keys: Vec<OccasionKey> = candidates.iter().map(|(_, k)| k.clone()).collect();
-        let occasions = self.inner.occasions.clone();
-        // A durable commit: off the async threads.
-        let fresh = tokio::task::spawn_blocking(move || occasions.claim(&keys, at))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let unclaimed = self.inner.occasions.unclaimed(&keys)?;
         Ok(candidates
             .into_iter()
-            .zip(fresh)
-            .filter_map(|((t, _), new)| new.then_some(t))
+            .zip(unclaimed)
+            .filter_map(|(c, new)| new.then_some(c))
             .collect())
+    }
+
+    /// Claims durably the lifecycle occasions a decision fired on; returns, per key, whether
+    /// it was still free (a visit at the same moment may have taken it).
+    async fn claim(&self, keys: Vec<OccasionKey>, at: Timestamp) -> Result<Vec<bool>, StoreError> {
+        let occasions = self.inner.occasions.clone();
+        // A durable commit: off the async threads.
+        tokio::task::spawn_blocking(move || occasions.claim(&keys, at))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     /// An occasion at this store.
@@ -659,37 +676,64 @@ impl Offers {
 
     /// Decides for a customer on an occasion, records the decision, and sends the offer
     /// event. A `visit` (a store entry, a card at a till) adds the lifecycle triggers that are
-    /// new ([`Offers::lifecycle_triggers`]).
+    /// new ([`Offers::lifecycle_candidates`]).
+    ///
+    /// An occasion is used up only by a decision that fires on it: the candidates join the
+    /// decision, and the ones a chosen or control campaign listens to are claimed durably
+    /// before the decision is recorded or shown. A visit that no lifecycle campaign answers
+    /// costs no write, so the next visit still finds the occasion. Should another visit
+    /// claim one first, the decision is taken again with the occasions this one holds.
     async fn decide_and_record(
         &self,
         profile: &Profile,
+        known: Option<&Known>,
         mut occasion: Occasion,
         visit: bool,
     ) -> Result<Decision, OffersError> {
-        let customer = profile.customer_id.as_str();
-        let at = occasion.at;
-        let today = self.today(at);
-        let view = self.kpi_view(customer, today)?;
-        // Without offers, or without consent to them, no occasion is used up.
-        if visit && self.inner.settings.enabled && profile.consents.personalised_offers {
-            occasion.triggers.extend(
-                self.lifecycle_triggers(profile, view.as_ref(), today, at)
-                    .await?,
-            );
-        }
         if !self.inner.settings.enabled {
             return Ok(Decision::default());
         }
+        let customer = profile.customer_id.as_str();
+        let at = occasion.at;
+        let view = known.map(|k| &k.view);
+        // Without consent to offers, no occasion is used up.
+        let candidates = if visit && profile.consents.personalised_offers {
+            self.lifecycle_candidates(profile, known, self.today(at))?
+        } else {
+            Vec::new()
+        };
         let set = self.campaigns();
         let state = self.inner.ledger.cap_state(customer, set.budgeted())?;
-        let mut decision = decide(
-            &set,
-            profile,
-            view.as_ref(),
-            &occasion,
-            &state,
-            &self.inner.settings.tz,
-        );
+        let tz = &self.inner.settings.tz;
+        let base = occasion.triggers.len();
+        occasion
+            .triggers
+            .extend(candidates.iter().map(|(t, _)| t.clone()));
+        let mut decision = decide(&set, profile, view, &occasion, &state, tz);
+        if !candidates.is_empty() {
+            let fired = fired_on(&set, &decision, &occasion.triggers[base..]);
+            let (triggers, keys): (Vec<Trigger>, Vec<OccasionKey>) = candidates
+                .into_iter()
+                .zip(fired)
+                .filter_map(|(c, fired)| fired.then_some(c))
+                .unzip();
+            let held = if keys.is_empty() {
+                Vec::new()
+            } else {
+                self.claim(keys, at).await?
+            };
+            let lost = held.contains(&false);
+            occasion.triggers.truncate(base);
+            occasion.triggers.extend(
+                triggers
+                    .into_iter()
+                    .zip(held)
+                    .filter_map(|(t, held)| held.then_some(t)),
+            );
+            if lost {
+                decision = decide(&set, profile, view, &occasion, &state, tz);
+            }
+        }
         self.inner
             .ledger
             .record(&mut decision, customer, at, &set)?;
@@ -806,10 +850,10 @@ impl Offers {
     fn prompt_for(
         &self,
         profile: &Profile,
+        known: Option<&Known>,
         lane: &str,
         decision: &Decision,
         recognised: Recognised,
-        card_scanned: bool,
         at: Timestamp,
     ) -> Prompt {
         let offer = decision
@@ -830,10 +874,11 @@ impl Offers {
             tier: profile.tier.clone(),
             points: profile.points,
             offer,
-            ask_for_card: recognised == Recognised::Presence && !card_scanned,
+            // A card scanned is how a customer is recognised at the till: a phone alone asks.
+            ask_for_card: recognised == Recognised::Presence,
             recognised,
             at,
-            insight: self.insight(profile, at),
+            insight: self.insight(profile, known, at),
         }
     }
 
@@ -841,17 +886,11 @@ impl Offers {
     /// purchase's main category, and the follow-up to ask about (central's first, else the
     /// one the store learned). `None` when the store has no purchase of theirs and no
     /// follow-up; a lookup failure only costs the insight, never the prompt.
-    fn insight(&self, profile: &Profile, at: Timestamp) -> Option<Insight> {
+    fn insight(&self, profile: &Profile, known: Option<&Known>, at: Timestamp) -> Option<Insight> {
         let text = |i: &crate::profiles::Item| match i {
             crate::profiles::Item::Category(c) | crate::profiles::Item::Sku(c) => c.clone(),
         };
         let today = self.today(at);
-        let kpis = self
-            .inner
-            .profiles
-            .kpis(&profile.customer_id)
-            .ok()
-            .flatten();
         let central = profile
             .follow_ups
             .iter()
@@ -862,10 +901,7 @@ impl Offers {
                 days_ago: None,
             });
         let learned = || {
-            let s = self
-                .inner
-                .profiles
-                .suggest_followup(kpis.as_ref()?, today)?;
+            let s = known?.view.follow_up.as_ref()?;
             Some(PromptSuggestion {
                 if_bought: text(&s.if_bought),
                 suggest: text(&s.suggest),
@@ -873,7 +909,7 @@ impl Offers {
             })
         };
         let suggestion = central.or_else(learned);
-        let k = kpis.as_ref().filter(|k| k.purchases > 0);
+        let k = known.map(|k| &k.kpis).filter(|k| k.purchases > 0);
         if k.is_none() && suggestion.is_none() {
             return None;
         }
@@ -914,9 +950,11 @@ impl Offers {
             }
             _ => return Ok(None),
         };
+        let known = self.known(customer, self.today(ev.at))?;
         let decision = self
             .decide_and_record(
                 &profile,
+                known.as_ref(),
                 self.occasion(triggers, ev.zone.clone(), ev.lane.clone(), ev.at),
                 visit,
             )
@@ -930,10 +968,10 @@ impl Offers {
             if card.is_none() {
                 let prompt = self.prompt_for(
                     &profile,
+                    known.as_ref(),
                     lane,
                     &decision,
                     Recognised::Presence,
-                    false,
                     ev.at,
                 );
                 self.set_lane(lane, Some(prompt), None).await;
@@ -1002,9 +1040,11 @@ impl Offers {
             self.set_lane(&lane, None, Some(Some(customer))).await;
             return Ok(self.effects(&lane, Vec::new(), false));
         };
+        let known = self.known(&customer, self.today(now))?;
         let decision = self
             .decide_and_record(
                 &profile,
+                known.as_ref(),
                 self.occasion(
                     vec![Trigger::TransactionStarted],
                     None,
@@ -1014,7 +1054,14 @@ impl Offers {
                 true,
             )
             .await?;
-        let mut prompt = self.prompt_for(&profile, &lane, &decision, Recognised::Card, true, now);
+        let mut prompt = self.prompt_for(
+            &profile,
+            known.as_ref(),
+            &lane,
+            &decision,
+            Recognised::Card,
+            now,
+        );
         let mut offers: Vec<PromptOffer> = decision.chosen.iter().map(PromptOffer::from).collect();
         // The phone was recognised at this lane first and its prompt already carries an offer:
         // the cashier keeps mentioning it rather than losing it to the card scan.
@@ -1068,9 +1115,11 @@ impl Offers {
         let Some(profile) = self.inner.profiles.lookup(&done.customer_id)? else {
             return Ok(None);
         };
+        let known = self.known(&done.customer_id, self.today(done.at))?;
         let decision = self
             .decide_and_record(
                 &profile,
+                known.as_ref(),
                 Occasion {
                     basket: Some(done.basket.clone()),
                     ..self.occasion(
@@ -1480,6 +1529,54 @@ mod tests {
             effects.offers.iter().all(|o| o.campaign != "birthday"),
             "{:?}",
             effects.offers
+        );
+    }
+
+    #[tokio::test]
+    async fn a_visit_no_birthday_campaign_answers_leaves_the_birthday_for_a_later_one() {
+        let mut f = fixture();
+        let key = OccasionKey::new("c1", Scope::Store, "birthday_visit", "2026");
+        let occasions = Occasions::new(&f.store);
+        // Only the lane greeting is live: the morning entry is a birthday visit nobody answers.
+        let mut set: serde_json::Value = serde_json::from_slice(&campaigns(1)).unwrap();
+        set["campaigns"].as_array_mut().unwrap().truncate(1);
+        f.offers
+            .install(Slot::Store, &serde_json::to_vec(&set).unwrap())
+            .unwrap();
+        let at = "2026-11-23T09:00:00Z";
+        let d = f
+            .offers
+            .on_presence(&presence(PresenceKind::Entered, None, None, at))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(d.chosen.is_empty() && d.controls.is_empty());
+        assert_eq!(
+            occasions.unclaimed(std::slice::from_ref(&key)).unwrap(),
+            [true]
+        );
+        // The birthday campaign arrives at noon: the afternoon entry fires it, and uses it up.
+        f.offers.install(Slot::Store, &campaigns(2)).unwrap();
+        let d = f
+            .offers
+            .on_presence(&presence(
+                PresenceKind::Entered,
+                None,
+                None,
+                "2026-11-23T14:00:00Z",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.chosen[0].campaign, "birthday");
+        assert_eq!(
+            occasions.unclaimed(std::slice::from_ref(&key)).unwrap(),
+            [false]
+        );
+        let offer = sent(&mut f).pop().unwrap();
+        assert_eq!(
+            offer["data"]["triggers"],
+            serde_json::json!(["store_entered", "birthday_visit"])
         );
     }
 

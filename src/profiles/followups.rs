@@ -167,6 +167,13 @@ impl FollowUps {
         }
     }
 
+    /// Takes a config on the same basis (window and anchors) and keeps the counts, which
+    /// depend on nothing else.
+    pub(super) fn reconfigure(&mut self, config: FollowUpConfig) {
+        self.anchors = config.anchor_skus.iter().cloned().collect();
+        self.config = config;
+    }
+
     pub fn config(&self) -> &FollowUpConfig {
         &self.config
     }

@@ -365,11 +365,9 @@ impl ProfileStore {
         let basis = format!("{}|{}", config.window_days, config.anchor_skus.join(","));
         let held = self.fact(FOLLOWUPS_FACT)?;
         if held.as_deref() == Some(basis.as_bytes()) {
-            let mut model = self.followups_mut();
-            let mut fresh = FollowUps::new(config.clone());
-            std::mem::swap(&mut *model, &mut fresh);
-            drop(model);
-            return self.load_followups();
+            // The counts loaded at open hold: only the bounds and the top change.
+            self.followups_mut().reconfigure(config.clone());
+            return Ok(());
         }
         let started = std::time::Instant::now();
         let mut model = FollowUps::new(config.clone());
@@ -524,6 +522,16 @@ impl ProfileStore {
             .tree()
             .get(key(PROFILE, customer_id))?
             .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// A customer's profile for a scan over many customers (the daily signals run): from the
+    /// cache when it is hot, else from sled without entering the cache or moving anyone in
+    /// it, so a run over every customer does not evict the ones at the tills.
+    pub fn peek(&self, customer_id: &str) -> Result<Option<Arc<Profile>>, StoreError> {
+        if let Some(p) = self.cache().peek(customer_id) {
+            return Ok(Some(p.clone()));
+        }
+        Ok(self.read(customer_id)?.map(Arc::new))
     }
 
     /// A customer's profile by id, from the cache when it is hot.
@@ -1339,6 +1347,15 @@ mod tests {
         profiles.lookup("a").unwrap();
         profiles.lookup("b").unwrap();
         assert_eq!(profiles.stats().unwrap().cached, 2, "bounded");
+        // A scan peeks: "hot" is read, and "a" and "b" stay the ones cached, in their order.
+        assert_eq!(profiles.peek("hot").unwrap().unwrap().version, 3);
+        assert_eq!(profiles.peek("a").unwrap().unwrap().version, 1);
+        let cached: Vec<String> = profiles
+            .cache()
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(cached, ["b", "a"]);
         let uncached = ProfileStore::open_with(&store, 0).unwrap();
         assert!(uncached.lookup("a").unwrap().is_some());
         assert_eq!(uncached.stats().unwrap().cached, 0, "0 turns the cache off");

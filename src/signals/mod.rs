@@ -427,7 +427,7 @@ impl Signals {
         let s = &self.inner.settings;
         let p = &self.inner.profiles;
         report.customers += 1;
-        let Some(profile) = p.lookup(customer)? else {
+        let Some(profile) = p.peek(customer)? else {
             return Ok(true);
         };
         if !profile.consents.marketing {
