@@ -21,8 +21,12 @@ pub struct SignalsConfig {
     pub birthday_days_ahead: u32,
     /// `points_expiring` fires this many days before central's expiry date.
     pub points_expiry_days_ahead: u32,
-    /// `first_purchase` still fires this many days after it, for what a stopped agent missed.
-    pub first_purchase_grace_days: u32,
+    /// A trigger whose moment (a rhythm became overdue, the next purchase was due, the
+    /// customer turned Passive, the first purchase) lies more than this many days back is
+    /// history, not news, unless the agent was down since: a gateway's first run then sends
+    /// what became due in the last week, not every win-back of the years before. Older
+    /// states stay visible in `storelink.customer.v1`.
+    pub catch_up_days: u32,
     pub followups: FollowUpConfig,
 }
 
@@ -34,7 +38,7 @@ impl Default for SignalsConfig {
             snapshot_every_s: 3600,
             birthday_days_ahead: 7,
             points_expiry_days_ahead: 30,
-            first_purchase_grace_days: 7,
+            catch_up_days: 7,
             followups: FollowUpConfig::default(),
         }
     }

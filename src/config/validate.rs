@@ -547,12 +547,7 @@ impl Config {
             0,
             365,
         );
-        range(
-            "signals.first_purchase_grace_days",
-            s.first_purchase_grace_days.into(),
-            0,
-            60,
-        );
+        range("signals.catch_up_days", s.catch_up_days.into(), 0, 60);
         let f = &s.followups;
         range(
             "signals.followups.window_days",

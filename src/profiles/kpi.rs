@@ -127,6 +127,13 @@ impl Rhythm {
         last.checked_add(jiff::Span::new().days(days)).ok()
     }
 
+    /// The first day on which [`Rhythm::overdue`] holds: when a win-back became due.
+    pub fn overdue_from(&self, factor: f64) -> Option<Date> {
+        let (last, median) = (self.last?, self.median_interval_days?);
+        let days = (median * factor).floor() as i64 + 1;
+        last.checked_add(jiff::Span::new().days(days)).ok()
+    }
+
     /// Whether the customer is past their own rhythm by `factor`.
     pub fn overdue(&self, today: Date, factor: f64) -> bool {
         match (self.last, self.median_interval_days) {

@@ -215,18 +215,27 @@ impl Segment {
 
 /// The lifecycle triggers due for a customer on `today`. Pure: the caller decides which are
 /// new (the occasion memory) and whether the customer consents.
+///
+/// A trigger whose moment (the day a rhythm became overdue, the day the next purchase was
+/// due, the day the customer turned Passive, the first purchase) lies before `horizon` is
+/// history, not news: it shows in the customer's snapshot and is not sent (see
+/// `signals.catch_up_days`). The birthday and the points expiry look ahead instead.
 pub fn due_triggers(
     profile: &Profile,
     kpis: &Kpis,
     view: &KpiView,
     today: Date,
+    horizon: Date,
     kpi: &KpiConfig,
     config: &SignalsConfig,
 ) -> Vec<Due> {
     let mut out = Vec::new();
     let days = |a: Date, b: Date| (a - b).get_days();
+    let news = |moment: Option<Date>| moment.is_some_and(|m| m >= horizon);
     for (group, rhythm) in &kpis.groups {
-        if !rhythm.overdue(today, kpi.overdue_factor) {
+        if !rhythm.overdue(today, kpi.overdue_factor)
+            || !news(rhythm.overdue_from(kpi.overdue_factor))
+        {
             continue;
         }
         let (Some(last), Some(due)) = (rhythm.last, rhythm.next_due()) else {
@@ -241,6 +250,7 @@ pub fn due_triggers(
     }
     if let Some(due) = kpis.rhythm.next_due()
         && due <= today
+        && due >= horizon
     {
         let mut d = Due::new("next_purchase_due", due.to_string());
         d.due = Some(due);
@@ -250,13 +260,15 @@ pub fn due_triggers(
     }
     if view.activity == Some(Activity::Passive)
         && let Some(last) = kpis.rhythm.last
+        && let since = kpis.activity_since(today, kpi)
+        && news(since)
     {
         let mut d = Due::new("became_passive", last.to_string());
-        d.due = kpis.activity_since(today, kpi);
+        d.due = since;
         out.push(d);
     }
     if let Some(first) = kpis.rhythm.first
-        && days(today, first) <= i32::try_from(config.first_purchase_grace_days).unwrap_or(0)
+        && first >= horizon
     {
         let mut d = Due::new("first_purchase", String::new());
         d.due = Some(first);
@@ -300,6 +312,8 @@ impl StoreWide {
 /// One look at customers: when, why, and what they all share.
 struct Look {
     today: Date,
+    /// The earliest moment a trigger is still news on ([`due_triggers`]).
+    horizon: Date,
     now: Timestamp,
     detected: Detected,
     wide: StoreWide,
@@ -400,6 +414,14 @@ impl Signals {
         at.to_zoned(self.inner.settings.tz.clone()).date()
     }
 
+    /// `signals.catch_up_days` before `today`.
+    fn catch_up_from(&self, today: Date) -> Date {
+        let back = i64::from(self.inner.settings.config.catch_up_days);
+        today
+            .checked_sub(jiff::Span::new().days(back))
+            .unwrap_or(Date::MIN)
+    }
+
     fn dirty(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.inner
             .dirty
@@ -419,11 +441,12 @@ impl Signals {
     ) -> Result<bool, SignalsError> {
         let Look {
             today,
+            horizon,
             now,
             detected,
             wide: store_wide,
         } = look;
-        let (today, now, detected) = (*today, *now, *detected);
+        let (today, horizon, now, detected) = (*today, *horizon, *now, *detected);
         let s = &self.inner.settings;
         let p = &self.inner.profiles;
         report.customers += 1;
@@ -443,7 +466,7 @@ impl Signals {
         let Some(ingest) = &self.inner.ingest else {
             return Ok(true);
         };
-        let mut due = due_triggers(&profile, kpis, &view, today, &s.kpi, &s.config);
+        let mut due = due_triggers(&profile, kpis, &view, today, horizon, &s.kpi, &s.config);
         if detected == Detected::Transaction {
             // Right after a purchase only the welcome is news; the rest waits for the day's run.
             due.retain(|d| d.trigger == "first_purchase");
@@ -538,8 +561,15 @@ impl Signals {
         let today = self.today(now);
         let mut report = RunReport::default();
         if self.inner.settings.config.enabled {
+            // What happened while the agent was down is still news; so is the last week's
+            // (`catch_up_days`), never what a gateway's first run finds years back.
+            let horizon = match self.last_daily()? {
+                Some(last) => last.min(self.catch_up_from(today)),
+                None => self.catch_up_from(today),
+            };
             let look_schedule = Look {
                 today,
+                horizon,
                 now,
                 detected: Detected::Schedule,
                 wide: StoreWide::read(&self.inner.profiles)?,
@@ -614,6 +644,7 @@ impl Signals {
         let today = self.today(now);
         let look_transaction = Look {
             today,
+            horizon: self.catch_up_from(today),
             now,
             detected: Detected::Transaction,
             wide: StoreWide::read(&self.inner.profiles)?,
@@ -767,5 +798,72 @@ impl crate::model::customer::CustomerRecords for Occasions {
             None => 0,
         };
         Ok(vec![("trigger_records", n as u64)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiles::kpi::LedgerEntry;
+
+    fn shoes_every_14_days(last: Date) -> Kpis {
+        let mut k = Kpis::default();
+        for back in [28, 14, 0] {
+            k.add(&LedgerEntry {
+                day: last - jiff::Span::new().days(back),
+                amount: 5_000,
+                groups: vec!["shoes".into()],
+                anchors: Vec::new(),
+                main: Some("shoes".into()),
+            });
+        }
+        k
+    }
+
+    fn due_on(kpis: &Kpis, today: Date, horizon: Date) -> Vec<&'static str> {
+        let kpi = KpiConfig::default();
+        let view = kpis.view(today, &kpi, None, None);
+        due_triggers(
+            &Profile::new("c1"),
+            kpis,
+            &view,
+            today,
+            horizon,
+            &kpi,
+            &SignalsConfig::default(),
+        )
+        .iter()
+        .map(|d| d.trigger)
+        .collect()
+    }
+
+    #[test]
+    fn a_trigger_is_news_from_its_moment_until_the_horizon_passes_it() {
+        let today: Date = "2026-03-04".parse().unwrap();
+        let week = today - jiff::Span::new().days(7);
+        // Overdue in shoes since yesterday (last + 14 × factor, plus a day): news.
+        let kpi = KpiConfig::default();
+        let fresh_last = today - jiff::Span::new().days((14.0 * kpi.overdue_factor) as i64 + 2);
+        let fresh = shoes_every_14_days(fresh_last);
+        let moment = fresh.groups["shoes"]
+            .overdue_from(kpi.overdue_factor)
+            .unwrap();
+        assert!(moment <= today && moment >= week, "{moment}");
+        assert!(due_on(&fresh, today, week).contains(&"winback_due"));
+        // Overdue for half a year: history on a first run, news again after an outage that
+        // began before it.
+        let old = shoes_every_14_days("2025-08-01".parse().unwrap());
+        let due = due_on(&old, today, week);
+        assert!(!due.contains(&"winback_due"), "{due:?}");
+        assert!(!due.contains(&"next_purchase_due"), "{due:?}");
+        assert!(!due.contains(&"became_passive"), "{due:?}");
+        assert!(!due.contains(&"first_purchase"), "{due:?}");
+        let down_since: Date = "2025-08-10".parse().unwrap();
+        let due = due_on(&old, today, down_since);
+        assert!(due.contains(&"winback_due"), "{due:?}");
+        assert!(due.contains(&"next_purchase_due"), "{due:?}");
+        // Passive after the default 180 days, counted from Aug 1: Jan 29, after the outage began.
+        assert!(due.contains(&"became_passive"), "{due:?}");
+        assert!(!due.contains(&"first_purchase"), "{due:?}");
     }
 }
