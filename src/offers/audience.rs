@@ -33,13 +33,25 @@ use super::decide::Occasion;
 pub struct Audience {
     pub program: cel::Program,
     fast: Option<Fast>,
+    reads_event: bool,
 }
 
 impl Audience {
     pub fn compile(source: &str) -> Result<Audience, cel::ParseErrors> {
         let program = cel::Program::compile(source)?;
         let fast = Fast::from_expr(&program.expression().expr);
-        Ok(Audience { program, fast })
+        let reads_event = program.references().has_variable("event");
+        Ok(Audience {
+            program,
+            fast,
+            reads_event,
+        })
+    }
+
+    /// Whether the expression reads `event` (its triggers among it): a decision it wins
+    /// may rest on any trigger of the occasion.
+    pub fn reads_event(&self) -> bool {
+        self.reads_event
     }
 
     /// Whether the typed path covers this expression.

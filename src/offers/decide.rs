@@ -210,18 +210,23 @@ fn trigger_matches(wanted: &Trigger, got: &Trigger) -> bool {
     }
 }
 
-/// Which of `triggers` the decision fired on: a chosen or control campaign listens to it.
-/// What an in-store occasion is used up by; a trigger no winner listens to stays unclaimed.
+/// Which of `triggers` the decision fired on: a chosen or control campaign listens to it,
+/// or its audience reads `event` (and so may test for it). What an in-store occasion is used
+/// up by; a trigger no winner rests on stays unclaimed.
 pub fn fired_on(set: &CompiledSet, decision: &Decision, triggers: &[Trigger]) -> Vec<bool> {
     let ids = decision.chosen.iter().map(|c| c.campaign.as_str());
-    let winners: Vec<&Trigger> = ids
+    let winners: Vec<&Compiled> = ids
         .chain(decision.controls.iter().map(|c| c.campaign.as_str()))
         .filter_map(|id| set.get(id))
-        .map(|c| &c.campaign.trigger)
         .collect();
     triggers
         .iter()
-        .map(|t| winners.iter().any(|w| trigger_matches(w, t)))
+        .map(|t| {
+            winners.iter().any(|w| {
+                trigger_matches(&w.campaign.trigger, t)
+                    || w.audience.as_ref().is_some_and(|a| a.reads_event())
+            })
+        })
         .collect()
 }
 

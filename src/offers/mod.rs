@@ -121,6 +121,46 @@ mod tests {
     }
 
     #[test]
+    fn a_lifecycle_trigger_is_used_up_only_by_a_winner_that_rests_on_it() {
+        let campaign = |id: &str, trigger: &str, audience: &str, value: u32| {
+            serde_json::json!({
+                "id": id,
+                "name": id,
+                "valid_from": "2026-01-01T00:00:00Z",
+                "valid_until": "2027-01-01T00:00:00Z",
+                "trigger": {"kind": trigger},
+                "audience": audience,
+                "offers": [{"id": "o", "texts": {"push": {"en": "hi"}}}],
+                "value": value
+            })
+        };
+        let mut o = occasion(Trigger::StoreEntered, "2026-11-23T10:00:00Z");
+        o.triggers.push(Trigger::BirthdayVisit);
+        let lifecycle = &o.triggers[1..];
+        let fired = |campaigns: Vec<serde_json::Value>| {
+            let s = set(serde_json::json!({"version": 1, "campaigns": campaigns}));
+            let d = decide(&s, &ps_buyer(), None, &o, &CapState::default(), &berlin());
+            assert_eq!(d.chosen.len(), 1, "{:?}", d.explained);
+            fired_on(&s, &d, lifecycle)
+        };
+        // The birthday campaign wins: it is used up.
+        let birthday = campaign("cake", "birthday_visit", "true", 900);
+        let hello = campaign("hello", "store_entered", "profile.tier == 'gold'", 100);
+        assert_eq!(fired(vec![birthday.clone(), hello.clone()]), [true]);
+        // The entry greeting wins over a birthday campaign that is worth less: not used up.
+        let small_cake = campaign("cake", "birthday_visit", "true", 50);
+        assert_eq!(fired(vec![small_cake, hello]), [false]);
+        // An entry campaign whose audience tests the occasion's triggers rests on it.
+        let reads = campaign(
+            "hello",
+            "store_entered",
+            "'birthday_visit' in event.triggers",
+            100,
+        );
+        assert_eq!(fired(vec![reads]), [true]);
+    }
+
+    #[test]
     fn the_playstation_buyer_walks_in_and_gets_the_games_offer() {
         let s = set(
             serde_json::json!({"version": 1, "campaigns": [games_campaign(), winback_campaign()]}),
