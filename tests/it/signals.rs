@@ -110,6 +110,9 @@ async fn a_winback_fires_once_per_occasion_across_runs_restarts_and_replays_and_
     let clock = ManualClock::new("2026-01-05T10:00:00Z".parse().unwrap());
     let agent = agent_in(tempfile::tempdir().unwrap(), &clock).await;
     agent.profiles.upsert(customer("c1", true)).unwrap();
+    // The gateway has its daily run from the first day, so what becomes due later is news
+    // (a first run would leave anything older than `catch_up_days` to the snapshot).
+    daily_run(&agent).await;
     let mut reg = SimRegister::new("s042", "lane-1", Some("1"), 7);
     // A 14-day rhythm in shoes: Jan 5, Jan 19, Feb 2.
     let mut sent = Vec::new();
