@@ -1340,6 +1340,15 @@ mod tests {
         out
     }
 
+    /// The customer's phone at the entrance at `at`; the decision it brought.
+    async fn entered(f: &Fixture, at: &str) -> Decision {
+        f.offers
+            .on_presence(&presence(PresenceKind::Entered, None, None, at))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     fn presence(
         kind: PresenceKind,
         zone: Option<&str>,
@@ -1463,17 +1472,7 @@ mod tests {
     async fn the_birthday_offer_comes_with_the_first_entry_of_the_day_only() {
         let mut f = fixture();
         f.offers.install(Slot::Store, &campaigns(1)).unwrap();
-        let d = f
-            .offers
-            .on_presence(&presence(
-                PresenceKind::Entered,
-                None,
-                None,
-                "2026-11-23T09:00:00Z",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
+        let d = entered(&f, "2026-11-23T09:00:00Z").await;
         assert_eq!(d.chosen[0].text["en"], "Happy birthday, Ada!");
         let offer = sent(&mut f).pop().unwrap();
         assert_eq!(offer["type"], "storelink.offer.v1");
@@ -1481,17 +1480,7 @@ mod tests {
             offer["data"]["triggers"],
             serde_json::json!(["store_entered", "birthday_visit"])
         );
-        let d = f
-            .offers
-            .on_presence(&presence(
-                PresenceKind::Entered,
-                None,
-                None,
-                "2026-11-23T15:00:00Z",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
+        let d = entered(&f, "2026-11-23T15:00:00Z").await;
         assert!(d.chosen.is_empty());
         assert!(!d.explained.iter().any(|e| e.campaign == "birthday"
             && e.outcome != super::super::decide::Outcome::OtherTrigger));
@@ -1504,17 +1493,7 @@ mod tests {
         drop(f.store);
         let again = fixture_in(dir);
         again.offers.install(Slot::Store, &campaigns(1)).unwrap();
-        let d = again
-            .offers
-            .on_presence(&presence(
-                PresenceKind::Entered,
-                None,
-                None,
-                "2026-11-23T16:00:00Z",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
+        let d = entered(&again, "2026-11-23T16:00:00Z").await;
         assert!(d.chosen.is_empty(), "{:?}", d.chosen);
         let effects = again
             .offers
@@ -1543,13 +1522,7 @@ mod tests {
         f.offers
             .install(Slot::Store, &serde_json::to_vec(&set).unwrap())
             .unwrap();
-        let at = "2026-11-23T09:00:00Z";
-        let d = f
-            .offers
-            .on_presence(&presence(PresenceKind::Entered, None, None, at))
-            .await
-            .unwrap()
-            .unwrap();
+        let d = entered(&f, "2026-11-23T09:00:00Z").await;
         assert!(d.chosen.is_empty() && d.controls.is_empty());
         assert_eq!(
             occasions.unclaimed(std::slice::from_ref(&key)).unwrap(),
@@ -1557,17 +1530,7 @@ mod tests {
         );
         // The birthday campaign arrives at noon: the afternoon entry fires it, and uses it up.
         f.offers.install(Slot::Store, &campaigns(2)).unwrap();
-        let d = f
-            .offers
-            .on_presence(&presence(
-                PresenceKind::Entered,
-                None,
-                None,
-                "2026-11-23T14:00:00Z",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
+        let d = entered(&f, "2026-11-23T14:00:00Z").await;
         assert_eq!(d.chosen[0].campaign, "birthday");
         assert_eq!(
             occasions.unclaimed(std::slice::from_ref(&key)).unwrap(),
