@@ -679,8 +679,9 @@ impl Offers {
     /// new ([`Offers::lifecycle_candidates`]).
     ///
     /// An occasion is used up only by a decision that fires on it: the candidates join the
-    /// decision, and the ones a chosen or control campaign listens to are claimed durably
-    /// before the decision is recorded or shown. A visit that no lifecycle campaign answers
+    /// decision, and the ones it fires on ([`fired_on`]: a chosen or control campaign listens
+    /// to them, or its audience reads the event) are claimed durably before the decision is
+    /// recorded or shown. A visit that no lifecycle campaign answers
     /// costs no write, so the next visit still finds the occasion. Should another visit
     /// claim one first, the decision is taken again with the occasions this one holds.
     async fn decide_and_record(
