@@ -8,6 +8,7 @@
 //! [`cli`] holds the command line's commands; `main.rs` only parses the arguments and dispatches
 //! to it.
 
+pub mod bridge;
 pub mod cashier;
 pub mod cli;
 pub mod clock;

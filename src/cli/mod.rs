@@ -22,6 +22,7 @@ use tracing_subscriber::EnvFilter;
 pub mod agent;
 pub mod api;
 pub mod ble;
+pub mod bridge;
 pub mod offers;
 pub mod pos;
 pub mod sim;
@@ -97,6 +98,9 @@ pub enum Command {
     /// Campaigns and offer decisions: explain a decision, campaign statistics, check a set.
     #[command(subcommand)]
     Offers(offers::OffersCommand),
+    /// Central's side: subscribe to the stores' feeds on the broker and write them,
+    /// de-duplicated and validated, into PostgreSQL for the BI tool.
+    Bridge(bridge::BridgeArgs),
 }
 
 /// Runs the command the line asked for.
@@ -112,6 +116,7 @@ pub fn dispatch(command: Command) -> ExitCode {
         Command::Ble(command) => ble::ble(command),
         Command::Profiles(command) => status::profiles(command),
         Command::Offers(command) => offers::offers(command),
+        Command::Bridge(args) => bridge::bridge(args),
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod common;
 
+mod bridge;
 mod cashier;
 mod chaos;
 mod contract;

@@ -5,6 +5,7 @@
 pub mod contract;
 pub mod https;
 pub mod net;
+pub mod postgres;
 pub mod powercut;
 pub mod process;
 pub mod register;

@@ -1,0 +1,332 @@
+//! `storelink bridge`: the central side. Subscribes to the stores' feeds on the retailer's
+//! broker and writes them, de-duplicated and validated, into the BI database.
+//!
+//! The flow: the broker → [`intake`] (an MQTT 5 shared subscription at QoS 1, a persistent
+//! session, manual acknowledgements) → a bounded channel → the batcher, which checks each
+//! message against the contract ([`contract`]) and writes batches to PostgreSQL
+//! ([`postgres`]) → PUBACKs for the batch.
+//!
+//! Invariants:
+//! - A message is acknowledged only after the transaction holding it (as an event, or as a
+//!   dead letter) has committed. Until then the broker keeps it in the bridge's session and
+//!   sends it again after a reconnect or a restart; the event id makes that resend a no-op.
+//! - Nothing is dropped silently: a message that is not a valid event becomes a dead letter
+//!   with its topic, reason and raw bytes, in the same transaction as its batch.
+//! - The channel between intake and batcher holds at most `broker.inflight` messages, which is
+//!   also the receive maximum the broker is given: the broker never has more in flight than
+//!   the bridge can hold, so the MQTT loop never waits on the database and keeps its session
+//!   alive while PostgreSQL is away.
+//! - One `CancellationToken` stops both tasks; what is not committed by then is not
+//!   acknowledged, and comes again.
+//! - Shared with the agent: only the bottom layer (`events`, the config's parsing and
+//!   secrets), never a source, the core or the uplink.
+
+pub mod config;
+pub mod contract;
+pub mod postgres;
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::config::BridgeConfig;
+use self::contract::Contract;
+use self::postgres::{PgError, Refused, Sink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+}
+
+/// What the bridge has done since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub received: u64,
+    pub new: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+}
+
+/// Runs until `token` is cancelled.
+pub async fn run(config: BridgeConfig, token: CancellationToken) -> Result<Totals, BridgeError> {
+    run_with(config, token, watch::Sender::new(false)).await
+}
+
+/// The same, telling `subscribed` whether the broker holds the subscription now (granted on
+/// the current connection): what readiness means for the bridge.
+pub async fn run_with(
+    config: BridgeConfig,
+    token: CancellationToken,
+    subscribed: watch::Sender<bool>,
+) -> Result<Totals, BridgeError> {
+    let inflight = usize::from(config.broker.inflight);
+    let (client, eventloop) = mqtt(&config)?;
+    let (tx, rx) = mpsc::channel(inflight);
+    // The intake outlives the batcher: the acknowledgements of the last batch are queued
+    // before the goodbye, and go out with it.
+    let closing = CancellationToken::new();
+    let mut intake = tokio::spawn(intake(
+        client.clone(),
+        eventloop,
+        config.filter(),
+        tx,
+        subscribed,
+        closing.clone(),
+    ));
+    let result = batcher(&config, client.clone(), rx, token.clone()).await;
+    closing.cancel();
+    let _ = client.try_disconnect();
+    if tokio::time::timeout(Duration::from_secs(2), &mut intake)
+        .await
+        .is_err()
+    {
+        // The broker is away: what was not acknowledged comes again.
+        intake.abort();
+    }
+    result
+}
+
+fn mqtt(config: &BridgeConfig) -> Result<(AsyncClient, rumqttc::v5::EventLoop), BridgeError> {
+    let b = &config.broker;
+    let endpoint = b
+        .endpoint
+        .as_ref()
+        .expect("a validated config has its endpoint");
+    let mut options = MqttOptions::new(b.client_id.clone(), endpoint.host.clone(), endpoint.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(b.session_expiry_s))
+        .set_receive_maximum(Some(b.inflight))
+        .set_manual_acks(true)
+        .set_max_packet_size(Some(16 * 1024 * 1024));
+    if endpoint.scheme.tls() {
+        let files = crate::tls::TlsFiles {
+            ca_file: b.ca_file.as_deref(),
+            cert_file: None,
+            key_file: None,
+        };
+        let tls =
+            crate::tls::client_config(&files, &[]).map_err(|e| BridgeError::Mqtt(e.to_string()))?;
+        options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            std::sync::Arc::new(tls),
+        )));
+    }
+    if let Some(user) = &b.username {
+        let password = b.password.as_ref().map(|p| p.expose().to_string());
+        options.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    Ok(AsyncClient::new(options, inflight_requests(b.inflight)))
+}
+
+/// Room in the client's request queue for every acknowledgement of a full window, and the
+/// subscription.
+fn inflight_requests(inflight: u16) -> usize {
+    usize::from(inflight) + 16
+}
+
+/// Polls the MQTT connection, (re)subscribes on every connection, and hands each message to
+/// the batcher. Once `closing`, it polls only until the disconnect has gone out (after the
+/// acknowledgements queued before it) or the connection fails.
+async fn intake(
+    client: AsyncClient,
+    mut eventloop: rumqttc::v5::EventLoop,
+    filter: String,
+    tx: mpsc::Sender<Publish>,
+    subscribed: watch::Sender<bool>,
+    closing: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = eventloop.poll().await;
+        match event {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Err(_) if closing.is_cancelled() => return,
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                // On every connection, resumed session or not: subscribing again replaces
+                // the same subscription, and a broker that restored the session without its
+                // shared subscriptions (mosquitto after a restart) gets it back.
+                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                    tracing::error!(error = %e, "cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = ack.return_codes.iter().all(|c| {
+                    matches!(
+                        c,
+                        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                    )
+                });
+                if !granted {
+                    tracing::error!(codes = ?ack.return_codes, "the broker refused the subscription");
+                }
+                subscribed.send_replace(granted);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Room is guaranteed by the receive maximum. Once the batcher is gone the
+                // send fails at once, and what still arrives is left unacknowledged, for the
+                // next session.
+                let _ = tx.send(p).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                subscribed.send_replace(false);
+                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
+                tokio::select! {
+                    _ = closing.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Collects messages into batches (at most `batch_max`, at most `batch_ms` old), writes each,
+/// then acknowledges it. A failed write is retried with the same batch until it commits or
+/// the bridge stops; nothing of it is acknowledged before.
+async fn batcher(
+    config: &BridgeConfig,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Publish>,
+    token: CancellationToken,
+) -> Result<Totals, BridgeError> {
+    let pg = &config.postgres;
+    let contract = Contract::new();
+    let mut sink: Option<Sink> = None;
+    let mut totals = Totals::default();
+    let linger = Duration::from_millis(pg.batch_ms);
+    loop {
+        let mut batch: Vec<Publish> = Vec::with_capacity(pg.batch_max);
+        tokio::select! {
+            _ = token.cancelled() => return Ok(totals),
+            n = rx.recv_many(&mut batch, pg.batch_max) => if n == 0 { return Ok(totals) },
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < pg.batch_max {
+            let room = pg.batch_max - batch.len();
+            tokio::select! {
+                _ = token.cancelled() => return Ok(totals),
+                _ = tokio::time::sleep_until(deadline) => break,
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+            }
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut topics = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
+        for p in &batch {
+            match contract.check(&p.payload) {
+                Ok(e) => {
+                    events.push(e);
+                    topics.push(String::from_utf8_lossy(&p.topic).into_owned());
+                }
+                Err(reason) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    tracing::warn!(%topic, %reason, "dead letter: not a valid event");
+                    refused.push(Refused {
+                        topic,
+                        reason,
+                        raw: p.payload.to_vec(),
+                    });
+                }
+            }
+        }
+        let mut wait = Duration::from_millis(100);
+        let written = loop {
+            let attempt = async {
+                if sink.as_ref().is_none_or(Sink::is_closed) {
+                    sink = Some(Sink::connect(&pg.url, pg.password.as_ref()).await?);
+                }
+                let s = sink.as_mut().expect("connected above");
+                s.write(&events, &refused).await
+            };
+            match attempt.await {
+                Ok(w) => break w,
+                Err(e) if e.transient() => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "batch not written; retrying");
+                    sink = None;
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(totals),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    // Valid by the schema, and still refused by the database (a value out of
+                    // a column's range): find which, one by one, and dead-letter it.
+                    tracing::warn!(error = %e, "batch refused by the database; writing it event by event");
+                    let s = sink.as_mut().expect("a refusal comes from a connection");
+                    match one_by_one(s, &events, &topics, &refused).await {
+                        Ok(w) => break w,
+                        Err(e) if e.transient() => sink = None,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        };
+        for p in &batch {
+            // Queued for the MQTT loop; a closed client means the bridge is stopping, and
+            // the broker sends the message again to the next session.
+            if client.ack(p).await.is_err() {
+                return Ok(totals);
+            }
+        }
+        totals.received += batch.len() as u64;
+        totals.new += written.new;
+        totals.duplicates += written.duplicates;
+        totals.dead_letters += written.dead_letters;
+        totals.batches += 1;
+        tracing::debug!(
+            events = batch.len(),
+            new = written.new,
+            duplicates = written.duplicates,
+            dead_letters = written.dead_letters,
+            "batch committed and acknowledged"
+        );
+    }
+}
+
+/// Writes a batch the database refused as a whole, one event at a time; each event it refuses
+/// alone becomes a dead letter with the database's reason.
+async fn one_by_one(
+    sink: &mut Sink,
+    events: &[contract::Envelope],
+    topics: &[String],
+    refused: &[Refused],
+) -> Result<postgres::Written, PgError> {
+    let mut written = postgres::Written::default();
+    let mut refused = refused.to_vec();
+    for (e, topic) in events.iter().zip(topics) {
+        match sink.write(std::slice::from_ref(e), &[]).await {
+            Ok(w) => {
+                written.new += w.new;
+                written.duplicates += w.duplicates;
+            }
+            Err(err) if err.transient() => return Err(err),
+            Err(err) => {
+                tracing::warn!(%topic, error = %err, "dead letter: refused by the database");
+                refused.push(Refused {
+                    topic: topic.clone(),
+                    reason: format!("refused by the database: {err}"),
+                    raw: e.raw.to_string().into_bytes(),
+                });
+            }
+        }
+    }
+    let w = sink.write(&[], &refused).await?;
+    written.dead_letters = w.dead_letters;
+    Ok(written)
+}
