@@ -19,15 +19,20 @@ use storelink::model::transaction::Transaction;
 use storelink::sim::SimRegister;
 use tokio_util::sync::CancellationToken;
 
-fn bridge_config(broker: std::net::SocketAddr, pg: &Postgres) -> BridgeConfig {
+/// A bridge's config; `shared` subscribes through the group `bi`.
+fn bridge_config(
+    broker: std::net::SocketAddr,
+    pg: &Postgres,
+    client_id: &str,
+    shared: bool,
+) -> BridgeConfig {
     let text = format!(
         r#"
 [broker]
 url = "mqtt://{broker}"
-client_id = "bridge-test-1"
+client_id = "{client_id}"
 group = "bi"
-# mosquitto 2.0 forgets shared subscriptions when it restarts (config/bridge.toml).
-shared = false
+shared = {shared}
 
 [postgres]
 url = "{}"
@@ -96,6 +101,37 @@ async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
     pg.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// Waits until `sales` holds as many transactions as were acknowledged, then checks it holds
+/// exactly those.
+async fn all_in_sales(db: &tokio_postgres::Client, sent: &BTreeMap<String, Transaction>) {
+    let want = sent.len() as i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let have = count(db, "SELECT count(*) FROM storelink.sales").await;
+        if have >= want {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{have} of {want} acknowledged transactions in sales"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids: Vec<String> = db
+        .query("SELECT transaction_id FROM storelink.sales ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let acknowledged: Vec<&String> = sent.keys().collect();
+    assert_eq!(
+        ids.iter().collect::<Vec<_>>(),
+        acknowledged,
+        "exactly the acknowledged ones"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart_and_a_broker_restart()
  {
@@ -105,7 +141,8 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
     }
     let pg = Postgres::start();
     let broker = Mosquitto::start_persistent();
-    let config = bridge_config(broker.addr, &pg);
+    // mosquitto 2.0 forgets shared subscriptions when it restarts (config/bridge.toml).
+    let config = bridge_config(broker.addr, &pg, "bridge-test-1", false);
     let bridge = start_bridge(config.clone()).await;
     let agent = TestAgent::start(broker.addr, &["lane-1"]).await;
     let mut reg = SimRegister::new("s042", "lane-1", Some("1"), 11);
@@ -159,24 +196,7 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
     let broker = broker.restart();
     ring_up(&agent, &mut reg, 30, &mut sent).await;
 
-    let want = sent.len() as i64;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let have = count(&db, "SELECT count(*) FROM storelink.sales").await;
-        if have >= want {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{have} of {want} acknowledged transactions in sales"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Exactly once, with the register's figures.
-    assert_eq!(
-        count(&db, "SELECT count(*) FROM storelink.sales").await,
-        want
-    );
+    all_in_sales(&db, &sent).await;
     let rows = db
         .query(
             "SELECT s.transaction_id, s.total, s.loyalty_id, count(l.line),
@@ -261,4 +281,28 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
     assert!(second.received > 0, "{second:?}");
     agent.stop().await;
     drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_in_one_group_share_the_feed_and_write_each_event_once() {
+    let test = "bridge::two_bridges_in_one_group_share_the_feed";
+    if !require_external("mosquitto", test) || !require_postgres(test) {
+        return;
+    }
+    let pg = Postgres::start();
+    let broker = Mosquitto::start();
+    let one = start_bridge(bridge_config(broker.addr, &pg, "bridge-a", true)).await;
+    let two = start_bridge(bridge_config(broker.addr, &pg, "bridge-b", true)).await;
+    let agent = TestAgent::start(broker.addr, &["lane-1"]).await;
+    let mut reg = SimRegister::new("s042", "lane-1", Some("1"), 5);
+    let mut sent = BTreeMap::new();
+    ring_up(&agent, &mut reg, 200, &mut sent).await;
+    let db = pg.client().await;
+    all_in_sales(&db, &sent).await;
+    let (a, b) = (one.stop().await, two.stop().await);
+    // mosquitto hands a group's messages out in turn: each instance took a share.
+    assert!(a.new > 0 && b.new > 0, "{a:?} {b:?}");
+    let events = count(&db, "SELECT count(*) FROM storelink.events").await;
+    assert_eq!((a.new + b.new) as i64, events, "{a:?} {b:?}");
+    agent.stop().await;
 }
