@@ -560,3 +560,49 @@ exit_m = 2.5
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_shipped_bridge_config_checks_and_a_bad_one_exits_2_naming_the_key() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bridge.toml");
+    let check = |path: &std::path::Path| {
+        let out = Command::new(binary())
+            .args(["bridge", "--check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check(&example);
+    assert_eq!(code, Some(0), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bridge.toml");
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("batch_max = 1000", "batch_max = 0\nbatch_mx = 5");
+    std::fs::write(&bad, text).unwrap();
+    let (code, stderr) = check(&bad);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: postgres.batch_mx", bad.display())),
+        "{stderr}"
+    );
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&example)
+            .unwrap()
+            .replace("batch_max = 1000", "batch_max = 0"),
+    )
+    .unwrap();
+    let (code, stderr) = check(&bad);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: postgres.batch_max: must be 1-10000",
+            bad.display()
+        )),
+        "{stderr}"
+    );
+}
