@@ -225,13 +225,15 @@ async fn batcher(
             }
         }
         let mut events = Vec::with_capacity(batch.len());
-        let mut topics = Vec::with_capacity(batch.len());
+        // Where each valid event came from, and its bytes as received: a dead letter keeps
+        // those, never a re-encoding.
+        let mut origins = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
         for p in &batch {
             match contract.check(&p.payload) {
                 Ok(e) => {
                     events.push(e);
-                    topics.push(String::from_utf8_lossy(&p.topic).into_owned());
+                    origins.push((String::from_utf8_lossy(&p.topic).into_owned(), &p.payload));
                 }
                 Err(reason) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
@@ -248,6 +250,7 @@ async fn batcher(
         let written = loop {
             let attempt = async {
                 if sink.as_ref().is_none_or(Sink::is_closed) {
+                    sink = None;
                     sink = Some(Sink::connect(&pg.url, pg.password.as_ref()).await?);
                 }
                 let s = sink.as_mut().expect("connected above");
@@ -268,8 +271,12 @@ async fn batcher(
                     // Valid by the schema, and still refused by the database (a value out of
                     // a column's range): find which, one by one, and dead-letter it.
                     tracing::warn!(error = %e, "batch refused by the database; writing it event by event");
-                    let s = sink.as_mut().expect("a refusal comes from a connection");
-                    match one_by_one(s, &events, &topics, &refused).await {
+                    // No connection: the refusal was the server's to connect (a password, a
+                    // migration), which no retry mends.
+                    let Some(s) = sink.as_mut() else {
+                        return Err(e.into());
+                    };
+                    match one_by_one(s, &events, &origins, &refused).await {
                         Ok(w) => break w,
                         Err(e) if e.transient() => sink = None,
                         Err(e) => return Err(e.into()),
@@ -304,12 +311,12 @@ async fn batcher(
 async fn one_by_one(
     sink: &mut Sink,
     events: &[contract::Envelope],
-    topics: &[String],
+    origins: &[(String, &bytes::Bytes)],
     refused: &[Refused],
 ) -> Result<postgres::Written, PgError> {
     let mut written = postgres::Written::default();
     let mut refused = refused.to_vec();
-    for (e, topic) in events.iter().zip(topics) {
+    for (e, (topic, raw)) in events.iter().zip(origins) {
         match sink.write(std::slice::from_ref(e), &[]).await {
             Ok(w) => {
                 written.new += w.new;
@@ -321,7 +328,7 @@ async fn one_by_one(
                 refused.push(Refused {
                     topic: topic.clone(),
                     reason: format!("refused by the database: {err}"),
-                    raw: e.raw.to_string().into_bytes(),
+                    raw: raw.to_vec(),
                 });
             }
         }

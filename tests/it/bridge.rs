@@ -163,13 +163,35 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
         )
         .await
         .unwrap();
+    // Valid by the schema, refused by PostgreSQL (there is no year 0 in its calendar): the
+    // database's refusal is a dead letter too, and the rest of its batch is written.
+    let mut year_zero = SimRegister::new("s999", "r9", Some("9"), 3).next(jiff::Timestamp::now());
+    year_zero.business_day = jiff::civil::date(0, 1, 1);
+    year_zero.id = format!("s999:r9:00000101:{}", year_zero.sequence.unwrap());
+    let refused_by_db = storelink::events::encode(
+        storelink::events::EventKind::Transaction,
+        &year_zero.id,
+        "s999",
+        year_zero.ended_at,
+        &year_zero,
+    );
+    client
+        .publish(
+            "storelink/v1/acme/s999/events/transaction",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            refused_by_db.clone(),
+        )
+        .await
+        .unwrap();
     let db = pg.client().await;
-    // Poll the publisher until its PUBACK, then leave.
+    // Poll the publisher until both PUBACKs, then leave.
     let published = async {
-        loop {
+        let mut acks = 0;
+        while acks < 2 {
             if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
             {
-                break;
+                acks += 1;
             }
         }
     };
@@ -229,10 +251,16 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
     }
     // The bad event is a dead letter with its bytes and reason; the bridge went on.
     let dead = db
-        .query("SELECT topic, reason, raw FROM storelink.dead_letters", &[])
+        .query(
+            "SELECT topic, reason, raw FROM storelink.dead_letters ORDER BY reason DESC",
+            &[],
+        )
         .await
         .unwrap();
-    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let reason: String = dead[1].get(1);
+    assert!(reason.starts_with("refused by the database: "), "{reason}");
+    assert_eq!(dead[1].get::<_, Vec<u8>>(2), refused_by_db);
     assert_eq!(
         dead[0].get::<_, String>(0),
         "storelink/v1/acme/s999/events/transaction"
