@@ -27,6 +27,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+pub fn local(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_for_port(addr: std::net::SocketAddr, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PostgreSQL server of the bench's own: the same one the integration tests start.
+#[path = "../../tests/it/common/postgres.rs"]
+pub mod postgres;
+
 /// Where mosquitto is: on PATH, or in Debian's `/usr/sbin`, which a user's PATH often lacks.
 pub fn mosquitto_program() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
