@@ -62,6 +62,22 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The bridge processes: stopped (SIGTERM, then waited for) when this goes, also when the
+/// bench fails, so no bridge outlives it.
+struct Bridges(Vec<std::process::Child>);
+
+impl Drop for Bridges {
+    fn drop(&mut self) {
+        for b in &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(b.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = b.wait();
+        }
+    }
+}
+
 fn main() {
     let args: Args = common::args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -76,7 +92,7 @@ async fn run(args: Args) {
     let pg = common::postgres::Postgres::start();
     let broker = common::Broker::start("max_inflight_messages 0\nmax_queued_messages 0\n");
     let dir = tempfile::tempdir().unwrap();
-    let mut bridges = Vec::new();
+    let mut bridges = Bridges(Vec::new());
     for i in 0..args.instances {
         let config = dir.path().join(format!("bridge-{i}.toml"));
         std::fs::write(
@@ -94,7 +110,7 @@ async fn run(args: Args) {
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("the bridge starts");
-        bridges.push(child);
+        bridges.0.push(child);
     }
     let db = pg.client().await;
     // Ready when the schema exists and the broker has the subscriptions: give the bridges a
@@ -155,7 +171,7 @@ async fn run(args: Args) {
         }
         acks
     });
-    let cpu_before: Vec<f64> = bridges.iter().map(|b| cpu_seconds(b.id())).collect();
+    let cpu_before: Vec<f64> = bridges.0.iter().map(|b| cpu_seconds(b.id())).collect();
     let started = Instant::now();
     let first = micros_now();
     let mut sent_at: HashMap<String, i64> = HashMap::with_capacity(args.events);
@@ -182,11 +198,12 @@ async fn run(args: Args) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu: f64 = bridges
+        .0
         .iter()
         .zip(&cpu_before)
         .map(|(b, before)| cpu_seconds(b.id()) - before)
         .sum();
-    let rss: Vec<f64> = bridges.iter().map(|b| peak_rss_mib(b.id())).collect();
+    let rss: Vec<f64> = bridges.0.iter().map(|b| peak_rss_mib(b.id())).collect();
     let rows = db
         .query(
             "SELECT id, (extract(epoch FROM received_at) * 1e6)::bigint,
@@ -238,12 +255,7 @@ async fn run(args: Args) {
             .join(" / ")
     );
     drop(client);
-    let _ = acked.await;
-    for mut b in bridges {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(b.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = b.wait();
-    }
+    // The publisher's loop would keep pinging; it has done its part.
+    acked.abort();
+    drop(bridges);
 }

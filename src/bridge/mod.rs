@@ -68,6 +68,11 @@ pub async fn run_with(
     subscribed: watch::Sender<bool>,
 ) -> Result<Totals, BridgeError> {
     let inflight = usize::from(config.broker.inflight);
+    // The database first: its schema is migrated, and a password it refuses fails the start,
+    // before the broker is asked for anything.
+    let Some(sink) = connect(&config, &token).await? else {
+        return Ok(Totals::default());
+    };
     let (client, eventloop) = mqtt(&config)?;
     let (tx, rx) = mpsc::channel(inflight);
     // The intake outlives the batcher: the acknowledgements of the last batch are queued
@@ -81,7 +86,7 @@ pub async fn run_with(
         subscribed,
         closing.clone(),
     ));
-    let result = batcher(&config, client.clone(), rx, token.clone()).await;
+    let result = batcher(&config, sink, client.clone(), rx, token.clone()).await;
     closing.cancel();
     let _ = client.try_disconnect();
     if tokio::time::timeout(Duration::from_secs(2), &mut intake)
@@ -125,6 +130,30 @@ fn mqtt(config: &BridgeConfig) -> Result<(AsyncClient, rumqttc::v5::EventLoop), 
         options.set_credentials(user.clone(), password.unwrap_or_default());
     }
     Ok(AsyncClient::new(options, inflight_requests(b.inflight)))
+}
+
+/// Connects to PostgreSQL, retrying what a retry can mend (the server not up yet); `None`
+/// when the bridge is stopped first.
+async fn connect(
+    config: &BridgeConfig,
+    token: &CancellationToken,
+) -> Result<Option<Sink>, PgError> {
+    let pg = &config.postgres;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match Sink::connect(&pg.url, pg.password.as_ref()).await {
+            Ok(sink) => return Ok(Some(sink)),
+            Err(e) if e.transient() => {
+                tracing::warn!(error = %e, retry_in = ?wait, "postgres not reachable");
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Room in the client's request queue for every acknowledgement of a full window, and the
@@ -200,13 +229,14 @@ async fn intake(
 /// the bridge stops; nothing of it is acknowledged before.
 async fn batcher(
     config: &BridgeConfig,
+    sink: Sink,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
     token: CancellationToken,
 ) -> Result<Totals, BridgeError> {
     let pg = &config.postgres;
     let contract = Contract::new();
-    let mut sink: Option<Sink> = None;
+    let mut sink = Some(sink);
     let mut totals = Totals::default();
     let linger = Duration::from_millis(pg.batch_ms);
     loop {
