@@ -13,9 +13,12 @@
 //! - Nothing is dropped silently: a message that is not a valid event becomes a dead letter
 //!   with its topic, reason and raw bytes, in the same transaction as its batch.
 //! - The channel between intake and batcher holds at most `broker.inflight` messages, which is
-//!   also the receive maximum the broker is given: the broker never has more in flight than
-//!   the bridge can hold, so the MQTT loop never waits on the database and keeps its session
-//!   alive while PostgreSQL is away.
+//!   also the receive maximum the broker is given: a broker that keeps to it never has more in
+//!   flight than the bridge can hold, so the MQTT loop does not wait on the database and keeps
+//!   its session alive while PostgreSQL is away.
+//! - The batcher never waits on the intake: it hands acknowledgements to the client without
+//!   waiting for room ([`Acks`]). The intake may wait on the batcher (a broker beyond the
+//!   receive maximum), so a wait the other way would be a deadlock.
 //! - One `CancellationToken` stops both tasks; what is not committed by then is not
 //!   acknowledged, and comes again.
 //! - Shared with the agent: only the bottom layer (`events`, the config's parsing and
@@ -174,6 +177,7 @@ async fn intake(
     closing: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut over_sent = false;
     loop {
         let event = eventloop.poll().await;
         match event {
@@ -205,10 +209,24 @@ async fn intake(
                 subscribed.send_replace(granted);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                // Room is guaranteed by the receive maximum. Once the batcher is gone the
-                // send fails at once, and what still arrives is left unacknowledged, for the
-                // next session.
-                let _ = tx.send(p).await;
+                // The receive maximum should leave room. A broker that ignores it makes the
+                // intake wait here for the batcher, which never waits for the intake (see
+                // `Acks`), so both go on. Once the batcher is gone the send fails at once, and
+                // what still arrives is left unacknowledged, for the next session.
+                match tx.try_send(p) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(p)) => {
+                        if !over_sent {
+                            over_sent = true;
+                            tracing::warn!(
+                                "the broker sends beyond the receive maximum; the bridge holds \
+                                 the rest in the socket until the batch commits"
+                            );
+                        }
+                        let _ = tx.send(p).await;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -239,11 +257,17 @@ async fn batcher(
     let mut sink = Some(sink);
     let mut totals = Totals::default();
     let linger = Duration::from_millis(pg.batch_ms);
+    let mut acks = Acks::default();
     loop {
         let mut batch: Vec<Publish> = Vec::with_capacity(pg.batch_max);
-        tokio::select! {
-            _ = token.cancelled() => return Ok(totals),
-            n = rx.recv_many(&mut batch, pg.batch_max) => if n == 0 { return Ok(totals) },
+        loop {
+            let owed = !acks.flush(&client);
+            tokio::select! {
+                _ = token.cancelled() => return Ok(totals),
+                n = rx.recv_many(&mut batch, pg.batch_max) => if n == 0 { return Ok(totals) } else { break },
+                // Acknowledgements the client could not take yet: offered again shortly.
+                _ = tokio::time::sleep(ACK_RETRY), if owed => {}
+            }
         }
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < pg.batch_max {
@@ -315,12 +339,9 @@ async fn batcher(
             }
         };
         for p in &batch {
-            // Queued for the MQTT loop; a closed client means the bridge is stopping, and
-            // the broker sends the message again to the next session.
-            if client.ack(p).await.is_err() {
-                return Ok(totals);
-            }
+            acks.owe(p);
         }
+        acks.flush(&client);
         totals.received += batch.len() as u64;
         totals.new += written.new;
         totals.duplicates += written.duplicates;
@@ -333,6 +354,43 @@ async fn batcher(
             dead_letters = written.dead_letters,
             "batch committed and acknowledged"
         );
+    }
+}
+
+/// How soon acknowledgements the MQTT client had no room for are offered again.
+const ACK_RETRY: Duration = Duration::from_millis(2);
+
+/// Acknowledgements owed to the broker, in the order their messages arrived (MQTT wants
+/// PUBACKs in that order).
+///
+/// The batcher hands them to the client without ever waiting for room: the client's queue is
+/// drained only by the intake's poll, and the intake may itself be waiting for the batcher to
+/// take a message. A broker that sends beyond the receive maximum (mosquitto 2.0 on a shared
+/// subscription did, by thousands) would otherwise stop both for good. What is owed is a
+/// packet id each, not the message.
+#[derive(Default)]
+struct Acks {
+    owed: std::collections::VecDeque<Publish>,
+}
+
+impl Acks {
+    fn owe(&mut self, p: &Publish) {
+        let mut ack = Publish::new("", p.qos, bytes::Bytes::new(), None);
+        ack.pkid = p.pkid;
+        self.owed.push_back(ack);
+    }
+
+    /// Hands over what the client takes now; true when nothing is owed any more. A client
+    /// that is gone (the bridge stopping) takes nothing: unacknowledged, those messages come
+    /// again to the next session.
+    fn flush(&mut self, client: &AsyncClient) -> bool {
+        while let Some(ack) = self.owed.front() {
+            if client.try_ack(ack).is_err() {
+                return false;
+            }
+            self.owed.pop_front();
+        }
+        true
     }
 }
 
