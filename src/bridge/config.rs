@@ -64,10 +64,17 @@ pub struct PostgresSection {
     /// Longest an event waits for its batch to fill, in milliseconds.
     #[serde(default = "default_batch_ms")]
     pub batch_ms: u64,
+    /// Batches written at once, each on its own connection (acknowledged in arrival order
+    /// all the same). PostgreSQL runs one core per connection.
+    #[serde(default = "default_writers")]
+    pub writers: usize,
     #[serde(skip)]
     pub password: Option<Secret>,
 }
 
+fn default_writers() -> usize {
+    2
+}
 fn default_true() -> bool {
     true
 }
@@ -173,6 +180,9 @@ impl BridgeConfig {
         p.password = secret(env, "postgres.password_env", &p.password_env, &mut problems);
         if !(1..=10_000).contains(&p.batch_max) {
             problems.push(Problem::at("postgres.batch_max", "must be 1-10000"));
+        }
+        if !(1..=64).contains(&p.writers) {
+            problems.push(Problem::at("postgres.writers", "must be 1-64"));
         }
         if !(1..=10_000).contains(&p.batch_ms) {
             problems.push(Problem::at("postgres.batch_ms", "must be 1-10000"));

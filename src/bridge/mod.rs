@@ -242,9 +242,11 @@ async fn intake(
     }
 }
 
-/// Collects messages into batches (at most `batch_max`, at most `batch_ms` old), writes each,
-/// then acknowledges it. A failed write is retried with the same batch until it commits or
-/// the bridge stops; nothing of it is acknowledged before.
+/// Collects messages into batches (at most `batch_max`, at most `batch_ms` old) and writes up
+/// to `writers` of them at once, each on its own connection. Batches are acknowledged in the
+/// order they were collected, which is the order their messages arrived: a batch that commits
+/// early waits for the ones before it. A failed write is retried with the same batch until it
+/// commits or the bridge stops; nothing of it is acknowledged before.
 async fn batcher(
     config: &BridgeConfig,
     sink: Sink,
@@ -252,42 +254,111 @@ async fn batcher(
     mut rx: mpsc::Receiver<Publish>,
     token: CancellationToken,
 ) -> Result<Totals, BridgeError> {
+    use futures_util::StreamExt;
     let pg = &config.postgres;
     let contract = Contract::new();
-    let mut sink = Some(sink);
     let mut totals = Totals::default();
     let linger = Duration::from_millis(pg.batch_ms);
+    // Idle connections; `None` is one not opened yet (or dropped after an error), opened by
+    // the write that takes it.
+    let mut idle: Vec<Option<Sink>> = std::iter::once(Some(sink))
+        .chain((1..pg.writers).map(|_| None))
+        .collect();
+    let mut writing = futures_util::stream::FuturesOrdered::new();
     let mut acks = Acks::default();
+    let mut batch: Vec<Publish> = Vec::with_capacity(pg.batch_max);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut open = true;
     loop {
-        let mut batch: Vec<Publish> = Vec::with_capacity(pg.batch_max);
-        loop {
-            let owed = !acks.flush(&client);
-            tokio::select! {
-                _ = token.cancelled() => return Ok(totals),
-                n = rx.recv_many(&mut batch, pg.batch_max) => if n == 0 { return Ok(totals) } else { break },
-                // Acknowledgements the client could not take yet: offered again shortly.
-                _ = tokio::time::sleep(ACK_RETRY), if owed => {}
-            }
+        let owed = !acks.flush(&client);
+        let room = !idle.is_empty();
+        let due = room
+            && !batch.is_empty()
+            && (batch.len() >= pg.batch_max
+                || !open
+                || deadline.is_some_and(|d| d <= tokio::time::Instant::now()));
+        if due {
+            let taken = std::mem::replace(&mut batch, Vec::with_capacity(pg.batch_max));
+            deadline = None;
+            let prepared = Prepared::check(&contract, taken);
+            let conn = idle.pop().expect("room was checked");
+            writing.push_back(write_batch(pg, conn, prepared, token.clone()));
+            continue;
         }
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < pg.batch_max {
-            let room = pg.batch_max - batch.len();
-            tokio::select! {
-                _ = token.cancelled() => return Ok(totals),
-                _ = tokio::time::sleep_until(deadline) => break,
-                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-            }
+        if !open && batch.is_empty() && writing.is_empty() {
+            return Ok(totals);
         }
+        // Never 0: `recv_many` reads a limit of 0 as a closed channel.
+        let space = pg.batch_max.saturating_sub(batch.len()).max(1);
+        tokio::select! {
+            _ = token.cancelled() => return Ok(totals),
+            done = writing.next(), if !writing.is_empty() => {
+                let Some(done) = done else { continue };
+                let Some((conn, prepared, written)) = done? else {
+                    // Stopped while retrying.
+                    return Ok(totals);
+                };
+                idle.push(conn);
+                for p in &prepared.batch {
+                    acks.owe(p);
+                }
+                acks.flush(&client);
+                totals.received += prepared.batch.len() as u64;
+                totals.new += written.new;
+                totals.duplicates += written.duplicates;
+                totals.dead_letters += written.dead_letters;
+                totals.batches += 1;
+                tracing::debug!(
+                    events = prepared.batch.len(),
+                    new = written.new,
+                    duplicates = written.duplicates,
+                    dead_letters = written.dead_letters,
+                    "batch committed and acknowledged"
+                );
+            }
+            n = rx.recv_many(&mut batch, space),
+                if open && batch.len() < pg.batch_max =>
+            {
+                if n == 0 {
+                    open = false;
+                } else if deadline.is_none() {
+                    deadline = Some(tokio::time::Instant::now() + linger);
+                }
+            }
+            _ = sleep_until_some(deadline), if room && deadline.is_some() => {}
+            // Acknowledgements the client could not take yet: offered again shortly.
+            _ = tokio::time::sleep(ACK_RETRY), if owed => {}
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d).await;
+    }
+}
+
+/// A batch checked against the contract: the valid events, where each came from, and the
+/// dead letters.
+struct Prepared {
+    batch: Vec<Publish>,
+    events: Vec<contract::Envelope>,
+    /// Index into `batch` of each event, for its topic and its bytes as received: a dead
+    /// letter keeps those, never a re-encoding.
+    origins: Vec<usize>,
+    refused: Vec<Refused>,
+}
+
+impl Prepared {
+    fn check(contract: &Contract, batch: Vec<Publish>) -> Prepared {
         let mut events = Vec::with_capacity(batch.len());
-        // Where each valid event came from, and its bytes as received: a dead letter keeps
-        // those, never a re-encoding.
         let mut origins = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
-        for p in &batch {
+        for (i, p) in batch.iter().enumerate() {
             match contract.check(&p.payload) {
                 Ok(e) => {
                     events.push(e);
-                    origins.push((String::from_utf8_lossy(&p.topic).into_owned(), &p.payload));
+                    origins.push(i);
                 }
                 Err(reason) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
@@ -300,60 +371,60 @@ async fn batcher(
                 }
             }
         }
-        let mut wait = Duration::from_millis(100);
-        let written = loop {
-            let attempt = async {
-                if sink.as_ref().is_none_or(Sink::is_closed) {
-                    sink = None;
-                    sink = Some(Sink::connect(&pg.url, pg.password.as_ref()).await?);
+        Prepared {
+            batch,
+            events,
+            origins,
+            refused,
+        }
+    }
+}
+
+/// Writes one batch on `conn` (opening it when needed), retrying what a retry can mend;
+/// `None` when the bridge stops first. The connection comes back for the next batch.
+async fn write_batch(
+    pg: &config::PostgresSection,
+    mut conn: Option<Sink>,
+    prepared: Prepared,
+    token: CancellationToken,
+) -> Result<Option<(Option<Sink>, Prepared, postgres::Written)>, BridgeError> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            if conn.as_ref().is_none_or(Sink::is_closed) {
+                conn = None;
+                conn = Some(Sink::connect(&pg.url, pg.password.as_ref()).await?);
+            }
+            let s = conn.as_mut().expect("connected above");
+            s.write(&prepared.events, &prepared.refused).await
+        };
+        match attempt.await {
+            Ok(w) => return Ok(Some((conn, prepared, w))),
+            Err(e) if e.transient() => {
+                tracing::warn!(error = %e, retry_in = ?wait, "batch not written; retrying");
+                conn = None;
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                let s = sink.as_mut().expect("connected above");
-                s.write(&events, &refused).await
-            };
-            match attempt.await {
-                Ok(w) => break w,
-                Err(e) if e.transient() => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "batch not written; retrying");
-                    sink = None;
-                    tokio::select! {
-                        _ = token.cancelled() => return Ok(totals),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => {
-                    // Valid by the schema, and still refused by the database (a value out of
-                    // a column's range): find which, one by one, and dead-letter it.
-                    tracing::warn!(error = %e, "batch refused by the database; writing it event by event");
-                    // No connection: the refusal was the server's to connect (a password, a
-                    // migration), which no retry mends.
-                    let Some(s) = sink.as_mut() else {
-                        return Err(e.into());
-                    };
-                    match one_by_one(s, &events, &origins, &refused).await {
-                        Ok(w) => break w,
-                        Err(e) if e.transient() => sink = None,
-                        Err(e) => return Err(e.into()),
-                    }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                // Valid by the schema, and still refused by the database (a value out of a
+                // column's range): find which, one by one, and dead-letter it.
+                tracing::warn!(error = %e, "batch refused by the database; writing it event by event");
+                // No connection: the refusal was the server's to connect (a password, a
+                // migration), which no retry mends.
+                let Some(s) = conn.as_mut() else {
+                    return Err(e.into());
+                };
+                match one_by_one(s, &prepared).await {
+                    Ok(w) => return Ok(Some((conn, prepared, w))),
+                    Err(e) if e.transient() => conn = None,
+                    Err(e) => return Err(e.into()),
                 }
             }
-        };
-        for p in &batch {
-            acks.owe(p);
         }
-        acks.flush(&client);
-        totals.received += batch.len() as u64;
-        totals.new += written.new;
-        totals.duplicates += written.duplicates;
-        totals.dead_letters += written.dead_letters;
-        totals.batches += 1;
-        tracing::debug!(
-            events = batch.len(),
-            new = written.new,
-            duplicates = written.duplicates,
-            dead_letters = written.dead_letters,
-            "batch committed and acknowledged"
-        );
     }
 }
 
@@ -396,15 +467,12 @@ impl Acks {
 
 /// Writes a batch the database refused as a whole, one event at a time; each event it refuses
 /// alone becomes a dead letter with the database's reason.
-async fn one_by_one(
-    sink: &mut Sink,
-    events: &[contract::Envelope],
-    origins: &[(String, &bytes::Bytes)],
-    refused: &[Refused],
-) -> Result<postgres::Written, PgError> {
+async fn one_by_one(sink: &mut Sink, prepared: &Prepared) -> Result<postgres::Written, PgError> {
     let mut written = postgres::Written::default();
-    let mut refused = refused.to_vec();
-    for (e, (topic, raw)) in events.iter().zip(origins) {
+    let mut refused = prepared.refused.clone();
+    for (e, &i) in prepared.events.iter().zip(&prepared.origins) {
+        let p = &prepared.batch[i];
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
         match sink.write(std::slice::from_ref(e), &[]).await {
             Ok(w) => {
                 written.new += w.new;
@@ -414,9 +482,9 @@ async fn one_by_one(
             Err(err) => {
                 tracing::warn!(%topic, error = %err, "dead letter: refused by the database");
                 refused.push(Refused {
-                    topic: topic.clone(),
+                    topic,
                     reason: format!("refused by the database: {err}"),
-                    raw: raw.to_vec(),
+                    raw: p.payload.to_vec(),
                 });
             }
         }

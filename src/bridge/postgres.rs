@@ -80,6 +80,8 @@ pub struct Written {
 /// A connection to the BI database.
 pub struct Sink {
     client: Client,
+    /// [`write_statement`], prepared on this connection.
+    write: tokio_postgres::Statement,
     connection: tokio::task::JoinHandle<()>,
 }
 
@@ -97,54 +99,24 @@ impl Sink {
             config.password(p.expose());
         }
         config.application_name("storelink-bridge");
-        let (client, connection) = config.connect(NoTls).await?;
+        let (mut client, connection) = config.connect(NoTls).await?;
         let connection = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "postgres connection ended");
             }
         });
-        let mut sink = Sink { client, connection };
-        sink.migrate().await?;
-        Ok(sink)
+        migrate(&mut client).await?;
+        let write = client.prepare(write_statement()).await?;
+        Ok(Sink {
+            client,
+            connection,
+            write,
+        })
     }
 
     /// Whether the connection is gone (the next batch needs a new one).
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
-    }
-
-    async fn migrate(&mut self) -> Result<(), PgError> {
-        let tx = self.client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS public.storelink_migrations (
-                version integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let applied: i32 = tx
-            .query_one(
-                "SELECT coalesce(max(version), 0) FROM public.storelink_migrations",
-                &[],
-            )
-            .await?
-            .get(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i as i32 + 1;
-            if version <= applied {
-                continue;
-            }
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO public.storelink_migrations (version) VALUES ($1)",
-                &[&version],
-            )
-            .await?;
-            tracing::info!(version, "bridge schema migrated");
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Writes one batch in one transaction; see the module invariants.
@@ -166,25 +138,13 @@ impl Sink {
             bodies.push(e.raw.to_string());
         }
         let tx = self.client.transaction().await?;
-        let new: Vec<String> = tx
-            .query(
-                "INSERT INTO storelink.events (id, type, store, time, event)
-                 SELECT i, t, s, tm::timestamptz, b::jsonb
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                      AS u(i, t, s, tm, b)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id",
-                &[&ids, &types, &stores, &times, &bodies],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if !new.is_empty() {
-            for sql in PROJECTIONS {
-                tx.execute(sql, &[&new]).await?;
-            }
-        }
+        let new: i64 = if events.is_empty() {
+            0
+        } else {
+            tx.query_one(&self.write, &[&ids, &types, &stores, &times, &bodies])
+                .await?
+                .get(0)
+        };
         if !refused.is_empty() {
             let topics: Vec<&str> = refused.iter().map(|r| r.topic.as_str()).collect();
             let reasons: Vec<&str> = refused.iter().map(|r| r.reason.as_str()).collect();
@@ -199,7 +159,7 @@ impl Sink {
             .await?;
         }
         tx.commit().await?;
-        let new = new.len() as u64;
+        let new = new as u64;
         Ok(Written {
             new,
             duplicates: events.len() as u64 - new,
@@ -208,8 +168,69 @@ impl Sink {
     }
 }
 
-/// Event → star rows, each over the ids a batch inserted (`$1`). A row whose key is already
-/// there is left alone, except the customer's latest snapshot and the store's last sighting.
+/// Brings the schema up to date; see the module invariants.
+async fn migrate(client: &mut Client) -> Result<(), PgError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS public.storelink_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let applied: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM public.storelink_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i32 + 1;
+        if version <= applied {
+            continue;
+        }
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO public.storelink_migrations (version) VALUES ($1)",
+            &[&version],
+        )
+        .await?;
+        tracing::info!(version, "bridge schema migrated");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The batch in one statement: the events are inserted (a held id inserts nothing), and the
+/// rows they return feed every projection, so the database reads each event once and the
+/// batch costs one round trip. The projections write to distinct tables, which is what
+/// data-modifying CTEs in one statement allow.
+fn write_statement() -> &'static str {
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let mut sql = String::from(
+            "WITH new AS (
+                INSERT INTO storelink.events (id, type, store, time, event)
+                SELECT i, t, s, tm::timestamptz, b::jsonb
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                     AS u(i, t, s, tm, b)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id, type, store, time, event)",
+        );
+        for (i, projection) in PROJECTIONS.iter().enumerate() {
+            sql.push_str(&format!(",\n p{i} AS ({projection})"));
+        }
+        sql.push_str("\nSELECT count(*) FROM new");
+        sql
+    });
+    &STATEMENT
+}
+
+/// Event → star rows, each over `new`: the events a batch inserted, as `storelink.events`
+/// rows. The same statements over `storelink.events` itself rebuild the star. A row whose key
+/// is already there is left alone, except the customer's latest snapshot and the store's last
+/// sighting.
 const PROJECTIONS: [&str; 9] = [
     // sales: one row per transaction.
     "INSERT INTO storelink.sales (transaction_id, store, register, lane, sequence, business_day,
@@ -218,8 +239,8 @@ const PROJECTIONS: [&str; 9] = [
          (d->>'business_day')::date, (d->>'started_at')::timestamptz,
          (d->>'ended_at')::timestamptz, d->>'kind', d->>'currency', (d->>'total')::bigint,
          d->>'loyalty_id', d->>'source_format'
-     FROM storelink.events e, LATERAL (SELECT e.event->'data' AS d) x
-     WHERE e.id = ANY($1) AND e.type = 'storelink.transaction.v1'
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x
+     WHERE e.type = 'storelink.transaction.v1'
      ON CONFLICT (transaction_id) DO NOTHING",
     // sales_lines: numbered from 0 in the register's order.
     "INSERT INTO storelink.sales_lines (transaction_id, line, sku, gtin, description, category,
@@ -228,9 +249,9 @@ const PROJECTIONS: [&str; 9] = [
          l.v->>'description', l.v->>'category', (l.v->>'quantity')::numeric, l.v->>'unit',
          (l.v->>'unit_price')::bigint, (l.v->>'amount')::bigint, (l.v->>'discount')::bigint,
          (l.v->>'cost')::bigint, coalesce((l.v->>'voided')::boolean, false)
-     FROM storelink.events e,
+     FROM new e,
          jsonb_array_elements(e.event->'data'->'lines') WITH ORDINALITY AS l(v, n)
-     WHERE e.id = ANY($1) AND e.type = 'storelink.transaction.v1'
+     WHERE e.type = 'storelink.transaction.v1'
      ON CONFLICT DO NOTHING",
     // offers: the chosen per channel, and the held-out controls.
     "INSERT INTO storelink.offers (event_id, campaign, grp, channel, variant, offer, store,
@@ -238,21 +259,21 @@ const PROJECTIONS: [&str; 9] = [
      SELECT e.id, o.v->>'campaign', 'exposed', o.v->>'channel', o.v->>'variant',
          o.v->>'offer', e.store, e.event->'data'->>'customer_id', e.event->'data'->>'lane',
          ARRAY(SELECT jsonb_array_elements_text(e.event->'data'->'triggers')), e.time
-     FROM storelink.events e, jsonb_array_elements(e.event->'data'->'offers') AS o(v)
-     WHERE e.id = ANY($1) AND e.type = 'storelink.offer.v1'
+     FROM new e, jsonb_array_elements(e.event->'data'->'offers') AS o(v)
+     WHERE e.type = 'storelink.offer.v1'
      UNION ALL
      SELECT e.id, c.v->>'campaign', 'control', 'none', c.v->>'variant', c.v->>'offer',
          e.store, e.event->'data'->>'customer_id', e.event->'data'->>'lane',
          ARRAY(SELECT jsonb_array_elements_text(e.event->'data'->'triggers')), e.time
-     FROM storelink.events e, jsonb_array_elements(e.event->'data'->'controls') AS c(v)
-     WHERE e.id = ANY($1) AND e.type = 'storelink.offer.v1'
+     FROM new e, jsonb_array_elements(e.event->'data'->'controls') AS c(v)
+     WHERE e.type = 'storelink.offer.v1'
      ON CONFLICT DO NOTHING",
     "INSERT INTO storelink.prompts (event_id, prompt_id, store, lane, customer_id, action,
          campaign, variant, offer, at)
      SELECT e.id, d->>'prompt_id', e.store, d->>'lane', d->>'customer_id', d->>'action',
          d->>'campaign', d->>'variant', d->>'offer', e.time
-     FROM storelink.events e, LATERAL (SELECT e.event->'data' AS d) x
-     WHERE e.id = ANY($1) AND e.type = 'storelink.prompt.v1'
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x
+     WHERE e.type = 'storelink.prompt.v1'
      ON CONFLICT DO NOTHING",
     "INSERT INTO storelink.redemptions (event_id, store, customer_id, campaign, variant, offer,
          grp, offered_at, transaction_id, transaction_at, currency, revenue, margin)
@@ -260,16 +281,16 @@ const PROJECTIONS: [&str; 9] = [
          d->>'group', (d->>'offered_at')::timestamptz, d->>'transaction_id',
          (d->>'transaction_at')::timestamptz, d->>'currency', (d->>'revenue')::bigint,
          (d->>'margin')::bigint
-     FROM storelink.events e, LATERAL (SELECT e.event->'data' AS d) x
-     WHERE e.id = ANY($1) AND e.type = 'storelink.redemption.v1'
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x
+     WHERE e.type = 'storelink.redemption.v1'
      ON CONFLICT DO NOTHING",
     "INSERT INTO storelink.triggers (event_id, store, customer_id, trigger, occasion, grp, due,
          days_overdue, activity, as_of, detected, at)
      SELECT e.id, e.store, d->>'customer_id', d->>'trigger', d->>'occasion', d->>'group',
          (d->>'due')::date, (d->>'days_overdue')::int, d->>'activity', (d->>'as_of')::date,
          d->>'detected', e.time
-     FROM storelink.events e, LATERAL (SELECT e.event->'data' AS d) x
-     WHERE e.id = ANY($1) AND e.type = 'storelink.trigger.v1'
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x
+     WHERE e.type = 'storelink.trigger.v1'
      ON CONFLICT DO NOTHING",
     // customer_kpis: the newest snapshot per customer and store wins, whatever the order
     // of arrival.
@@ -279,8 +300,8 @@ const PROJECTIONS: [&str; 9] = [
          (d->>'as_of')::date, d->>'activity',
          ARRAY(SELECT jsonb_array_elements_text(coalesce(d->'overdue_groups', '[]'))),
          (d->>'revenue_12m')::bigint, (d->>'revenue_prev_12m')::bigint, d
-     FROM storelink.events e, LATERAL (SELECT e.event->'data' AS d) x
-     WHERE e.id = ANY($1) AND e.type = 'storelink.customer.v1'
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x
+     WHERE e.type = 'storelink.customer.v1'
      ORDER BY e.store, d->>'customer_id', e.time DESC
      ON CONFLICT (store, customer_id) DO UPDATE SET at = EXCLUDED.at, as_of = EXCLUDED.as_of,
          activity = EXCLUDED.activity, overdue_groups = EXCLUDED.overdue_groups,
@@ -291,8 +312,8 @@ const PROJECTIONS: [&str; 9] = [
     "INSERT INTO storelink.presence_daily AS p (store, day, event, zone, events)
      SELECT e.store, (e.time AT TIME ZONE 'UTC')::date, e.event->'data'->>'event',
          coalesce(e.event->'data'->>'zone', ''), count(*)
-     FROM storelink.events e
-     WHERE e.id = ANY($1) AND e.type = 'storelink.presence.v1'
+     FROM new e
+     WHERE e.type = 'storelink.presence.v1'
      GROUP BY 1, 2, 3, 4
      ON CONFLICT (store, day, event, zone) DO UPDATE SET events = p.events + EXCLUDED.events",
     // stores: the last event seen, and the last status.
@@ -300,8 +321,7 @@ const PROJECTIONS: [&str; 9] = [
      SELECT e.store, max(e.time),
          (array_agg(e.event->'data' ORDER BY e.time DESC)
              FILTER (WHERE e.type = 'storelink.status.v1'))[1]
-     FROM storelink.events e
-     WHERE e.id = ANY($1)
+     FROM new e
      GROUP BY e.store
      ON CONFLICT (store) DO UPDATE SET last_seen = greatest(s.last_seen, EXCLUDED.last_seen),
          status = coalesce(EXCLUDED.status, s.status)",
