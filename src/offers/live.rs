@@ -54,7 +54,7 @@ const LANE_BROADCAST: usize = 256;
 /// What the store knows of a customer's purchases at a decision: their KPIs and the view of
 /// them on the day (with the learned follow-up).
 struct Known {
-    kpis: Kpis,
+    kpis: Arc<Kpis>,
     view: KpiView,
 }
 
@@ -522,7 +522,7 @@ impl Offers {
     /// the lifecycle triggers, the audience and the cashier's insight.
     fn known(&self, customer: &str, today: Date) -> Result<Option<Known>, StoreError> {
         let p = &self.inner.profiles;
-        let Some(kpis) = p.kpis(customer)? else {
+        let Some(kpis) = p.kpis_shared(customer)? else {
             return Ok(None);
         };
         let model = p.model()?;

@@ -10,10 +10,10 @@
 //! - The keys of consenting customers are also kept under their own prefix, so the presence
 //!   resolver is rebuilt without reading every profile.
 //! - Every change bumps a generation that watchers (the presence resolver) follow.
-//! - The cache never serves what sled no longer holds: a writer updates sled, then (under the
-//!   cache lock) moves a write counter and updates the cache; a reader fills the cache only if
-//!   the counter did not move since before it read sled. Writers are serialised among
-//!   themselves by a separate lock that lookups never wait for.
+//! - The in-memory copies of profiles and KPI records ([`hot`]) never serve what sled no
+//!   longer holds: every write to sled is followed by [`hot::Hot::wrote`] with the writer's own
+//!   change. Writers are serialised among themselves by a separate lock that lookups never
+//!   wait for.
 //!
 //! - KPIs follow the store's own transactions (see [`kpi`]): each loyalty transaction is one
 //!   ledger entry keyed by its id, so a re-delivered transaction changes nothing.
@@ -31,16 +31,14 @@
 pub mod downlink;
 pub mod erasure;
 pub mod followups;
+mod hot;
 pub mod kpi;
 pub mod sync;
 
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use jiff::civil::Date;
-use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -50,6 +48,7 @@ use crate::model::ingest::{CommitHook, Committed, StepOutput};
 use crate::model::transaction::{Transaction, TransactionKind};
 use crate::store::{Batch, Store, StoreError, Tree, TreeName};
 use followups::{FollowUps, Share};
+use hot::Hot;
 use kpi::{Kpis, LedgerEntry, ModelParams, RfmBreakpoints};
 
 const PROFILE: u8 = b'p';
@@ -61,6 +60,9 @@ const TOMBSTONE: u8 = b't';
 const FACT: u8 = b'x';
 
 pub use crate::config::DEFAULT_CACHE_ENTRIES;
+
+/// KPI records kept decoded: the customers at the tills now, a few per lane.
+const HOT_KPIS: usize = 256;
 
 /// A customer's consents, one flag per purpose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,11 +277,11 @@ pub struct ProfileStore {
 struct Inner {
     tree: Tree,
     changes: watch::Sender<u64>,
-    cache: Mutex<LruCache<Arc<str>, Arc<Profile>>>,
-    /// False with `cache_entries = 0`: lookups always read sled.
-    caching: bool,
-    /// Moves after every write to sled, under the cache lock; see the module invariants.
-    writes: AtomicU64,
+    /// Hot profiles, decoded (`cache_entries`; see [`hot`] for how it stays true to sled).
+    cache: Hot<Profile>,
+    /// Hot KPI records: the decision and the cashier's insight right after a commit read what
+    /// that commit wrote, without decoding it again.
+    kpis: Hot<Kpis>,
     /// Serialises writers (sync, downlink, engine), so each one's read-check-write on a
     /// profile (versions, tombstones, the ledger) sees no other writer in between. Readers
     /// never take it, so a long page does not hold up lookups.
@@ -307,8 +309,6 @@ fn ledger_prefix(customer_id: &str) -> Vec<u8> {
     k
 }
 
-type Cache<'a> = std::sync::MutexGuard<'a, LruCache<Arc<str>, Arc<Profile>>>;
-
 impl ProfileStore {
     pub fn open(store: &Store) -> Result<ProfileStore, StoreError> {
         ProfileStore::open_with(store, DEFAULT_CACHE_ENTRIES)
@@ -316,15 +316,12 @@ impl ProfileStore {
 
     /// Opens with an in-memory cache of at most `cache_entries` profiles (0 turns it off).
     pub fn open_with(store: &Store, cache_entries: usize) -> Result<ProfileStore, StoreError> {
-        let cap = NonZeroUsize::new(cache_entries);
         let store = ProfileStore {
             inner: Arc::new(Inner {
                 tree: store.tree(TreeName::Profiles)?,
                 changes: watch::channel(0).0,
-                // With no cache, an LRU of one that is never filled keeps the code paths one.
-                cache: Mutex::new(LruCache::new(cap.unwrap_or(NonZeroUsize::MIN))),
-                caching: cap.is_some(),
-                writes: AtomicU64::new(0),
+                cache: Hot::new(cache_entries),
+                kpis: Hot::new(if cache_entries == 0 { 0 } else { HOT_KPIS }),
                 writer: Mutex::new(()),
                 followups: std::sync::RwLock::new(FollowUps::new(FollowUpConfig::default())),
             }),
@@ -417,15 +414,6 @@ impl ProfileStore {
         &self.inner.tree
     }
 
-    fn cache(&self) -> Cache<'_> {
-        // A panic while holding the lock cannot leave the LRU half-updated in a way that
-        // matters: at worst an entry is missing, and the next lookup reads sled.
-        self.inner
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
         self.inner
             .writer
@@ -504,15 +492,14 @@ impl ProfileStore {
             return Ok(outcomes);
         }
         self.tree().apply(batch)?;
-        let mut cache = self.cache();
-        self.inner.writes.fetch_add(1, Ordering::SeqCst);
-        for (id, p) in written {
-            let id: Arc<str> = Arc::from(id);
-            if cache.contains(&id) {
-                cache.put(id, p);
+        self.inner.cache.wrote(|cache| {
+            for (id, p) in written {
+                let id: Arc<str> = Arc::from(id);
+                if cache.contains(&id) {
+                    cache.put(id, p);
+                }
             }
-        }
-        drop(cache);
+        });
         self.inner.changes.send_modify(|g| *g += 1);
         Ok(outcomes)
     }
@@ -528,30 +515,17 @@ impl ProfileStore {
     /// cache when it is hot, else from sled without entering the cache or moving anyone in
     /// it, so a run over every customer does not evict the ones at the tills.
     pub fn peek(&self, customer_id: &str) -> Result<Option<Arc<Profile>>, StoreError> {
-        if let Some(p) = self.cache().peek(customer_id) {
-            return Ok(Some(p.clone()));
+        if let Some(p) = self.inner.cache.peek(customer_id) {
+            return Ok(Some(p));
         }
         Ok(self.read(customer_id)?.map(Arc::new))
     }
 
     /// A customer's profile by id, from the cache when it is hot.
     pub fn lookup(&self, customer_id: &str) -> Result<Option<Arc<Profile>>, StoreError> {
-        let before = {
-            let mut cache = self.cache();
-            if let Some(p) = cache.get(customer_id) {
-                return Ok(Some(p.clone()));
-            }
-            self.inner.writes.load(Ordering::SeqCst)
-        };
-        let Some(profile) = self.read(customer_id)?.map(Arc::new) else {
-            return Ok(None);
-        };
-        let mut cache = self.cache();
-        // A write since the read may have changed this profile; the next lookup reads again.
-        if self.inner.caching && self.inner.writes.load(Ordering::SeqCst) == before {
-            cache.put(Arc::from(customer_id), profile.clone());
-        }
-        Ok(Some(profile))
+        self.inner
+            .cache
+            .get_or_read(customer_id, || self.read(customer_id))
     }
 
     /// A customer's profile by id (a copy; [`ProfileStore::lookup`] shares it).
@@ -621,10 +595,12 @@ impl ProfileStore {
             .max(self.tombstone(customer_id)?.unwrap_or(0));
         batch.insert(key(TOMBSTONE, customer_id), erased.version.to_be_bytes());
         self.tree().apply(batch)?;
-        let mut cache = self.cache();
-        self.inner.writes.fetch_add(1, Ordering::SeqCst);
-        cache.pop(customer_id);
-        drop(cache);
+        self.inner.cache.wrote(|cache| {
+            cache.pop(customer_id);
+        });
+        self.inner.kpis.wrote(|kpis| {
+            kpis.pop(customer_id);
+        });
         self.inner.changes.send_modify(|g| *g += 1);
         Ok(erased)
     }
@@ -780,8 +756,14 @@ impl ProfileStore {
             return Err(e);
         }
         drop(model);
-        let _cache = self.cache();
-        self.inner.writes.fetch_add(1, Ordering::SeqCst);
+        // Stub profiles may have been written; the KPIs written are what the decision that
+        // follows this commit reads.
+        self.inner.cache.wrote(|_| {});
+        self.inner.kpis.wrote(|hot| {
+            for (customer, kpis) in kpis_now {
+                hot.put(Arc::from(customer), Arc::new(kpis));
+            }
+        });
         Ok(entries_now.len())
     }
 
@@ -845,6 +827,9 @@ impl ProfileStore {
                 model.apply(&now, &was);
                 return Err(e);
             }
+            self.inner.kpis.wrote(|hot| {
+                hot.pop(customer.as_str());
+            });
             removed += gone;
         }
         Ok(removed)
@@ -864,10 +849,18 @@ impl ProfileStore {
 
     /// A customer's KPIs as last computed.
     pub fn kpis(&self, customer_id: &str) -> Result<Option<Kpis>, StoreError> {
-        Ok(self
-            .tree()
-            .get(key(KPIS, customer_id))?
-            .and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self.kpis_shared(customer_id)?.map(|k| (*k).clone()))
+    }
+
+    /// [`ProfileStore::kpis`] without a copy, from the hot set when the customer was just
+    /// served (the decision after a commit reads what the commit wrote).
+    pub fn kpis_shared(&self, customer_id: &str) -> Result<Option<Arc<Kpis>>, StoreError> {
+        self.inner.kpis.get_or_read(customer_id, || {
+            Ok(self
+                .tree()
+                .get(key(KPIS, customer_id))?
+                .and_then(|v| serde_json::from_slice(&v).ok()))
+        })
     }
 
     /// Every customer's KPIs, in id order.
@@ -942,7 +935,7 @@ impl ProfileStore {
             with_kpis: count(KPIS),
             ledger_entries: count(LEDGER),
             tombstones: count(TOMBSTONE),
-            cached: self.cache().len() as u64,
+            cached: self.inner.cache.count() as u64,
         })
     }
 
@@ -1027,6 +1020,7 @@ impl CommitHook for ProfileStore {
 mod tests {
     use super::*;
     use crate::store::StoreOptions;
+    use std::sync::atomic::Ordering;
 
     fn open() -> (tempfile::TempDir, ProfileStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -1350,12 +1344,7 @@ mod tests {
         // A scan peeks: "hot" is read, and "a" and "b" stay the ones cached, in their order.
         assert_eq!(profiles.peek("hot").unwrap().unwrap().version, 3);
         assert_eq!(profiles.peek("a").unwrap().unwrap().version, 1);
-        let cached: Vec<String> = profiles
-            .cache()
-            .iter()
-            .map(|(k, _)| k.to_string())
-            .collect();
-        assert_eq!(cached, ["b", "a"]);
+        assert_eq!(profiles.inner.cache.ids(), ["b", "a"]);
         let uncached = ProfileStore::open_with(&store, 0).unwrap();
         assert!(uncached.lookup("a").unwrap().is_some());
         assert_eq!(uncached.stats().unwrap().cached, 0, "0 turns the cache off");
@@ -1377,6 +1366,47 @@ mod tests {
             profiles.upsert(Profile::new("bad\0id")).unwrap(),
             Upserted::Invalid
         );
+    }
+
+    #[test]
+    fn the_kpis_a_commit_wrote_are_served_hot_and_go_with_an_erasure_or_a_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let profiles = ProfileStore::open(&store).unwrap();
+        let sled_kpis = |id: &str| -> Option<Kpis> {
+            profiles
+                .tree()
+                .get(key(KPIS, id))
+                .unwrap()
+                .and_then(|v| serde_json::from_slice(&v).ok())
+        };
+        profiles
+            .record_transaction(&tx("t1", "k1", "2026-01-05", TransactionKind::Sale, 700))
+            .unwrap();
+        assert_eq!(
+            profiles.inner.kpis.ids(),
+            ["k1"],
+            "the commit's KPIs are hot"
+        );
+        profiles
+            .record_transaction(&tx("t2", "k1", "2026-01-09", TransactionKind::Sale, 300))
+            .unwrap();
+        let hot = profiles.kpis_shared("k1").unwrap().unwrap();
+        assert_eq!(hot.purchases, 2);
+        assert_eq!(Some((*hot).clone()), sled_kpis("k1"), "hot equals sled");
+        // A prune rebuilds in sled; the hot copy goes, and the next read is sled's.
+        assert_eq!(
+            profiles
+                .prune_ledger("2026-01-07".parse().unwrap())
+                .unwrap(),
+            1
+        );
+        assert!(profiles.inner.kpis.ids().is_empty());
+        assert_eq!(profiles.kpis("k1").unwrap().unwrap().purchases, 1);
+        assert_eq!(profiles.kpis("k1").unwrap(), sled_kpis("k1"));
+        profiles.erase("k1", 1).unwrap();
+        assert!(profiles.inner.kpis.ids().is_empty(), "erased, not cached");
+        assert_eq!(profiles.kpis("k1").unwrap(), None);
     }
 
     #[test]
