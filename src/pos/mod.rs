@@ -300,7 +300,7 @@ impl RegisterContext {
             return None;
         };
         if self.parser.format != RegisterFormat::Jsonl
-            || !bytes.windows(6).any(|w| w == b"\"type\"")
+            || memchr::memmem::find(bytes, b"\"type\"").is_none()
         {
             return None;
         }
