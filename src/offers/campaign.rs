@@ -272,6 +272,9 @@ pub struct CompiledSet {
     index: std::collections::HashMap<String, usize>,
     /// The live campaigns with a budget: the only counters a decision has to read.
     budgeted: Vec<String>,
+    /// The triggers some live campaign listens to, by name: an event no campaign listens to
+    /// needs no decision at all.
+    triggers: std::collections::HashSet<&'static str>,
 }
 
 impl CompiledSet {
@@ -297,6 +300,7 @@ impl CompiledSet {
                     if c.campaign.budget.is_some() {
                         out.budgeted.push(c.campaign.id.clone());
                     }
+                    out.triggers.insert(c.campaign.trigger.name());
                     out.live.push(Arc::new(c));
                 }
                 Err(r) => out.rejected.push(r),
@@ -308,6 +312,12 @@ impl CompiledSet {
     /// A live campaign by id.
     pub fn get(&self, id: &str) -> Option<&Compiled> {
         self.index.get(id).map(|i| self.live[*i].as_ref())
+    }
+
+    /// Whether a live campaign may fire on `trigger` (by its kind: a win-back campaign of one
+    /// group counts for every win-back). False means a decision on it can only be empty.
+    pub fn listens_to(&self, trigger: &Trigger) -> bool {
+        self.triggers.contains(trigger.name())
     }
 
     /// Ids of the live campaigns that have a budget.

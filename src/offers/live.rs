@@ -1113,6 +1113,11 @@ impl Offers {
                 self.set_lane(lane, None, Some(None)).await;
             }
         }
+        // Most stores run no campaign on this trigger: then there is nothing to decide, and
+        // the KPIs and profile need not be read for every loyalty transaction.
+        if !self.campaigns().listens_to(&Trigger::TransactionCompleted) {
+            return Ok(None);
+        }
         let Some(profile) = self.inner.profiles.lookup(&done.customer_id)? else {
             return Ok(None);
         };
@@ -1379,6 +1384,48 @@ mod tests {
             ))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_completed_transaction_is_decided_only_when_a_campaign_listens_for_it() {
+        let mut f = fixture();
+        f.offers.install(Slot::Store, &campaigns(1)).unwrap();
+        let done = Completed {
+            customer_id: "c1".into(),
+            lane: Some("1".into()),
+            at: "2026-11-23T09:05:00Z".parse().unwrap(),
+            basket: Basket {
+                categories: vec!["games".into()],
+                skus: vec!["g-1".into()],
+                total: 5999,
+            },
+        };
+        assert!(
+            f.offers.on_completed(&done).await.unwrap().is_none(),
+            "no campaign listens for transaction_completed: nothing to decide"
+        );
+        let mut set: serde_json::Value = serde_json::from_slice(&campaigns(2)).unwrap();
+        set["campaigns"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": "after-games",
+            "name": "After a games purchase",
+            "valid_from": "2026-01-01T00:00:00Z",
+            "valid_until": "2027-01-01T00:00:00Z",
+            "trigger": {"kind": "transaction_completed"},
+            "audience": "'games' in event.basket.categories",
+            "offers": [{"id": "controller-10", "texts": {"push": {"en": "{first_name}: 10% off a second controller"}}}]
+        }));
+        f.offers
+            .install(Slot::Store, &serde_json::to_vec(&set).unwrap())
+            .unwrap();
+        let decision = f.offers.on_completed(&done).await.unwrap().unwrap();
+        assert_eq!(decision.chosen.len(), 1);
+        assert_eq!(decision.chosen[0].campaign, "after-games");
+        assert!(
+            sent(&mut f)
+                .iter()
+                .any(|e| e["type"] == "storelink.offer.v1"),
+            "the decision went to central"
+        );
     }
 
     #[tokio::test]
