@@ -830,12 +830,26 @@ impl Outbox {
     ) -> Result<usize, StoreError> {
         let mut gone: Vec<(Stream, u64)> = Vec::with_capacity(keys.len());
         let entries = w.table(LogTable::Outbox)?;
-        for key in keys {
-            if let Some(size) = entries.remove_with(&key.0, |raw| stored_size(raw).unwrap_or(0))? {
-                gone.push((key.stream(), size));
+        // PUBACKs come mostly in order, so the keys form a few runs of consecutive sequence
+        // numbers; each run goes in one pass (every key inside a run is one of `keys`).
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut run_start = 0;
+        for i in 0..sorted.len() {
+            let last = i + 1 == sorted.len()
+                || sorted[i + 1].stream() != sorted[i].stream()
+                || sorted[i].seq().checked_add(1) != Some(sorted[i + 1].seq());
+            if !last {
+                continue;
             }
+            let stream = sorted[i].stream();
+            entries.remove_range_with(&sorted[run_start].0, &sorted[i].0, |raw| {
+                gone.push((stream, stored_size(raw).unwrap_or(0)));
+            })?;
+            run_start = i + 1;
         }
-        let keys = keys.to_vec();
+        let keys = sorted;
         let acked = gone.len();
         w.after_commit(move || {
             let snapshot = {
@@ -1616,6 +1630,43 @@ mod tests {
         let age = outbox.oldest_age(Stream::Transaction).unwrap().unwrap();
         assert_eq!(age.as_secs(), 3600);
         assert_eq!(outbox.oldest_age(Stream::Presence).unwrap(), None);
+    }
+
+    #[test]
+    fn acknowledgements_out_of_order_across_streams_remove_exactly_their_entries() {
+        let (_d, _s, outbox, _c) = setup(1 << 20);
+        let mut events: Vec<NewEvent> = (0..10)
+            .map(|i| ev(EventKind::Transaction, &format!("t{i}"), 10 + i))
+            .collect();
+        events.extend((0..3).map(|i| ev(EventKind::Presence, &format!("p{i}"), 7)));
+        outbox.append(&events).unwrap();
+        let claimed = outbox.claim(Take::Front, 100, usize::MAX).unwrap();
+        let key = |id: &str| claimed.iter().find(|e| e.id == id).unwrap().key;
+        // Runs, gaps, a repeat, another stream, and the order PUBACKs may come in.
+        let acked: Vec<EntryKey> = ["t8", "t0", "t2", "t1", "p1", "t5", "t7", "t1", "p2"]
+            .iter()
+            .map(|id| key(id))
+            .collect();
+        assert_eq!(outbox.ack_many(&acked, Commit::Durable).unwrap(), 8);
+        let mut left = ids(&outbox);
+        left.sort();
+        assert_eq!(left, ["p0", "t3", "t4", "t6", "t9"]);
+        assert_eq!(outbox.depth(), 5);
+        let stats = outbox.stats().unwrap();
+        let bytes: u64 = ["t3", "t4", "t6", "t9", "p0"]
+            .iter()
+            .map(|id| {
+                let e = events.iter().find(|e| e.id == *id).unwrap();
+                new_event_size(e)
+            })
+            .sum();
+        assert_eq!(
+            stats.total_bytes, bytes,
+            "the byte count follows what was removed"
+        );
+        // Acknowledging again finds nothing and changes nothing.
+        assert_eq!(outbox.ack_many(&acked, Commit::Durable).unwrap(), 0);
+        assert_eq!(outbox.depth(), 5);
     }
 
     #[test]
