@@ -9,9 +9,10 @@
 //! - the injectable clock jumping forward and back;
 //! - a corrupted database at start-up.
 //!
-//! CI runs them in their short form (the kill loop for two minutes, the others for about 40
-//! seconds, in parallel). `STORELINK_CHAOS_SECS=N` runs every scenario for N seconds instead,
-//! for soak runs: `STORELINK_CHAOS_SECS=1800 cargo test --release --test it chaos::`.
+//! They are long, so `cargo test` leaves them out (`#[ignore]`); `.ci/run` runs them in their
+//! short form with `cargo test --test it -- --ignored` (the kill loop for two minutes, the
+//! others for about 40 seconds, in parallel). `STORELINK_CHAOS_SECS=N` runs every scenario for N seconds instead,
+//! for soak runs: `STORELINK_CHAOS_SECS=1800 cargo test --release --test it chaos:: -- --ignored`.
 //! `STORELINK_CHAOS_KILL_MS=300-900` makes the kill loop faster (see docs/storage.md).
 //! Each scenario writes its report to `target/tmp/chaos-{name}.json` and to stderr.
 
@@ -136,6 +137,7 @@ impl Outcome {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_sigkill_every_few_seconds_under_load() {
     if !require_external("mosquitto", "chaos_sigkill_every_few_seconds_under_load") {
         return;
@@ -213,6 +215,7 @@ async fn chaos_sigkill_every_few_seconds_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_broker_restarted_in_a_loop() {
     if !require_external("mosquitto", "chaos_broker_restarted_in_a_loop") {
         return;
@@ -250,6 +253,7 @@ async fn chaos_broker_restarted_in_a_loop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_proxy_stalls_cuts_and_corrupts_the_link() {
     if !require_external("mosquitto", "chaos_proxy_stalls_cuts_and_corrupts_the_link") {
         return;
@@ -324,6 +328,7 @@ impl Drop for Tmpfs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_disk_full_is_refused_cleanly_and_recovers() {
     let Some(disk) = Tmpfs::mount(48) else {
         if std::env::var("STORELINK_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
@@ -408,6 +413,7 @@ async fn chaos_disk_full_is_refused_cleanly_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_clock_jumps_forward_and_back() {
     let broker = start_rumqttd();
     let central = Central::subscribe(broker, FEED).await;
@@ -470,6 +476,7 @@ async fn chaos_clock_jumps_forward_and_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long (the chaos suite, about 4 minutes of test time): .ci/run runs it, as does `cargo test --test it -- --ignored`"]
 async fn chaos_corrupted_database_is_quarantined_and_the_agent_goes_on() {
     let broker = start_rumqttd();
     let central = Central::subscribe(broker, FEED).await;

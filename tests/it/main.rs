@@ -2,7 +2,8 @@
 //!
 //! One binary because each test binary links the whole library again: twenty of them made a
 //! fresh `cargo test` spend most of its time linking. Run one area with
-//! `cargo test --test it chaos::` (or any test name filter).
+//! `cargo test --test it uplink_mqtt::` (or any test name filter; the long chaos and power-cut
+//! suites are `#[ignore]`d: add `-- --ignored` for them).
 //!
 //! Tests that need an external program (mosquitto, PostgreSQL, chromium, FUSE, qemu-user,
 //! python3-dbusmock) skip with a message when it is absent, and fail instead when
