@@ -21,11 +21,15 @@
 //!   receive maximum), so a wait the other way would be a deadlock.
 //! - One `CancellationToken` stops both tasks; what is not committed by then is not
 //!   acknowledged, and comes again.
+//! - Email tools are fed from a queue the batch writes in its own transaction ([`email`]):
+//!   a message is acknowledged once its triggers are queued, not once they are mailed, so a
+//!   slow or failing email tool never holds the broker's feed back.
 //! - Shared with the agent: only the bottom layer (`events`, the config's parsing and
 //!   secrets), never a source, the core or the uplink.
 
 pub mod config;
 pub mod contract;
+pub mod email;
 pub mod postgres;
 
 use std::time::Duration;
@@ -38,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::config::BridgeConfig;
 use self::contract::Contract;
-use self::postgres::{PgError, Refused, Sink};
+use self::postgres::{PgError, Refused, Routes, Sink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -73,9 +77,23 @@ pub async fn run_with(
     let inflight = usize::from(config.broker.inflight);
     // The database first: its schema is migrated, and a password it refuses fails the start,
     // before the broker is asked for anything.
-    let Some(sink) = connect(&config, &token).await? else {
+    let routes = config.routes();
+    let Some(sink) = connect(&config, &routes, &token).await? else {
         return Ok(Totals::default());
     };
+    // One sender per email tool, on the schema the connection above migrated.
+    let stop_senders = token.child_token();
+    let senders: Vec<_> = config
+        .email
+        .iter()
+        .map(|e| {
+            tokio::spawn(email::run(
+                e.clone(),
+                config.postgres.clone(),
+                stop_senders.clone(),
+            ))
+        })
+        .collect();
     let (client, eventloop) = mqtt(&config)?;
     let (tx, rx) = mpsc::channel(inflight);
     // The intake outlives the batcher: the acknowledgements of the last batch are queued
@@ -89,8 +107,13 @@ pub async fn run_with(
         subscribed,
         closing.clone(),
     ));
-    let result = batcher(&config, sink, client.clone(), rx, token.clone()).await;
+    let result = batcher(&config, &routes, sink, client.clone(), rx, token.clone()).await;
     closing.cancel();
+    // A failed batcher stops the bridge; its senders go with it.
+    stop_senders.cancel();
+    for s in senders {
+        let _ = s.await;
+    }
     let _ = client.try_disconnect();
     if tokio::time::timeout(Duration::from_secs(2), &mut intake)
         .await
@@ -139,12 +162,13 @@ fn mqtt(config: &BridgeConfig) -> Result<(AsyncClient, rumqttc::v5::EventLoop), 
 /// when the bridge is stopped first.
 async fn connect(
     config: &BridgeConfig,
+    routes: &Routes,
     token: &CancellationToken,
 ) -> Result<Option<Sink>, PgError> {
     let pg = &config.postgres;
     let mut wait = Duration::from_millis(100);
     loop {
-        match Sink::connect(&pg.url, pg.password.as_ref()).await {
+        match Sink::connect(&pg.url, pg.password.as_ref(), routes).await {
             Ok(sink) => return Ok(Some(sink)),
             Err(e) if e.transient() => {
                 tracing::warn!(error = %e, retry_in = ?wait, "postgres not reachable");
@@ -249,6 +273,7 @@ async fn intake(
 /// commits or the bridge stops; nothing of it is acknowledged before.
 async fn batcher(
     config: &BridgeConfig,
+    routes: &Routes,
     sink: Sink,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
@@ -282,7 +307,7 @@ async fn batcher(
             deadline = None;
             let prepared = Prepared::check(&contract, taken);
             let conn = idle.pop().expect("room was checked");
-            writing.push_back(write_batch(pg, conn, prepared, token.clone()));
+            writing.push_back(write_batch(pg, routes, conn, prepared, token.clone()));
             continue;
         }
         if !open && batch.is_empty() && writing.is_empty() {
@@ -384,6 +409,7 @@ impl Prepared {
 /// `None` when the bridge stops first. The connection comes back for the next batch.
 async fn write_batch(
     pg: &config::PostgresSection,
+    routes: &Routes,
     mut conn: Option<Sink>,
     prepared: Prepared,
     token: CancellationToken,
@@ -393,7 +419,7 @@ async fn write_batch(
         let attempt = async {
             if conn.as_ref().is_none_or(Sink::is_closed) {
                 conn = None;
-                conn = Some(Sink::connect(&pg.url, pg.password.as_ref()).await?);
+                conn = Some(Sink::connect(&pg.url, pg.password.as_ref(), routes).await?);
             }
             let s = conn.as_mut().expect("connected above");
             s.write(&prepared.events, &prepared.refused).await

@@ -17,7 +17,7 @@ use super::contract::Envelope;
 use crate::config::Secret;
 
 /// The schema's migrations, in order; the position is the version.
-const MIGRATIONS: [&str; 1] = [include_str!("schema_v1.sql")];
+const MIGRATIONS: [&str; 2] = [include_str!("schema_v1.sql"), include_str!("schema_v2.sql")];
 
 /// Serialises migrations across bridges (an arbitrary, fixed key).
 const MIGRATION_LOCK: i64 = 0x5354_4f52_454c_4e4b;
@@ -77,9 +77,25 @@ pub struct Written {
     pub dead_letters: u64,
 }
 
+/// Which email sink takes which trigger: pairs, as two columns for `unnest`. A trigger event
+/// queues one row per sink that takes its trigger, in the batch's own transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    sinks: Vec<String>,
+    triggers: Vec<String>,
+}
+
+impl Routes {
+    pub fn add(&mut self, sink: &str, trigger: &str) {
+        self.sinks.push(sink.to_string());
+        self.triggers.push(trigger.to_string());
+    }
+}
+
 /// A connection to the BI database.
 pub struct Sink {
     client: Client,
+    routes: Routes,
     /// [`write_statement`], prepared on this connection.
     write: tokio_postgres::Statement,
     connection: tokio::task::JoinHandle<()>,
@@ -93,22 +109,17 @@ impl Drop for Sink {
 
 impl Sink {
     /// Connects, and brings the schema up to date.
-    pub async fn connect(url: &str, password: Option<&Secret>) -> Result<Sink, PgError> {
-        let mut config: tokio_postgres::Config = url.parse()?;
-        if let Some(p) = password {
-            config.password(p.expose());
-        }
-        config.application_name("storelink-bridge");
-        let (mut client, connection) = config.connect(NoTls).await?;
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "postgres connection ended");
-            }
-        });
+    pub async fn connect(
+        url: &str,
+        password: Option<&Secret>,
+        routes: &Routes,
+    ) -> Result<Sink, PgError> {
+        let (mut client, connection) = connect(url, password).await?;
         migrate(&mut client).await?;
         let write = client.prepare(write_statement()).await?;
         Ok(Sink {
             client,
+            routes: routes.clone(),
             connection,
             write,
         })
@@ -141,9 +152,13 @@ impl Sink {
         let new: i64 = if events.is_empty() {
             0
         } else {
-            tx.query_one(&self.write, &[&ids, &types, &stores, &times, &bodies])
-                .await?
-                .get(0)
+            let (sinks, triggers) = (&self.routes.sinks, &self.routes.triggers);
+            tx.query_one(
+                &self.write,
+                &[&ids, &types, &stores, &times, &bodies, sinks, triggers],
+            )
+            .await?
+            .get(0)
         };
         if !refused.is_empty() {
             let topics: Vec<&str> = refused.iter().map(|r| r.topic.as_str()).collect();
@@ -166,6 +181,25 @@ impl Sink {
             dead_letters: refused.len() as u64,
         })
     }
+}
+
+/// A plain connection (its driver task aborted with the handle's owner).
+pub async fn connect(
+    url: &str,
+    password: Option<&Secret>,
+) -> Result<(Client, tokio::task::JoinHandle<()>), PgError> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if let Some(p) = password {
+        config.password(p.expose());
+    }
+    config.application_name("storelink-bridge");
+    let (client, connection) = config.connect(NoTls).await?;
+    let connection = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok((client, connection))
 }
 
 /// Brings the schema up to date; see the module invariants.
@@ -231,7 +265,7 @@ fn write_statement() -> &'static str {
 /// rows. The same statements over `storelink.events` itself rebuild the star. A row whose key
 /// is already there is left alone, except the customer's latest snapshot and the store's last
 /// sighting.
-const PROJECTIONS: [&str; 9] = [
+const PROJECTIONS: [&str; 10] = [
     // sales: one row per transaction.
     "INSERT INTO storelink.sales (transaction_id, store, register, lane, sequence, business_day,
          started_at, ended_at, kind, currency, total, loyalty_id, source_format)
@@ -291,6 +325,16 @@ const PROJECTIONS: [&str; 9] = [
          d->>'detected', e.time
      FROM new e, LATERAL (SELECT e.event->'data' AS d) x
      WHERE e.type = 'storelink.trigger.v1'
+     ON CONFLICT DO NOTHING",
+    // email_queue: each trigger for each email sink that takes it ($6, $7: sink and trigger
+    // pairs). Keyed by customer, trigger and occasion: the same occasion from another store,
+    // or again, queues nothing.
+    "INSERT INTO storelink.email_queue (sink, customer_id, trigger, occasion, event_id, at,
+         data)
+     SELECT r.sink, d->>'customer_id', d->>'trigger', d->>'occasion', e.id, e.time, d
+     FROM new e, LATERAL (SELECT e.event->'data' AS d) x,
+         unnest($6::text[], $7::text[]) AS r(sink, trigger)
+     WHERE e.type = 'storelink.trigger.v1' AND r.trigger = d->>'trigger'
      ON CONFLICT DO NOTHING",
     // customer_kpis: the newest snapshot per customer and store wins, whatever the order
     // of arrival.

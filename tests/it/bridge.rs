@@ -20,7 +20,7 @@ use storelink::sim::SimRegister;
 use tokio_util::sync::CancellationToken;
 
 /// A bridge's config; `shared` subscribes through the group `bi`.
-fn bridge_config(
+pub(crate) fn bridge_config(
     broker: std::net::SocketAddr,
     pg: &Postgres,
     client_id: &str,
@@ -44,7 +44,7 @@ batch_ms = 10
     BridgeConfig::parse(&text, "bridge.toml", &HashMap::new()).unwrap()
 }
 
-struct Running {
+pub(crate) struct Running {
     token: CancellationToken,
     task:
         tokio::task::JoinHandle<Result<storelink::bridge::Totals, storelink::bridge::BridgeError>>,
@@ -52,7 +52,7 @@ struct Running {
 
 /// Starts a bridge and waits until the broker has granted its subscription: from then on,
 /// what the stores publish is kept for it.
-async fn start_bridge(config: BridgeConfig) -> Running {
+pub(crate) async fn start_bridge(config: BridgeConfig) -> Running {
     let token = CancellationToken::new();
     let (subscribed, mut ready) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(storelink::bridge::run_with(
@@ -68,7 +68,7 @@ async fn start_bridge(config: BridgeConfig) -> Running {
 }
 
 impl Running {
-    async fn stop(self) -> storelink::bridge::Totals {
+    pub(crate) async fn stop(self) -> storelink::bridge::Totals {
         self.token.cancel();
         self.task.await.unwrap().unwrap()
     }

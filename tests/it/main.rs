@@ -12,6 +12,7 @@
 mod common;
 
 mod bridge;
+mod bridge_email;
 mod cashier;
 mod chaos;
 mod contract;
