@@ -76,7 +76,7 @@ impl Item {
         let mut b: [u8; 16] = h.finalize()[..16].try_into().expect("16 of 32 bytes");
         b[6] = (b[6] & 0x0f) | 0x80;
         b[8] = (b[8] & 0x3f) | 0x80;
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let hex = hex(&b);
         format!(
             "{}-{}-{}-{}-{}",
             &hex[..8],
@@ -358,11 +358,11 @@ pub fn sign(key: &[u8], unix_now: u64, body: &[u8]) -> String {
     mac.update(unix_now.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+    hex(&mac.finalize().into_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The tool's answer, classified.
@@ -786,12 +786,7 @@ mod tests {
         use hmac::Mac;
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
         mac.update(b"what do ya want for nothing?");
-        let rfc: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect();
+        let rfc = hex(&mac.finalize().into_bytes());
         assert_eq!(
             rfc,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
@@ -799,12 +794,7 @@ mod tests {
         let split = sign(b"Jefe", 1_700_000_000, b"{}");
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"Jefe").unwrap();
         mac.update(b"1700000000.{}");
-        let whole: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect();
+        let whole = hex(&mac.finalize().into_bytes());
         assert_eq!(split, whole);
     }
 

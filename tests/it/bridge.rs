@@ -44,6 +44,40 @@ batch_ms = 10
     BridgeConfig::parse(&text, "bridge.toml", &HashMap::new()).unwrap()
 }
 
+/// Publishes each (topic, bytes) at QoS 1 as a store would, and returns once the broker
+/// acknowledged them all.
+pub(crate) async fn publish_as_a_store(
+    broker: std::net::SocketAddr,
+    messages: &[(String, Vec<u8>)],
+) {
+    let mut options = rumqttc::MqttOptions::new("a-store", "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, messages.len() + 4);
+    for (topic, bytes) in messages {
+        client
+            .publish(
+                topic.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                bytes.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    let published = async {
+        let mut acks = 0;
+        while acks < messages.len() {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
+            {
+                acks += 1;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), published)
+        .await
+        .expect("the broker acknowledges what a store publishes");
+}
+
 pub(crate) struct Running {
     token: CancellationToken,
     task:
@@ -151,18 +185,6 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
 
     // A schema violation among the events, on a store's topic.
     let bad = br#"{"specversion":"1.0","id":"x","type":"storelink.transaction.v1","data":{}}"#;
-    let mut options = rumqttc::MqttOptions::new("bad-store", "127.0.0.1", broker.addr.port());
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    client
-        .publish(
-            "storelink/v1/acme/s999/events/transaction",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            bad.to_vec(),
-        )
-        .await
-        .unwrap();
     // Valid by the schema, refused by PostgreSQL (there is no year 0 in its calendar): the
     // database's refusal is a dead letter too, and the rest of its batch is written.
     let mut year_zero = SimRegister::new("s999", "r9", Some("9"), 3).next(jiff::Timestamp::now());
@@ -175,29 +197,16 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
         year_zero.ended_at,
         &year_zero,
     );
-    client
-        .publish(
-            "storelink/v1/acme/s999/events/transaction",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            refused_by_db.clone(),
-        )
-        .await
-        .unwrap();
+    let topic = "storelink/v1/acme/s999/events/transaction".to_string();
+    publish_as_a_store(
+        broker.addr,
+        &[
+            (topic.clone(), bad.to_vec()),
+            (topic, refused_by_db.clone()),
+        ],
+    )
+    .await;
     let db = pg.client().await;
-    // Poll the publisher until both PUBACKs, then leave.
-    let published = async {
-        let mut acks = 0;
-        while acks < 2 {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
-            {
-                acks += 1;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), published)
-        .await
-        .expect("the bad event reaches the broker");
 
     // The bridge goes away while the store keeps selling; the broker holds the session.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -289,15 +298,23 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
         })
         .sum();
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/bi.md")).unwrap();
-    let queries: Vec<&str> = doc
-        .split("```sql")
-        .skip(1)
-        .filter_map(|b| b.split("```").next())
-        .filter(|q| !q.contains("$1"))
-        .collect();
+    fn sql_blocks(text: &str) -> Vec<&str> {
+        text.split("```sql")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|q| !q.contains("$1"))
+            .collect()
+    }
+    let five = doc
+        .split("## Five questions")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("docs/bi.md has its five questions");
+    let queries = sql_blocks(five);
     assert_eq!(queries.len(), 5, "docs/bi.md's five questions");
-    for q in &queries {
-        db.query(*q, &[])
+    // Every query the document shows runs on the schema the bridge made.
+    for q in sql_blocks(&doc) {
+        db.simple_query(q)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{q}"));
     }

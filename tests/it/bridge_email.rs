@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use storelink::bridge::config::BridgeConfig;
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::bridge::start_bridge;
+use crate::bridge::{publish_as_a_store, start_bridge};
 
 const WEBHOOK_KEY: &str = "w-signing-key";
 
@@ -379,32 +379,16 @@ rate_per_s = 50
         trigger_event("s042", 5, "c4", "winback_due", "coffee:2026-10-05"),
         trigger_event("s043", 6, "c1", "winback_due", "coffee:2026-10-01"),
     ];
-    let mut options = rumqttc::MqttOptions::new("stores", "127.0.0.1", broker.addr.port());
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 20);
-    for (store, e) in &events {
-        client
-            .publish(
+    let messages: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|(store, e)| {
+            (
                 format!("storelink/v1/acme/{store}/events/trigger"),
-                rumqttc::QoS::AtLeastOnce,
-                false,
                 e.clone(),
             )
-            .await
-            .unwrap();
-    }
-    let published = async {
-        let mut acks = 0;
-        while acks < events.len() {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
-            {
-                acks += 1;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), published)
-        .await
-        .expect("the triggers reach the broker");
+        })
+        .collect();
+    publish_as_a_store(broker.addr, &messages).await;
 
     // Queued, once per occasion: 5 each for Klaviyo, HubSpot (c3's waits for a contact that
     // never comes) and the webhook, 3 win-backs for Maileon.
