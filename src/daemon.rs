@@ -129,7 +129,7 @@ pub async fn start(
     crate::install_crypto_provider();
     let api_bind = parse_socket_addr(&config.cashier.bind).map_err(DaemonError::Setup)?;
     // Installed before any task runs, so no early count is lost to the no-op recorder.
-    let metrics = api::metrics_handle();
+    let metrics = crate::telemetry::metrics_handle();
     let (store, salvaged, outbox, deadletters) = open_store(&config, &clock).await?;
 
     let board = StatusBoard::new(clock.clone());

@@ -28,6 +28,7 @@ pub mod signals;
 pub mod sim;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 pub mod tls;
 pub mod uplink;
 

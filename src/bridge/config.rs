@@ -18,6 +18,33 @@ pub struct BridgeConfig {
     /// Email tools that receive the stores' lifecycle triggers (`[[email]]`, any number).
     #[serde(default)]
     pub email: Vec<EmailSection>,
+    /// Health, readiness, metrics and status over HTTP.
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// `/healthz`, `/readyz`, `/metrics` and `/status` (what `storelink bridge status` reads).
+    /// Loopback by default: the status names no customer, but it is for the operator.
+    #[serde(default = "default_http_bind")]
+    pub bind: String,
+    #[serde(skip)]
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            bind: default_http_bind(),
+            addr: None,
+        }
+    }
+}
+
+fn default_http_bind() -> String {
+    "127.0.0.1:9400".into()
 }
 
 /// The email tools the bridge can feed, each by its own event API.
@@ -441,6 +468,13 @@ impl BridgeConfig {
         }
         if !(1..=10_000).contains(&p.batch_ms) {
             problems.push(Problem::at("postgres.batch_ms", "must be 1-10000"));
+        }
+        match self.http.bind.parse() {
+            Ok(addr) => self.http.addr = Some(addr),
+            Err(_) => problems.push(Problem::at(
+                "http.bind",
+                "must be an address and port, like 127.0.0.1:9400",
+            )),
         }
         let mut names = std::collections::HashSet::new();
         for (i, e) in self.email.iter_mut().enumerate() {

@@ -42,6 +42,8 @@ const LEASE_S: f64 = 300.0;
 const POLL: Duration = Duration::from_millis(250);
 /// The longest wait between attempts at a failing tool.
 const MAX_BACKOFF_S: f64 = 3_600.0;
+/// How often a sender tells `/metrics` its backlog.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// A 429 without a usable `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
 
@@ -412,12 +414,14 @@ impl Bucket {
         }
     }
 
-    /// Waits for a token.
-    pub async fn take(&mut self) {
+    /// Waits for a token; true when it had to wait (the tool's limit, or a 429's pause).
+    pub async fn take(&mut self) -> bool {
+        let mut waited = false;
         loop {
             let now = Instant::now();
             if let Some(until) = self.paused_until {
                 if until > now {
+                    waited = true;
                     tokio::time::sleep_until(until).await;
                     continue;
                 }
@@ -431,10 +435,10 @@ impl Bucket {
             self.last = now;
             if self.tokens >= 1.0 {
                 self.tokens -= 1.0;
-                return;
+                return waited;
             }
+            waited = true;
             let wait = (1.0 - self.tokens) / self.rate;
-            metrics::counter!("storelink_bridge_email_rate_waits_total").increment(1);
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
         }
     }
@@ -467,6 +471,7 @@ pub async fn run(sink: EmailSection, pg: PostgresSection, token: CancellationTok
     let claim_size = (sink.rate() * 10.0).clamp(1.0, 100.0) as i64;
     let mut db: Option<(Client, tokio::task::JoinHandle<()>)> = None;
     let mut wait = Duration::from_millis(100);
+    let mut last_gauge: Option<Instant> = None;
     while !token.is_cancelled() {
         let client = match &db {
             Some((c, _)) if !c.is_closed() => c,
@@ -483,6 +488,15 @@ pub async fn run(sink: EmailSection, pg: PostgresSection, token: CancellationTok
                 }
             },
         };
+        if last_gauge.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
+            last_gauge = Some(Instant::now());
+            if let Ok((pending, oldest)) = backlog(client, &name).await {
+                metrics::gauge!("storelink_bridge_email_pending", "sink" => name.clone())
+                    .set(pending as f64);
+                metrics::gauge!("storelink_bridge_email_lag_seconds", "sink" => name.clone())
+                    .set(oldest.unwrap_or(0.0));
+            }
+        }
         let items = match claim(client, &name, claim_size).await {
             Ok(items) => items,
             Err(e) => {
@@ -554,7 +568,10 @@ async fn deliver(
     if item.marketing != Some(true) {
         return Outcome::NoConsent;
     }
-    bucket.take().await;
+    if bucket.take().await {
+        metrics::counter!("storelink_bridge_email_rate_waits_total", "sink" => sink.name.clone())
+            .increment(1);
+    }
     let unix_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -576,6 +593,18 @@ async fn deliver(
         }
         Err(e) => Outcome::Transient(crate::tls::chain(&e)),
     }
+}
+
+/// The sink's pending rows and the age of the oldest, in seconds (the partial index).
+async fn backlog(client: &Client, sink: &str) -> Result<(i64, Option<f64>), PgError> {
+    let r = client
+        .query_one(
+            "SELECT count(*), extract(epoch FROM now() - min(enqueued_at))::float8
+             FROM storelink.email_queue WHERE sink = $1 AND state = 'pending'",
+            &[&sink],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
 }
 
 /// Takes up to `n` due rows of the sink under a lease, with central's contact row for each.

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod contract;
 pub mod email;
+pub mod ops;
 pub mod postgres;
 
 use std::time::Duration;
@@ -62,18 +63,36 @@ pub struct Totals {
     pub batches: u64,
 }
 
-/// Runs until `token` is cancelled.
-pub async fn run(config: BridgeConfig, token: CancellationToken) -> Result<Totals, BridgeError> {
-    run_with(config, token, watch::Sender::new(false)).await
+/// What a running bridge shows: whether the broker holds its subscription now (granted on
+/// the current connection; what readiness means for the bridge), and its totals after each
+/// batch.
+#[derive(Clone)]
+pub struct Watch {
+    pub subscribed: watch::Sender<bool>,
+    pub totals: watch::Sender<Totals>,
 }
 
-/// The same, telling `subscribed` whether the broker holds the subscription now (granted on
-/// the current connection): what readiness means for the bridge.
+impl Default for Watch {
+    fn default() -> Self {
+        Watch {
+            subscribed: watch::Sender::new(false),
+            totals: watch::Sender::new(Totals::default()),
+        }
+    }
+}
+
+/// Runs until `token` is cancelled.
+pub async fn run(config: BridgeConfig, token: CancellationToken) -> Result<Totals, BridgeError> {
+    run_with(config, token, Watch::default()).await
+}
+
+/// The same, telling `watch` how it goes.
 pub async fn run_with(
     config: BridgeConfig,
     token: CancellationToken,
-    subscribed: watch::Sender<bool>,
+    watch: Watch,
 ) -> Result<Totals, BridgeError> {
+    let Watch { subscribed, totals } = watch;
     let inflight = usize::from(config.broker.inflight);
     // The database first: its schema is migrated, and a password it refuses fails the start,
     // before the broker is asked for anything.
@@ -107,7 +126,16 @@ pub async fn run_with(
         subscribed,
         closing.clone(),
     ));
-    let result = batcher(&config, &routes, sink, client.clone(), rx, token.clone()).await;
+    let result = batcher(
+        &config,
+        &routes,
+        sink,
+        client.clone(),
+        rx,
+        totals,
+        token.clone(),
+    )
+    .await;
     closing.cancel();
     // A failed batcher stops the bridge; its senders go with it.
     stop_senders.cancel();
@@ -277,6 +305,7 @@ async fn batcher(
     sink: Sink,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
+    shown: watch::Sender<Totals>,
     token: CancellationToken,
 ) -> Result<Totals, BridgeError> {
     use futures_util::StreamExt;
@@ -333,6 +362,8 @@ async fn batcher(
                 totals.duplicates += written.duplicates;
                 totals.dead_letters += written.dead_letters;
                 totals.batches += 1;
+                shown.send_replace(totals);
+                measure(&prepared, &written);
                 tracing::debug!(
                     events = prepared.batch.len(),
                     new = written.new,
@@ -354,6 +385,28 @@ async fn batcher(
             // Acknowledgements the client could not take yet: offered again shortly.
             _ = tokio::time::sleep(ACK_RETRY), if owed => {}
         }
+    }
+}
+
+/// The batch's metrics: events by result, batch size, and the lag from the newest event's
+/// time at its store to its commit here.
+fn measure(prepared: &Prepared, written: &postgres::Written) {
+    for (result, n) in [
+        ("new", written.new),
+        ("duplicate", written.duplicates),
+        ("dead_letter", written.dead_letters),
+    ] {
+        metrics::counter!("storelink_bridge_events_total", "result" => result).increment(n);
+    }
+    metrics::histogram!("storelink_bridge_batch_events").record(prepared.batch.len() as f64);
+    let newest = prepared
+        .events
+        .iter()
+        .filter_map(|e| e.time.parse::<jiff::Timestamp>().ok())
+        .max();
+    if let Some(t) = newest {
+        let lag = jiff::Timestamp::now().duration_since(t).as_secs_f64();
+        metrics::gauge!("storelink_bridge_lag_seconds").set(lag.max(0.0));
     }
 }
 
@@ -427,6 +480,8 @@ async fn write_batch(
         match attempt.await {
             Ok(w) => return Ok(Some((conn, prepared, w))),
             Err(e) if e.transient() => {
+                metrics::counter!("storelink_bridge_write_errors_total", "kind" => "transient")
+                    .increment(1);
                 tracing::warn!(error = %e, retry_in = ?wait, "batch not written; retrying");
                 conn = None;
                 tokio::select! {
@@ -438,6 +493,8 @@ async fn write_batch(
             Err(e) => {
                 // Valid by the schema, and still refused by the database (a value out of a
                 // column's range): find which, one by one, and dead-letter it.
+                metrics::counter!("storelink_bridge_write_errors_total", "kind" => "refused")
+                    .increment(1);
                 tracing::warn!(error = %e, "batch refused by the database; writing it event by event");
                 // No connection: the refusal was the server's to connect (a password, a
                 // migration), which no retry mends.

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -28,22 +28,6 @@ use crate::profiles::kpi::{KpiConfig, KpiView, Kpis};
 use crate::profiles::{Profile, ProfileStats, ProfileStore};
 use crate::supervisor::{Component, ComponentState, ComponentStatus, StatusBoard};
 use crate::uplink::outbox::{Outbox, OutboxStats};
-
-/// The process-wide Prometheus recorder. Installed once; later calls share it, so several
-/// agents in one test process all render.
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
-            }
-            handle
-        })
-        .clone()
-}
 
 /// Facts about this agent that do not change while it runs.
 #[derive(Debug, Clone, Serialize)]

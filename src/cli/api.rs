@@ -1,5 +1,6 @@
 //! The one HTTP client of the command line: GETs from the running agent's local API
-//! (`cashier.bind`), for `status`, `lanes`, `profiles` and `offers`.
+//! (`cashier.bind`), for `status`, `lanes`, `profiles` and `offers`, and from a bridge's
+//! `http.bind` for `bridge status`.
 
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ async fn ask(
     let response = request
         .send()
         .await
-        .map_err(|e| format!("{url}: {e} (is the agent running? --url)"))?;
+        .map_err(|e| format!("{url}: {e} (is it running, at this address?)"))?;
     let status = response.status();
     let body = response.text().await?;
     if !status.is_success() {

@@ -80,6 +80,8 @@ pub(crate) async fn publish_as_a_store(
 
 pub(crate) struct Running {
     token: CancellationToken,
+    /// What the bridge shows (its HTTP face reads the same).
+    pub(crate) watch: storelink::bridge::Watch,
     task:
         tokio::task::JoinHandle<Result<storelink::bridge::Totals, storelink::bridge::BridgeError>>,
 }
@@ -88,17 +90,18 @@ pub(crate) struct Running {
 /// what the stores publish is kept for it.
 pub(crate) async fn start_bridge(config: BridgeConfig) -> Running {
     let token = CancellationToken::new();
-    let (subscribed, mut ready) = tokio::sync::watch::channel(false);
+    let watch = storelink::bridge::Watch::default();
+    let mut ready = watch.subscribed.subscribe();
     let task = tokio::spawn(storelink::bridge::run_with(
         config,
         token.clone(),
-        subscribed,
+        watch.clone(),
     ));
     tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|s| *s))
         .await
         .expect("the bridge subscribes")
         .unwrap();
-    Running { token, task }
+    Running { token, watch, task }
 }
 
 impl Running {

@@ -252,6 +252,8 @@ async fn each_trigger_reaches_each_email_tool_once_and_none_without_consent() {
         return;
     }
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    // The recorder before anything counts (the CLI installs it before the bridge starts too).
+    let metrics = storelink::telemetry::metrics_handle();
     let pg = Postgres::start();
     let broker = Mosquitto::start();
 
@@ -346,7 +348,7 @@ rate_per_s = 50
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let config = BridgeConfig::parse(&text, "bridge.toml", &env).unwrap();
-    let bridge = start_bridge(config).await;
+    let bridge = start_bridge(config.clone()).await;
 
     // Central's CRM: c1 and c4 may be mailed; c2 is mapped but withdrew consent; c3 is known
     // to every tool but HubSpot.
@@ -500,6 +502,75 @@ rate_per_s = 50
             t.answered
         );
     }
+
+    // The operator's view: the bridge's HTTP face on a free port, as `storelink bridge`
+    // serves it, and the summary `storelink bridge status` prints from it.
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_url = format!("http://{}", ops.local_addr().unwrap());
+    let state = storelink::bridge::ops::OpsState {
+        subscribed: bridge.watch.subscribed.subscribe(),
+        totals: bridge.watch.totals.subscribe(),
+        started_at: jiff::Timestamp::now(),
+        postgres: config.postgres.clone(),
+        sinks: config.email.iter().map(|e| e.name.clone()).collect(),
+        metrics,
+    };
+    let stop_ops = tokio_util::sync::CancellationToken::new();
+    let _ops = storelink::bridge::ops::serve(ops, state, stop_ops.clone());
+    for (path, want) in [("/healthz", 200), ("/readyz", 200)] {
+        let r = common::get(format!("{ops_url}{path}")).await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "{path}");
+    }
+    let status: storelink::bridge::ops::Status = common::get(format!("{ops_url}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(status.subscribed && status.database.is_ok(), "{status:?}");
+    // Seven messages: one an exact resend, so six new events.
+    assert_eq!((status.received, status.new, status.duplicates), (7, 6, 1));
+    let sink = |name: &str| {
+        status
+            .email
+            .iter()
+            .find(|e| e.sink == name)
+            .unwrap()
+            .clone()
+    };
+    let k = sink("klaviyo");
+    assert_eq!((k.pending, k.sent, k.no_consent, k.failed), (0, 4, 1, 0));
+    let h = sink("hubspot");
+    assert_eq!((h.sent, h.no_consent, h.no_contact), (3, 1, 1));
+    assert_eq!(sink("maileon").sent, 2);
+    let summary = storelink::cli::bridge::summary(&status);
+    assert!(summary.contains("broker:   subscribed"), "{summary}");
+    assert!(
+        summary.contains(
+            "email hubspot: 0 pending, 3 sent, 1 without consent, 1 without contact, 0 failed"
+        ),
+        "{summary}"
+    );
+    let metrics = common::get(format!("{ops_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "storelink_bridge_events_total",
+        "storelink_bridge_batch_events",
+        "storelink_bridge_email_total{",
+        "storelink_bridge_email_pending{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(
+        metrics.contains(r#"outcome="no_consent",sink="hubspot""#)
+            || metrics.contains(r#"sink="hubspot",outcome="no_consent""#),
+        "{metrics}"
+    );
     bridge.stop().await;
+    stop_ops.cancel();
     stop_server.cancel();
 }

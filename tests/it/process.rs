@@ -606,3 +606,30 @@ fn the_shipped_bridge_config_checks_and_a_bad_one_exits_2_naming_the_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bridge_status_without_a_running_bridge_exits_1_naming_where_it_asked() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/bridge.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bridge.toml");
+    let port = common::free_port();
+    let text = std::fs::read_to_string(&example).unwrap().replace(
+        "[postgres]",
+        &format!("[http]\nbind = \"127.0.0.1:{port}\"\n\n[postgres]"),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(binary())
+        .args(["bridge", "status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("http://127.0.0.1:{port}/status")),
+        "{stderr}"
+    );
+    // Neither a config nor a subcommand: a usage error, exit 2.
+    let out = Command::new(binary()).arg("bridge").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
