@@ -179,6 +179,10 @@ pub fn explain(error: &(dyn StdError + 'static), host: &str, section: &str) -> O
                 "TLS: {host}'s certificate is not valid for the name {host:?}; it names {}",
                 presented.join(", ")
             ),
+            // A CA of the same name but another key: what a wrong file in ca_file looks like.
+            CertificateError::BadSignature => format!(
+                "TLS: {host}'s certificate is not signed by the configured CA (BadSignature); set {section}.ca_file to the CA that signed it, or check that it is the right file"
+            ),
             CertificateError::Expired => format!("TLS: {host}'s certificate has expired"),
             CertificateError::ExpiredContext { time, not_after } => format!(
                 "TLS: {host}'s certificate expired at {} (the gateway's clock says {}); central must renew it, or the gateway's clock is wrong",

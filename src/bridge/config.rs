@@ -338,8 +338,12 @@ pub struct BrokerSection {
 #[serde(deny_unknown_fields)]
 pub struct PostgresSection {
     /// A libpq connection string (`host=… user=… dbname=…`) or URL, without a password.
+    /// `sslmode=require` insists on TLS, `prefer` (the default) uses it when the server
+    /// offers it, `disable` never; with TLS the server's certificate is always verified.
     pub url: String,
     pub password_env: Option<String>,
+    /// The CA that signed the server's certificate (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
     /// Most events in one write (one transaction).
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,

@@ -475,18 +475,22 @@ pub async fn run(sink: EmailSection, pg: PostgresSection, token: CancellationTok
     while !token.is_cancelled() {
         let client = match &db {
             Some((c, _)) if !c.is_closed() => c,
-            _ => match super::postgres::connect(&pg.url, pg.password.as_ref()).await {
-                Ok(c) => {
-                    wait = Duration::from_millis(100);
-                    &db.insert(c).0
+            _ => {
+                match super::postgres::connect(&pg.url, pg.password.as_ref(), pg.ca_file.as_deref())
+                    .await
+                {
+                    Ok(c) => {
+                        wait = Duration::from_millis(100);
+                        &db.insert(c).0
+                    }
+                    Err(e) => {
+                        tracing::warn!(sink = %name, error = %e, retry_in = ?wait, "email sink: postgres not reachable");
+                        pause(&token, wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(sink = %name, error = %e, retry_in = ?wait, "email sink: postgres not reachable");
-                    pause(&token, wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            },
+            }
         };
         if last_gauge.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
             last_gauge = Some(Instant::now());

@@ -196,7 +196,7 @@ async fn connect(
     let pg = &config.postgres;
     let mut wait = Duration::from_millis(100);
     loop {
-        match Sink::connect(&pg.url, pg.password.as_ref(), routes).await {
+        match Sink::connect(&pg.url, pg.password.as_ref(), pg.ca_file.as_deref(), routes).await {
             Ok(sink) => return Ok(Some(sink)),
             Err(e) if e.transient() => {
                 tracing::warn!(error = %e, retry_in = ?wait, "postgres not reachable");
@@ -472,7 +472,10 @@ async fn write_batch(
         let attempt = async {
             if conn.as_ref().is_none_or(Sink::is_closed) {
                 conn = None;
-                conn = Some(Sink::connect(&pg.url, pg.password.as_ref(), routes).await?);
+                conn = Some(
+                    Sink::connect(&pg.url, pg.password.as_ref(), pg.ca_file.as_deref(), routes)
+                        .await?,
+                );
             }
             let s = conn.as_mut().expect("connected above");
             s.write(&prepared.events, &prepared.refused).await

@@ -141,9 +141,10 @@ async fn status(State(s): State<Arc<OpsState>>) -> Json<Status> {
 /// readiness.
 async fn database(pg: &PostgresSection, sinks: &[String]) -> Result<Vec<SinkStatus>, String> {
     let ask = async {
-        let (client, connection) = super::postgres::connect(&pg.url, pg.password.as_ref())
-            .await
-            .map_err(|e| e.to_string())?;
+        let (client, connection) =
+            super::postgres::connect(&pg.url, pg.password.as_ref(), pg.ca_file.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
         let result = async {
             if sinks.is_empty() {
                 client.simple_query("SELECT 1").await?;

@@ -11,7 +11,9 @@
 //! - Migrations are numbered, applied in order, each in its own transaction, under an
 //!   advisory lock, so several bridges starting at once apply each exactly once.
 
-use tokio_postgres::{Client, NoTls};
+use std::path::Path;
+
+use tokio_postgres::Client;
 
 use super::contract::Envelope;
 use crate::config::Secret;
@@ -26,13 +28,19 @@ const MIGRATION_LOCK: i64 = 0x5354_4f52_454c_4e4b;
 pub enum PgError {
     #[error("postgres: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// TLS cannot be set up (`postgres.ca_file`), or the server's certificate is refused: no
+    /// retry mends that.
+    #[error("postgres: {0}")]
+    Tls(String),
 }
 
 impl PgError {
     /// Whether retrying the same batch can succeed (the server or the connection), as opposed
     /// to a statement the data makes fail every time.
     pub fn transient(&self) -> bool {
-        let PgError::Db(e) = self;
+        let PgError::Db(e) = self else {
+            return false;
+        };
         e.is_closed()
             || e.code().is_none_or(|c| {
                 let c = c.code();
@@ -112,9 +120,10 @@ impl Sink {
     pub async fn connect(
         url: &str,
         password: Option<&Secret>,
+        ca_file: Option<&Path>,
         routes: &Routes,
     ) -> Result<Sink, PgError> {
-        let (mut client, connection) = connect(url, password).await?;
+        let (mut client, connection) = connect(url, password, ca_file).await?;
         migrate(&mut client).await?;
         let write = client.prepare(write_statement()).await?;
         Ok(Sink {
@@ -183,17 +192,37 @@ impl Sink {
     }
 }
 
-/// A plain connection (its driver task aborted with the handle's owner).
+/// A connection (its driver task to be aborted by the handle's owner): TLS as the URL's
+/// `sslmode` says, the server verified against `ca_file` or the system's roots.
 pub async fn connect(
     url: &str,
     password: Option<&Secret>,
+    ca_file: Option<&Path>,
 ) -> Result<(Client, tokio::task::JoinHandle<()>), PgError> {
     let mut config: tokio_postgres::Config = url.parse()?;
     if let Some(p) = password {
         config.password(p.expose());
     }
     config.application_name("storelink-bridge");
-    let (client, connection) = config.connect(NoTls).await?;
+    let files = crate::tls::TlsFiles {
+        ca_file,
+        cert_file: None,
+        key_file: None,
+    };
+    let tls = crate::tls::client_config(&files, &[])
+        .map_err(|e| PgError::Tls(format!("postgres.{}: {}", e.key, e.message)))?;
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+    let (client, connection) = config.connect(tls).await.map_err(|e| {
+        // A certificate the CA does not vouch for is mended by the config, not by a retry.
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "the server".to_string(),
+        };
+        match crate::tls::explain(&e, &host, "postgres") {
+            Some(why) => PgError::Tls(why),
+            None => PgError::Db(e),
+        }
+    })?;
     let connection = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection ended");

@@ -354,3 +354,77 @@ async fn two_bridges_in_one_group_share_the_feed_and_write_each_event_once() {
     assert_eq!((a.new + b.new) as i64, events, "{a:?} {b:?}");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_writes_over_verified_tls_and_refuses_a_server_its_ca_does_not_vouch_for() {
+    let test = "bridge::the_bridge_writes_over_verified_tls";
+    if !require_external("mosquitto", test) || !require_postgres(test) {
+        return;
+    }
+    let pki = common::https::Pki::generate();
+    let pg = Postgres::start_tls(&pki.cert_pem, &pki.key_pem);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki.write_ca(dir.path());
+    let url = format!("{} sslmode=require", pg.url());
+
+    // A server certificate from a CA the bridge was not given: refused at once, naming the
+    // key that mends it, not retried as if the server were down.
+    let stranger = tempfile::tempdir().unwrap();
+    let other_ca = common::https::Pki::generate().write_ca(stranger.path());
+    let err = match storelink::bridge::postgres::connect(&url, None, Some(&other_ca)).await {
+        Ok(_) => panic!("a server signed by another CA was accepted"),
+        Err(e) => e,
+    };
+    assert!(!err.transient(), "{err}");
+    assert!(err.to_string().contains("postgres.ca_file"), "{err}");
+
+    let broker = Mosquitto::start();
+    let text = format!(
+        r#"
+[broker]
+url = "mqtt://{}"
+client_id = "bridge-tls"
+shared = false
+
+[postgres]
+url = "{url}"
+ca_file = "{}"
+batch_ms = 10
+"#,
+        broker.addr,
+        ca.display()
+    );
+    let config = BridgeConfig::parse(&text, "bridge.toml", &HashMap::new()).unwrap();
+    let bridge = start_bridge(config).await;
+    let tx = SimRegister::new("s042", "r1", Some("1"), 7).next(jiff::Timestamp::now());
+    let event = storelink::events::encode(
+        storelink::events::EventKind::Transaction,
+        &tx.id,
+        "s042",
+        tx.ended_at,
+        &tx,
+    );
+    publish_as_a_store(
+        broker.addr,
+        &[("storelink/v1/acme/s042/events/transaction".into(), event)],
+    )
+    .await;
+    let db = pg.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(&db, "SELECT count(*) FROM storelink.sales").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sale did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And it came over TLS: the server says so for the bridge's own connection.
+    let over_tls = count(
+        &db,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'storelink-bridge' AND s.ssl",
+    )
+    .await;
+    assert!(over_tls >= 1, "no bridge connection uses TLS");
+    bridge.stop().await;
+}

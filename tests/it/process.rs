@@ -614,8 +614,8 @@ fn bridge_status_without_a_running_bridge_exits_1_naming_where_it_asked() {
     let config = dir.path().join("bridge.toml");
     let port = common::free_port();
     let text = std::fs::read_to_string(&example).unwrap().replace(
-        "[postgres]",
-        &format!("[http]\nbind = \"127.0.0.1:{port}\"\n\n[postgres]"),
+        "bind = \"127.0.0.1:9400\"",
+        &format!("bind = \"127.0.0.1:{port}\""),
     );
     std::fs::write(&config, text).unwrap();
     let out = Command::new(binary())

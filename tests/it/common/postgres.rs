@@ -68,6 +68,16 @@ fn command(program: &str, ids: Option<(u32, u32)>) -> Command {
 impl Postgres {
     /// A new cluster with a superuser `bi` and a database `bi`.
     pub fn start() -> Postgres {
+        Self::start_with(None)
+    }
+
+    /// The same, serving TLS as well with this server certificate and key (PEM; for
+    /// 127.0.0.1).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let ids = run_as();
         if let Some((uid, gid)) = ids {
@@ -86,8 +96,29 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some((cert_pem, key_pem)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            // PostgreSQL refuses a key that others can read, or that another user owns.
+            for (name, pem, mode) in [
+                ("server.crt", cert_pem, 0o644),
+                ("server.key", key_pem, 0o600),
+            ] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+                if let Some((uid, gid)) = ids {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            settings = vec![
+                "ssl=on".to_string(),
+                format!("ssl_cert_file={}", data.join("server.crt").display()),
+                format!("ssl_key_file={}", data.join("server.key").display()),
+            ];
+        }
         let port = free_port();
-        let child = Self::spawn(dir.path(), &data, port, ids);
+        let child = Self::spawn(dir.path(), &data, port, ids, &settings);
         let pg = Postgres {
             port,
             child,
@@ -106,8 +137,18 @@ impl Postgres {
         pg
     }
 
-    fn spawn(dir: &Path, data: &Path, port: u16, ids: Option<(u32, u32)>) -> Child {
-        let child = command("postgres", ids)
+    fn spawn(
+        dir: &Path,
+        data: &Path,
+        port: u16,
+        ids: Option<(u32, u32)>,
+        settings: &[String],
+    ) -> Child {
+        let mut c = command("postgres", ids);
+        for setting in settings {
+            c.arg("-c").arg(setting);
+        }
+        let child = c
             .arg("-D")
             .arg(data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
