@@ -134,13 +134,16 @@ async fn ring_up(
     }
 }
 
-async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
+pub(crate) async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
     pg.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Waits until `sales` holds as many transactions as were acknowledged, then checks it holds
 /// exactly those.
-async fn all_in_sales(db: &tokio_postgres::Client, sent: &BTreeMap<String, Transaction>) {
+pub(crate) async fn all_in_sales(
+    db: &tokio_postgres::Client,
+    sent: &BTreeMap<String, Transaction>,
+) {
     let want = sent.len() as i64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {

@@ -12,6 +12,7 @@
 mod common;
 
 mod bridge;
+mod bridge_day;
 mod bridge_email;
 mod cashier;
 mod chaos;
