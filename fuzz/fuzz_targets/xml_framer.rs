@@ -2,7 +2,7 @@
 #![no_main]
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use storelink::config::{Checksum, Framing};
+use storelink::config::Framing;
 use storelink::pos::framing::{Frame, Framer};
 use tokio_util::codec::Decoder;
 
