@@ -11,7 +11,7 @@
 //!   event is its row's commit transaction start (`received_at`) minus its publish time, both
 //!   on this machine's clock; then `events` must hold each id exactly once.
 //!
-//! `cargo bench --bench bridge [-- --events N --stores S --instances I]`
+//! `cargo bench --bench bridge [-- --events N --stores S --instances I --rate R --writers W]`
 
 mod common;
 
@@ -33,6 +33,13 @@ struct Args {
     stores: usize,
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Publish at this many events/s (paced in 10 ms steps), as a fleet at its peak would,
+    /// instead of as fast as the broker takes them.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// `postgres.writers` of each bridge (its default when absent).
+    #[arg(long)]
+    writers: Option<usize>,
 }
 
 fn micros_now() -> i64 {
@@ -60,6 +67,20 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds of every PostgreSQL process (the server and its backends).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
 }
 
 /// The bridge processes: stopped (SIGTERM, then waited for) when this goes, also when the
@@ -98,9 +119,10 @@ async fn run(args: Args) {
         std::fs::write(
             &config,
             format!(
-                "[broker]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"bench-{i}\"\ngroup = \"bench\"\n\n[postgres]\nurl = \"{}\"\n",
+                "[broker]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"bench-{i}\"\ngroup = \"bench\"\n\n[http]\nbind = \"127.0.0.1:0\"\n\n[postgres]\nurl = \"{}\"\n{}",
                 broker.port,
-                pg.url()
+                pg.url(),
+                args.writers.map(|w| format!("writers = {w}\n")).unwrap_or_default()
             ),
         )
         .unwrap();
@@ -172,10 +194,19 @@ async fn run(args: Args) {
         acks
     });
     let cpu_before: Vec<f64> = bridges.0.iter().map(|b| cpu_seconds(b.id())).collect();
+    let pg_before = postgres_cpu_seconds();
     let started = Instant::now();
     let first = micros_now();
     let mut sent_at: HashMap<String, i64> = HashMap::with_capacity(args.events);
-    for (id, topic, payload) in payloads {
+    for (i, (id, topic, payload)) in payloads.into_iter().enumerate() {
+        if let Some(rate) = args.rate {
+            // Paced: event i goes at i / rate seconds, in 10 ms steps.
+            let due = Duration::from_secs_f64(i as f64 / rate);
+            let step = Duration::from_millis(10);
+            if due > started.elapsed() + step {
+                tokio::time::sleep_until((started + due).into()).await;
+            }
+        }
         sent_at.insert(id, micros_now());
         client
             .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
@@ -195,7 +226,10 @@ async fn run(args: Args) {
             break;
         }
         assert!(Instant::now() < deadline, "{have} of {want} events arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Not often: each count scans the table (with parallel workers, each a process), and
+        // at 20 ms this poll took a good part of PostgreSQL's CPU from the bridge. The span
+        // is measured from the commits' own times, not from when this poll sees them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let cpu: f64 = bridges
         .0
@@ -203,6 +237,7 @@ async fn run(args: Args) {
         .zip(&cpu_before)
         .map(|(b, before)| cpu_seconds(b.id()) - before)
         .sum();
+    let pg_cpu = postgres_cpu_seconds() - pg_before;
     let rss: Vec<f64> = bridges.0.iter().map(|b| peak_rss_mib(b.id())).collect();
     let rows = db
         .query(
@@ -246,9 +281,11 @@ async fn run(args: Args) {
         args.events as f64 / span,
     );
     println!(
-        "bridge CPU {:.2} s ({:.0} % of one core over the span), peak RSS {} MiB",
+        "bridge CPU {:.2} s ({:.0} % of one core over the span), PostgreSQL CPU {:.2} s ({:.0} %), peak RSS {} MiB",
         cpu,
         100.0 * cpu / span,
+        pg_cpu,
+        100.0 * pg_cpu / span,
         rss.iter()
             .map(|r| format!("{r:.1}"))
             .collect::<Vec<_>>()
