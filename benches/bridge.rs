@@ -291,6 +291,21 @@ async fn run(args: Args) {
             .collect::<Vec<_>>()
             .join(" / ")
     );
+    let size: i64 = db
+        .query_one(
+            "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'storelink' AND c.relkind = 'r'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "storelink schema on disk: {:.1} MiB, {:.0} bytes per event (tables, indexes, TOAST)",
+        size as f64 / 1048576.0,
+        size as f64 / args.events as f64
+    );
     drop(client);
     // The publisher's loop would keep pinging; it has done its part.
     acked.abort();
