@@ -24,25 +24,11 @@ use storelink::offers::live::Slot;
 use storelink::sim::SimRegister;
 
 fn campaign_set() -> Value {
-    json!({
-        "version": 1,
-        "campaigns": [{
-            "id": "games-at-till",
-            "name": "Games for console owners, at the till",
-            "valid_from": "2020-01-01T00:00:00Z",
-            "valid_until": "2100-01-01T00:00:00Z",
-            "trigger": {"kind": "transaction_started"},
-            "audience": "'gamers' in segments",
-            "offers": [{
-                "id": "games-20",
-                "texts": {"cashier": {"de": "-20% auf Spiele", "en": "20% off games"}},
-                "code": "GAMES20",
-                "items": [{"category": "games"}]
-            }],
-            "value": 1500,
-            "attribution_days": 14
-        }]
-    })
+    common::games_campaign(
+        1,
+        json!({"de": "-20% auf Spiele", "en": "20% off games"}),
+        json!({"value": 1500}),
+    )
 }
 
 async fn with_offers(broker: SocketAddr, registers: &[&str]) -> TestAgent {

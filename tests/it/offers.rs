@@ -18,26 +18,11 @@ use storelink::model::transaction::{Line, TransactionKind};
 use storelink::sim::SimRegister;
 
 fn campaign_set(version: u64) -> Value {
-    json!({
-        "version": version,
-        "campaigns": [{
-            "id": "games-at-till",
-            "name": "Games for console owners, at the till",
-            "valid_from": "2020-01-01T00:00:00Z",
-            "valid_until": "2100-01-01T00:00:00Z",
-            "trigger": {"kind": "transaction_started"},
-            "audience": "'gamers' in segments",
-            "offers": [{
-                "id": "games-20",
-                "texts": {"cashier": {"de": "{first_name} ({tier}, {points} P.): -20% auf Spiele", "en": "{first_name}: 20% off games"}},
-                "code": "GAMES20",
-                "items": [{"category": "games"}]
-            }],
-            "value": 1500,
-            "caps": [{"max": 1, "per": "day"}],
-            "attribution_days": 14
-        }]
-    })
+    common::games_campaign(
+        version,
+        json!({"de": "{first_name} ({tier}, {points} P.): -20% auf Spiele", "en": "{first_name}: 20% off games"}),
+        json!({"value": 1500, "caps": [{"max": 1, "per": "day"}]}),
+    )
 }
 
 fn line(sku: &str, category: &str, amount: i64, cost: Option<i64>) -> Line {

@@ -613,6 +613,35 @@ impl std::ops::Deref for TestAgent {
     }
 }
 
+/// The tests' campaign set: `games-at-till`, 20 % off games for the "gamers" segment when a
+/// transaction starts, with `cashier` as its cashier texts; `extra` adds or replaces campaign
+/// fields (`value`, `caps`, `holdout_bp`).
+pub fn games_campaign(
+    version: u64,
+    cashier: serde_json::Value,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut campaign = serde_json::json!({
+        "id": "games-at-till",
+        "name": "Games for console owners, at the till",
+        "valid_from": "2020-01-01T00:00:00Z",
+        "valid_until": "2100-01-01T00:00:00Z",
+        "trigger": {"kind": "transaction_started"},
+        "audience": "'gamers' in segments",
+        "offers": [{
+            "id": "games-20",
+            "texts": {"cashier": cashier},
+            "code": "GAMES20",
+            "items": [{"category": "games"}]
+        }],
+        "attribution_days": 14
+    });
+    if let (Some(c), Some(e)) = (campaign.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    serde_json::json!({"version": version, "campaigns": [campaign]})
+}
+
 /// A consenting loyalty customer in the "gamers" segment (card 9990001), for offer tests.
 pub fn gamer() -> storelink::profiles::Profile {
     let mut p = storelink::profiles::Profile::new("c77");
