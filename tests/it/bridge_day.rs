@@ -200,7 +200,7 @@ batch_ms = 10
         match i {
             // The agent dies mid-day, and comes back on its own data. A quiet moment first:
             // what the agent acknowledged is durable at once, but its offer statistics are a
-            // cache flushed every few hundred milliseconds (docs/storage.md).
+            // cache in sled, written out every 500 ms (`store::BACKGROUND_FLUSH_MS`).
             9 => {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 drop(client);
