@@ -245,7 +245,7 @@ impl EmailSection {
                         "a webhook signs its requests: name the variable holding the key",
                     ));
                 }
-                if let Err(e) = super::email::Template::parse(self.template.as_deref()) {
+                if let Err(e) = super::template::Template::parse(self.template.as_deref()) {
                     problems.push(Problem::at(key("template"), e));
                 }
             }

@@ -32,6 +32,7 @@ pub mod contract;
 pub mod email;
 pub mod ops;
 pub mod postgres;
+pub mod template;
 
 use std::time::Duration;
 
