@@ -653,4 +653,44 @@ template = '{{\"to\": \"{{{{email}}}}\"}}'
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
     }
+
+    /// The commented `[[email]]` examples in config/bridge.toml, uncommented, are a valid
+    /// config: what the example tells an operator to write, the code accepts.
+    #[test]
+    fn the_example_email_sinks_parse_as_written() {
+        let example = include_str!("../../config/bridge.toml");
+        let at = example
+            .find("# [[email]]")
+            .expect("the example shows email sinks");
+        let mut text = example[..at].to_string();
+        for line in example[at..].lines() {
+            if let Some(rest) = line.strip_prefix("# ")
+                && !rest.starts_with('#')
+            {
+                text.push_str(rest);
+                text.push('\n');
+            }
+        }
+        let env: HashMap<String, String> = [
+            "STORELINK_KLAVIYO_KEY",
+            "STORELINK_HUBSPOT_TOKEN",
+            "STORELINK_MAILEON_KEY",
+            "STORELINK_HOOK_KEY",
+        ]
+        .into_iter()
+        .map(|k| (k.to_string(), "x".to_string()))
+        .collect();
+        let c = BridgeConfig::parse(&text, "bridge.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<EmailKind> = c.email.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EmailKind::Klaviyo,
+                EmailKind::Hubspot,
+                EmailKind::Maileon,
+                EmailKind::Webhook
+            ]
+        );
+        assert_eq!(c.email[3].takes(), vec!["winback_due", "first_purchase"]);
+    }
 }

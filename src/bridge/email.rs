@@ -286,7 +286,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A token bucket: `rate` requests a second, `burst` at once, and a pause a 429 imposes.
-/// On tokio's clock, so tests can step it.
+/// Not `governor`: it keeps its own clock (quanta), so tests could not step it with tokio's
+/// paused time, and it has no notion of a pause imposed from outside; this is the twenty
+/// lines the sink needs, on tokio's clock.
 #[derive(Debug)]
 pub struct Bucket {
     rate: f64,

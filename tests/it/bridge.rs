@@ -134,6 +134,18 @@ async fn ring_up(
     }
 }
 
+/// Waits (a minute at most) until `sales` holds a row.
+async fn until_a_sale(db: &tokio_postgres::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count(db, "SELECT count(*) FROM storelink.sales").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sale reached PostgreSQL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub(crate) async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
     pg.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -215,14 +227,7 @@ async fn every_acknowledged_transaction_is_once_in_sales_across_a_bridge_restart
     let db = pg.client().await;
 
     // The bridge goes away while the store keeps selling; the broker holds the session.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while count(&db, "SELECT count(*) FROM storelink.sales").await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no sale reached PostgreSQL"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_a_sale(&db).await;
     let first = bridge.stop().await;
     assert!(first.received > 0, "{first:?}");
     ring_up(&agent, &mut reg, 60, &mut sent).await;
@@ -413,14 +418,7 @@ batch_ms = 10
     )
     .await;
     let db = pg.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while count(&db, "SELECT count(*) FROM storelink.sales").await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the sale did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_a_sale(&db).await;
     // And it came over TLS: the server says so for the bridge's own connection.
     let over_tls = count(
         &db,
